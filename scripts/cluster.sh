@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Starts or stops a throwaway PostgreSQL 15 cluster for the demo, the tests and the
+# benchmark. Postgres refuses to run as root, so the cluster runs as the `postgres` user.
+#
+#   scripts/cluster.sh start DIR PORT [extra postgresql.conf lines...]
+#   scripts/cluster.sh stop DIR
+#   scripts/cluster.sh restart DIR
+#
+# The cluster preloads queue_ext (for its background worker) and pg_cron, listens on
+# 127.0.0.1:PORT and keeps its socket and log in DIR.
+set -euo pipefail
+PGBIN=/usr/lib/postgresql/15/bin
+cmd=${1:?usage: cluster.sh start|stop|restart DIR [PORT]}
+dir=${2:?cluster directory}
+as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres "$@"; fi; }
+
+case "$cmd" in
+  start)
+    port=${3:?port}
+    shift 3
+    if [ ! -f "$dir/data/PG_VERSION" ]; then
+      mkdir -p "$dir"
+      chown postgres "$dir"
+      as_pg "$PGBIN/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log"
+      {
+        echo "port = $port"
+        echo "listen_addresses = '127.0.0.1'"
+        echo "unix_socket_directories = '$dir'"
+        echo "max_connections = 200"
+        echo "shared_buffers = 256MB"
+        echo "shared_preload_libraries = 'queue_ext,pg_cron'"
+        echo "cron.database_name = 'postgres'"
+        echo "queue_ext.database = 'postgres'"
+        echo "log_line_prefix = '%m [%p] %q%a '"
+        for line in "$@"; do echo "$line"; done
+      } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
+    fi
+    as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+    ;;
+  stop)
+    [ -f "$dir/data/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
+    ;;
+  restart)
+    as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -m fast -w -t 60 restart >/dev/null
+    ;;
+  *) echo "unknown command $cmd" >&2; exit 2 ;;
+esac

@@ -1,0 +1,174 @@
+-- Reading job state, the dead letter queue, retention and stats.
+
+-- One job, wherever it is in its lifecycle. SECURITY INVOKER: row level security decides what
+-- the caller may see, so a producer asking about someone else's job learns nothing.
+CREATE FUNCTION queue_ext.job_status(job_id uuid)
+RETURNS TABLE (
+    job_id       uuid,
+    queue_name   text,
+    status       queue_ext.job_status,
+    priority     queue_ext.job_priority,
+    attempt      integer,
+    max_attempts integer,
+    result       jsonb,
+    last_error   text,
+    errors       jsonb,
+    worker_id    text,
+    enqueued_by  name,
+    enqueued_at  timestamptz,
+    run_at       timestamptz,
+    started_at   timestamptz,
+    finished_at  timestamptz
+)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    IF job_status.job_id IS NULL THEN
+        RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';
+    END IF;
+    RETURN QUERY
+    SELECT j.id, j.queue_name, j.status, j.priority, j.attempt, j.max_attempts, NULL::jsonb, j.last_error,
+           j.errors, j.worker_id, j.enqueued_by, j.created_at, j.run_at, j.started_at, NULL::timestamptz
+    FROM queue_ext.job_queue AS j WHERE j.id = job_status.job_id
+    UNION ALL
+    SELECT a.id, a.queue_name, a.status, a.priority, a.attempt, a.max_attempts, a.result, a.last_error,
+           a.errors, a.worker_id, a.enqueued_by, a.created_at, a.run_at, a.started_at, a.finished_at
+    FROM queue_ext.job_archive AS a WHERE a.id = job_status.job_id
+    UNION ALL
+    SELECT d.id, d.queue_name, 'dead'::queue_ext.job_status, d.priority, d.attempt, d.max_attempts, NULL, d.last_error,
+           d.errors, d.worker_id, d.enqueued_by, d.created_at, NULL, d.started_at, d.died_at
+    FROM queue_ext.job_dead_letter AS d WHERE d.id = job_status.job_id
+    LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'job % does not exist', job_status.job_id USING ERRCODE = '42704';
+    END IF;
+END
+$$;
+
+-- Redrive: puts a dead job back in its queue with fresh attempts. Its error history stays.
+CREATE FUNCTION queue_ext.retry_dead_job(job_id uuid) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    d queue_ext.job_dead_letter;
+BEGIN
+    DELETE FROM queue_ext.job_dead_letter WHERE id = retry_dead_job.job_id RETURNING * INTO d;
+    IF NOT FOUND THEN
+        IF retry_dead_job.job_id IS NULL THEN
+            RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';
+        END IF;
+        IF EXISTS (SELECT 1 FROM queue_ext.job_queue WHERE id = retry_dead_job.job_id)
+           OR EXISTS (SELECT 1 FROM queue_ext.job_archive WHERE id = retry_dead_job.job_id) THEN
+            RAISE EXCEPTION 'job % is not in the dead letter queue', retry_dead_job.job_id USING ERRCODE = '55000';
+        END IF;
+        RAISE EXCEPTION 'job % does not exist', retry_dead_job.job_id USING ERRCODE = '42704';
+    END IF;
+    PERFORM queue_ext._queue(d.queue_name);  -- its queue may have been dropped since
+    INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, attempt, max_attempts,
+        last_error, errors, enqueued_by, created_at)
+    VALUES (d.id, d.queue_name, d.payload, d.priority, 'queued', now(), 0, d.max_attempts,
+        d.last_error, d.errors, d.enqueued_by, d.created_at);
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by, error)
+    VALUES (d.id, d.queue_name, 'dead', 'queued', 0, d.enqueued_by, 'redriven from the dead letter queue');
+    RETURN d.id;
+END
+$$;
+
+-- Deletes dead letters: those older than older_than (all when NULL), optionally of one queue.
+CREATE FUNCTION queue_ext.purge_dead_letter(older_than interval DEFAULT NULL, queue_name text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    purged bigint;
+BEGIN
+    IF purge_dead_letter.older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must not be negative (got %)', purge_dead_letter.older_than USING ERRCODE = '22023';
+    END IF;
+    WITH gone AS (
+        DELETE FROM queue_ext.job_dead_letter
+        WHERE (purge_dead_letter.older_than IS NULL OR died_at < now() - purge_dead_letter.older_than)
+          AND (purge_dead_letter.queue_name IS NULL OR queue_name = purge_dead_letter.queue_name)
+        RETURNING id
+    ), history AS (
+        DELETE FROM queue_ext.job_status_history AS h USING gone WHERE h.job_id = gone.id
+    )
+    SELECT count(*) INTO purged FROM gone;
+    RETURN purged;
+END
+$$;
+
+-- Retention for finished jobs: deletes archived (completed or cancelled) jobs that finished
+-- more than older_than ago, with their history. Run it from pg_cron.
+CREATE FUNCTION queue_ext.purge_jobs(older_than interval, queue_name text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    purged bigint;
+BEGIN
+    IF purge_jobs.older_than IS NULL OR purge_jobs.older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a non-negative interval (got %)', coalesce(purge_jobs.older_than::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    WITH gone AS (
+        DELETE FROM queue_ext.job_archive
+        WHERE finished_at < now() - purge_jobs.older_than
+          AND (purge_jobs.queue_name IS NULL OR queue_name = purge_jobs.queue_name)
+        RETURNING id
+    ), history AS (
+        DELETE FROM queue_ext.job_status_history AS h USING gone WHERE h.job_id = gone.id
+    )
+    SELECT count(*) INTO purged FROM gone;
+    RETURN purged;
+END
+$$;
+
+-- Per-queue counts and ages, for dashboards and the demo. Archive figures cover the last
+-- hour so the cost does not grow with retained history.
+CREATE FUNCTION queue_ext.queue_stats()
+RETURNS TABLE (
+    queue_name          text,
+    paused              boolean,
+    waiting             bigint,
+    queued              bigint,
+    retrying            bigint,
+    running             bigint,
+    dead                bigint,
+    completed_last_hour bigint,
+    cancelled_last_hour bigint,
+    oldest_queued_age   interval
+)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT q.queue_name, q.paused,
+           coalesce(live.waiting, 0), coalesce(live.queued, 0), coalesce(live.retrying, 0), coalesce(live.running, 0),
+           (SELECT count(*) FROM queue_ext.job_dead_letter AS d WHERE d.queue_name = q.queue_name),
+           coalesce(fin.completed, 0), coalesce(fin.cancelled, 0),
+           live.oldest
+    FROM queue_ext.queues AS q
+    LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE j.status = 'waiting')  AS waiting,
+               count(*) FILTER (WHERE j.status = 'queued')   AS queued,
+               count(*) FILTER (WHERE j.status = 'retrying') AS retrying,
+               count(*) FILTER (WHERE j.status = 'running')  AS running,
+               now() - min(j.run_at) FILTER (WHERE j.status IN ('queued', 'retrying') AND j.run_at <= now()) AS oldest
+        FROM queue_ext.job_queue AS j WHERE j.queue_name = q.queue_name
+    ) AS live ON true
+    LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE a.status = 'completed') AS completed,
+               count(*) FILTER (WHERE a.status = 'cancelled') AS cancelled
+        FROM queue_ext.job_archive AS a
+        WHERE a.queue_name = q.queue_name AND a.finished_at > now() - interval '1 hour'
+    ) AS fin ON true
+    ORDER BY q.queue_name
+$$;

@@ -1,0 +1,166 @@
+-- Internal helpers. Not granted to any role: the SECURITY DEFINER API calls them as the
+-- extension owner. Each raises the SQLSTATE a caller can act on, with a message naming the
+-- bad value.
+
+-- The role that called us. Inside a SECURITY DEFINER function current_user is the owner,
+-- so we read the session's active role instead (SET ROLE, as PostgREST does, included).
+CREATE FUNCTION queue_ext._invoker() RETURNS name
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN current_setting('role') = 'none' THEN session_user
+                ELSE current_setting('role')::name END
+$$;
+
+CREATE FUNCTION queue_ext._check_queue_name(queue_name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF queue_name IS NULL THEN
+        RAISE EXCEPTION 'queue name must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF queue_name !~ '^[a-z0-9][a-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid queue name "%"', queue_name
+            USING ERRCODE = '22023',
+                  HINT = 'Queue names are 1 to 63 characters of a-z, 0-9, "_", "-" and ".", starting with a letter or digit.';
+    END IF;
+END
+$$;
+
+CREATE FUNCTION queue_ext._queue(queue_name text) RETURNS queue_ext.queues
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q queue_ext.queues;
+BEGIN
+    SELECT * INTO q FROM queue_ext.queues AS t WHERE t.queue_name = _queue.queue_name;
+    IF NOT FOUND THEN
+        IF _queue.queue_name IS NULL THEN
+            RAISE EXCEPTION 'queue name must not be null' USING ERRCODE = '22004';
+        END IF;
+        RAISE EXCEPTION 'queue "%" does not exist', _queue.queue_name
+            USING ERRCODE = '42704', HINT = 'Create it with queue_ext.create_queue().';
+    END IF;
+    RETURN q;
+END
+$$;
+
+CREATE FUNCTION queue_ext._priority(priority text) RETURNS queue_ext.job_priority
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF priority IS NULL OR priority NOT IN ('low', 'normal', 'high', 'critical') THEN
+        RAISE EXCEPTION 'invalid priority "%"', coalesce(priority, 'NULL')
+            USING ERRCODE = '22023', HINT = 'Use one of critical, high, normal, low.';
+    END IF;
+    RETURN priority::queue_ext.job_priority;
+END
+$$;
+
+-- Checks one payload; position names it in a batch error.
+CREATE FUNCTION queue_ext._check_payload(payload jsonb, item integer DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    limit_bytes integer := coalesce(nullif(current_setting('queue_ext.max_payload_bytes', true), '')::integer, 1048576);
+    what text := CASE WHEN item IS NULL THEN 'payload' ELSE format('payload %s', item) END;
+BEGIN
+    IF payload IS NULL THEN
+        RAISE EXCEPTION '% must not be null', what USING ERRCODE = '22004';
+    END IF;
+    IF jsonb_typeof(payload) <> 'object' THEN
+        RAISE EXCEPTION '% must be a JSON object, not %', what, jsonb_typeof(payload)
+            USING ERRCODE = '22023', HINT = 'Wrap the value: jsonb_build_object(''value'', ...).';
+    END IF;
+    -- pg_column_size is the stored (binary jsonb) size: cheap, and what the table holds.
+    IF pg_column_size(payload) > limit_bytes THEN
+        RAISE EXCEPTION '% is % bytes, over the limit of % bytes', what, pg_column_size(payload), limit_bytes
+            USING ERRCODE = '54000', HINT = 'Raise queue_ext.max_payload_bytes, or store large data elsewhere and enqueue a reference.';
+    END IF;
+END
+$$;
+
+-- When a job should start, from the enqueue options.
+CREATE FUNCTION queue_ext._start_time(run_at timestamptz, delay interval) RETURNS timestamptz
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF run_at IS NOT NULL AND delay IS NOT NULL THEN
+        RAISE EXCEPTION 'give run_at or delay, not both' USING ERRCODE = '22023';
+    END IF;
+    IF delay IS NOT NULL AND delay < interval '0' THEN
+        RAISE EXCEPTION 'delay must not be negative (got %)', delay USING ERRCODE = '22023';
+    END IF;
+    RETURN coalesce(run_at, now() + delay, now());
+END
+$$;
+
+CREATE FUNCTION queue_ext._check_max_attempts(max_attempts integer) RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF max_attempts IS NOT NULL AND (max_attempts < 1 OR max_attempts > 1000) THEN
+        RAISE EXCEPTION 'max_attempts must be between 1 and 1000 (got %)', max_attempts USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+-- Exponential backoff with jitter: min(base * 2^(attempt-1), cap), then a random point in
+-- its upper half, so that jobs failing together do not come back together.
+CREATE FUNCTION queue_ext._backoff(base interval, cap interval, attempt integer) RETURNS interval
+LANGUAGE sql VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT d * (0.5 + random() * 0.5)
+    FROM (SELECT least(base * power(2, least(greatest(attempt, 1) - 1, 40)), cap) AS d) AS s
+$$;
+
+-- Called when a fenced call (complete, fail, heartbeat...) matched no running job: works out
+-- why, and raises the error that says so.
+CREATE FUNCTION queue_ext._raise_not_running(job_id uuid, lease_token uuid, action text) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j queue_ext.job_queue;
+    finished queue_ext.job_status;
+BEGIN
+    IF job_id IS NULL THEN
+        RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';
+    END IF;
+    SELECT * INTO j FROM queue_ext.job_queue AS t WHERE t.id = _raise_not_running.job_id;
+    IF FOUND THEN
+        IF j.status = 'running' AND j.lease_token = _raise_not_running.lease_token THEN
+            RAISE EXCEPTION 'cannot % job %: its lease expired at %', action, job_id, j.lease_expires_at
+                USING ERRCODE = '55000',
+                      HINT = 'The job will be retried. Extend long leases with queue_ext.heartbeat().';
+        ELSIF lease_token IS NOT NULL THEN
+            RAISE EXCEPTION 'cannot % job %: lease token % is stale (the job is % at attempt %)',
+                action, job_id, lease_token, j.status, j.attempt
+                USING ERRCODE = '55000',
+                      HINT = 'The lease expired and the job was returned to the queue or claimed again. Drop this result.';
+        ELSE
+            RAISE EXCEPTION 'cannot % job %: it is %, not running', action, job_id, j.status
+                USING ERRCODE = '55000';
+        END IF;
+    END IF;
+    SELECT status INTO finished FROM queue_ext.job_archive AS t WHERE t.id = _raise_not_running.job_id;
+    IF NOT FOUND THEN
+        PERFORM 1 FROM queue_ext.job_dead_letter AS t WHERE t.id = _raise_not_running.job_id;
+        IF FOUND THEN
+            finished := 'dead';
+        END IF;
+    END IF;
+    IF finished IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot % job %: it is already %', action, job_id, finished
+            USING ERRCODE = '55000';
+    END IF;
+    RAISE EXCEPTION 'job % does not exist', job_id USING ERRCODE = '42704';
+END
+$$;

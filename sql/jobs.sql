@@ -1,0 +1,362 @@
+-- The job lifecycle: enqueue, claim, complete, fail, lease expiry.
+
+-- What a claim hands to a worker: everything needed to do the job and to report on it.
+CREATE TYPE queue_ext.claimed_job AS (
+    job_id           uuid,
+    queue_name       text,
+    payload          jsonb,
+    priority         queue_ext.job_priority,
+    attempt          integer,
+    max_attempts     integer,
+    lease_token      uuid,
+    lease_expires_at timestamptz,
+    enqueued_at      timestamptz
+);
+
+CREATE FUNCTION queue_ext.enqueue_job(
+    queue_name   text,
+    payload      jsonb,
+    priority     text        DEFAULT 'normal',
+    run_at       timestamptz DEFAULT NULL,
+    delay        interval    DEFAULT NULL,
+    max_attempts integer     DEFAULT NULL
+) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(enqueue_job.queue_name);
+    new_id uuid := queue_ext.uuid_generate_v7();
+    who name := queue_ext._invoker();
+    start timestamptz := queue_ext._start_time(enqueue_job.run_at, enqueue_job.delay);
+BEGIN
+    PERFORM queue_ext._check_payload(enqueue_job.payload);
+    PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
+    INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, run_at, max_attempts, enqueued_by)
+    VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), start,
+            coalesce(enqueue_job.max_attempts, q.max_attempts), who);
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
+    VALUES (new_id, q.queue_name, 'queued', 0, who);
+    RETURN new_id;
+END
+$$;
+
+-- Many jobs in one call and one statement; ids come back in payload order.
+CREATE FUNCTION queue_ext.enqueue_jobs(
+    queue_name   text,
+    payloads     jsonb[],
+    priority     text        DEFAULT 'normal',
+    run_at       timestamptz DEFAULT NULL,
+    delay        interval    DEFAULT NULL,
+    max_attempts integer     DEFAULT NULL
+) RETURNS SETOF uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(enqueue_jobs.queue_name);
+    who name := queue_ext._invoker();
+    start timestamptz := queue_ext._start_time(enqueue_jobs.run_at, enqueue_jobs.delay);
+    prio queue_ext.job_priority := queue_ext._priority(enqueue_jobs.priority);
+    bad record;
+BEGIN
+    PERFORM queue_ext._check_max_attempts(enqueue_jobs.max_attempts);
+    IF enqueue_jobs.payloads IS NULL THEN
+        RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- Validate all before inserting any, so an error names the first bad payload.
+    PERFORM queue_ext._check_payload(p, i::integer)
+    FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i);
+
+    RETURN QUERY
+    WITH new_jobs AS (
+        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, run_at, max_attempts, enqueued_by)
+        SELECT queue_ext.uuid_generate_v7(), q.queue_name, p, prio, start,
+               coalesce(enqueue_jobs.max_attempts, q.max_attempts), who
+        FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i)
+        ORDER BY i
+        RETURNING id
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
+        SELECT id, q.queue_name, 'queued', 0, who FROM new_jobs
+    )
+    -- v7 ids generated in insertion order sort in payload order.
+    SELECT id FROM new_jobs ORDER BY id;
+END
+$$;
+
+-- Claims up to n runnable jobs from one queue: highest priority first, then the oldest
+-- run_at. SKIP LOCKED lets concurrent claimers pass each other's rows instead of waiting,
+-- and the row lock plus the status change mean no job is handed out twice.
+CREATE FUNCTION queue_ext.get_next_jobs(
+    queue_name text,
+    n          integer,
+    worker_id  text     DEFAULT NULL,
+    lease      interval DEFAULT NULL
+) RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(get_next_jobs.queue_name);
+    lease_for interval := coalesce(get_next_jobs.lease, q.lease_duration);
+BEGIN
+    IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
+        RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF lease_for <= interval '0' THEN
+        RAISE EXCEPTION 'lease must be positive (got %)', lease_for USING ERRCODE = '22023';
+    END IF;
+    IF q.paused THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH next AS (
+        SELECT id, status AS old_status
+        FROM queue_ext.job_queue
+        WHERE queue_name = q.queue_name AND status IN ('queued', 'retrying') AND run_at <= now()
+        ORDER BY priority DESC, run_at, id
+        LIMIT get_next_jobs.n
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'running',
+            attempt = j.attempt + 1,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + lease_for,
+            worker_id = get_next_jobs.worker_id,
+            started_at = coalesce(j.started_at, now())
+        FROM next
+        WHERE j.id = next.id
+        RETURNING j.*, next.old_status
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+    )
+    SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
+    FROM claimed
+    ORDER BY priority DESC, run_at, id;
+END
+$$;
+
+-- Claims from several queues at once; queue_names NULL means every queue. Each queue
+-- contributes its best n candidates (through the claim index), then the best n overall win.
+-- Candidates not chosen stay locked only until the caller's transaction ends.
+CREATE FUNCTION queue_ext.get_next_jobs(
+    queue_names text[],
+    n           integer,
+    worker_id   text     DEFAULT NULL,
+    lease       interval DEFAULT NULL
+) RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    unknown text;
+BEGIN
+    IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
+        RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF get_next_jobs.lease <= interval '0' THEN
+        RAISE EXCEPTION 'lease must be positive (got %)', get_next_jobs.lease USING ERRCODE = '22023';
+    END IF;
+    SELECT u.name INTO unknown
+    FROM unnest(get_next_jobs.queue_names) AS u(name)
+    WHERE NOT EXISTS (SELECT 1 FROM queue_ext.queues AS t WHERE t.queue_name = u.name)
+    LIMIT 1;
+    IF FOUND THEN
+        PERFORM queue_ext._queue(unknown);
+    END IF;
+    RETURN QUERY
+    WITH candidates AS (
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.lease_duration
+        FROM queue_ext.queues AS q
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at
+            FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT get_next_jobs.n
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE NOT q.paused
+          AND (get_next_jobs.queue_names IS NULL OR q.queue_name = ANY (get_next_jobs.queue_names))
+    ), next AS (
+        SELECT * FROM candidates ORDER BY priority DESC, run_at, id LIMIT get_next_jobs.n
+    ), claimed AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'running',
+            attempt = j.attempt + 1,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + coalesce(get_next_jobs.lease, next.lease_duration),
+            worker_id = get_next_jobs.worker_id,
+            started_at = coalesce(j.started_at, now())
+        FROM next
+        WHERE j.id = next.id
+        RETURNING j.*, next.old_status
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+    )
+    SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
+    FROM claimed
+    ORDER BY priority DESC, run_at, id;
+END
+$$;
+
+CREATE FUNCTION queue_ext.get_next_job(queue_name text, worker_id text DEFAULT NULL, lease interval DEFAULT NULL)
+RETURNS SETOF queue_ext.claimed_job
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_name, 1, worker_id, lease) $$;
+
+CREATE FUNCTION queue_ext.get_next_job(queue_names text[], worker_id text DEFAULT NULL, lease interval DEFAULT NULL)
+RETURNS SETOF queue_ext.claimed_job
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_names, 1, worker_id, lease) $$;
+
+-- Records success. With lease_token, only the holder of a live lease may complete; without
+-- it (an operator in psql) the current attempt is completed.
+CREATE FUNCTION queue_ext.complete_job(job_id uuid, result jsonb DEFAULT NULL, lease_token uuid DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    j queue_ext.job_queue;
+BEGIN
+    DELETE FROM queue_ext.job_queue
+    WHERE id = complete_job.job_id AND status = 'running'
+      AND (complete_job.lease_token IS NULL
+           OR (lease_token = complete_job.lease_token AND lease_expires_at > now()))
+    RETURNING * INTO j;
+    IF NOT FOUND THEN
+        PERFORM queue_ext._raise_not_running(complete_job.job_id, complete_job.lease_token, 'complete');
+    END IF;
+    INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+        worker_id, result, last_error, errors, enqueued_by, created_at, run_at, started_at)
+    VALUES (j.id, j.queue_name, j.payload, j.priority, 'completed', j.attempt, j.max_attempts,
+        j.worker_id, complete_job.result, j.last_error, j.errors, j.enqueued_by, j.created_at, j.run_at, j.started_at);
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+    VALUES (j.id, j.queue_name, 'running', 'completed', j.attempt, j.worker_id, j.enqueued_by);
+END
+$$;
+
+-- Moves a job (already deleted from job_queue by the caller) into the dead letter queue.
+CREATE FUNCTION queue_ext._bury(j queue_ext.job_queue, reason text, error text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO queue_ext.job_dead_letter (id, queue_name, payload, priority, attempt, max_attempts,
+        worker_id, last_error, errors, reason, enqueued_by, created_at, started_at)
+    VALUES (j.id, j.queue_name, j.payload, j.priority, j.attempt, j.max_attempts,
+        j.worker_id, j.last_error, j.errors, reason, j.enqueued_by, j.created_at, j.started_at);
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    VALUES (j.id, j.queue_name, j.status, 'dead', j.attempt, j.worker_id, error, j.enqueued_by);
+END
+$$;
+
+-- Records a failed attempt. The job is retried after backoff (or after retry_in, e.g. an
+-- HTTP Retry-After), or buried in the dead letter queue when its attempts are used up or
+-- the failure is permanent. Returns the job's new status.
+CREATE FUNCTION queue_ext.fail_job(
+    job_id      uuid,
+    error       text,
+    lease_token uuid     DEFAULT NULL,
+    permanent   boolean  DEFAULT false,
+    retry_in    interval DEFAULT NULL
+) RETURNS queue_ext.job_status
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    j queue_ext.job_queue;
+    q queue_ext.queues;
+    message text := coalesce(fail_job.error, 'unknown error');
+    failure jsonb;
+BEGIN
+    IF fail_job.retry_in < interval '0' THEN
+        RAISE EXCEPTION 'retry_in must not be negative (got %)', fail_job.retry_in USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO j FROM queue_ext.job_queue
+    WHERE id = fail_job.job_id AND status = 'running'
+      AND (fail_job.lease_token IS NULL
+           OR (lease_token = fail_job.lease_token AND lease_expires_at > now()))
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM queue_ext._raise_not_running(fail_job.job_id, fail_job.lease_token, 'fail');
+    END IF;
+    failure := jsonb_build_object('attempt', j.attempt, 'error', message, 'at', now(), 'worker_id', j.worker_id);
+    j.errors := j.errors || jsonb_build_array(failure);
+    j.last_error := message;
+
+    IF coalesce(fail_job.permanent, false) OR j.attempt >= j.max_attempts THEN
+        DELETE FROM queue_ext.job_queue WHERE id = j.id;
+        PERFORM queue_ext._bury(j,
+            CASE WHEN fail_job.permanent THEN 'permanent failure'
+                 ELSE format('failed %s of %s attempts', j.attempt, j.max_attempts) END,
+            message);
+        RETURN 'dead';
+    END IF;
+
+    SELECT * INTO q FROM queue_ext.queues WHERE queue_name = j.queue_name;
+    UPDATE queue_ext.job_queue
+    SET status = 'retrying',
+        run_at = now() + coalesce(fail_job.retry_in,
+                                  queue_ext._backoff(coalesce(q.backoff_base, interval '1 second'),
+                                                     coalesce(q.backoff_cap, interval '1 hour'), j.attempt)),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        last_error = j.last_error,
+        errors = j.errors
+    WHERE id = j.id;
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    VALUES (j.id, j.queue_name, 'running', 'retrying', j.attempt, j.worker_id, message, j.enqueued_by);
+    RETURN 'retrying';
+END
+$$;
+
+-- Returns running jobs whose lease has expired to the queue, counting the lost attempt as a
+-- failure ("lease expired"); jobs out of attempts go to the dead letter queue. Safe to run
+-- concurrently and from pg_cron. Returns how many jobs it handled.
+CREATE FUNCTION queue_ext.cleanup_stuck_jobs() RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j queue_ext.job_queue;
+    handled integer := 0;
+BEGIN
+    FOR j IN
+        SELECT * FROM queue_ext.job_queue
+        WHERE status = 'running' AND lease_expires_at <= now()
+        ORDER BY lease_expires_at
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        j.errors := j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempt, 'error', 'lease expired', 'at', now(), 'worker_id', j.worker_id));
+        j.last_error := 'lease expired';
+        IF j.attempt >= j.max_attempts THEN
+            DELETE FROM queue_ext.job_queue WHERE id = j.id;
+            PERFORM queue_ext._bury(j, format('lease expired on the last of %s attempts', j.max_attempts), 'lease expired');
+        ELSE
+            UPDATE queue_ext.job_queue
+            SET status = 'queued', run_at = now(), lease_token = NULL, lease_expires_at = NULL,
+                last_error = j.last_error, errors = j.errors
+            WHERE id = j.id;
+            INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+            VALUES (j.id, j.queue_name, 'running', 'queued', j.attempt, j.worker_id, 'lease expired', j.enqueued_by);
+        END IF;
+        handled := handled + 1;
+    END LOOP;
+    RETURN handled;
+END
+$$;

@@ -1,0 +1,137 @@
+-- Queue management: create, alter, pause, resume, drop, list.
+
+CREATE FUNCTION queue_ext.create_queue(
+    queue_name     text,
+    max_attempts   integer  DEFAULT 5,
+    backoff_base   interval DEFAULT '1 second',
+    backoff_cap    interval DEFAULT '1 hour',
+    lease_duration interval DEFAULT '5 minutes',
+    if_not_exists  boolean  DEFAULT false
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._check_queue_name(create_queue.queue_name);
+    PERFORM queue_ext._check_max_attempts(coalesce(create_queue.max_attempts, 0));
+    IF create_queue.backoff_base < interval '0' OR create_queue.backoff_cap < interval '0' THEN
+        RAISE EXCEPTION 'backoff_base and backoff_cap must not be negative' USING ERRCODE = '22023';
+    END IF;
+    IF create_queue.lease_duration IS NULL OR create_queue.lease_duration <= interval '0' THEN
+        RAISE EXCEPTION 'lease_duration must be positive (got %)', coalesce(create_queue.lease_duration::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration)
+    VALUES (create_queue.queue_name, create_queue.max_attempts, create_queue.backoff_base,
+            create_queue.backoff_cap, create_queue.lease_duration)
+    ON CONFLICT (queue_name) DO NOTHING;
+    IF NOT FOUND AND NOT create_queue.if_not_exists THEN
+        RAISE EXCEPTION 'queue "%" already exists', create_queue.queue_name USING ERRCODE = '42710';
+    END IF;
+END
+$$;
+
+-- Changes only the settings given; the others keep their values. New values apply to jobs
+-- enqueued (max_attempts) or failing (backoff) or claimed (lease) from now on.
+CREATE FUNCTION queue_ext.alter_queue(
+    queue_name     text,
+    max_attempts   integer  DEFAULT NULL,
+    backoff_base   interval DEFAULT NULL,
+    backoff_cap    interval DEFAULT NULL,
+    lease_duration interval DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._queue(alter_queue.queue_name);
+    PERFORM queue_ext._check_max_attempts(alter_queue.max_attempts);
+    IF alter_queue.backoff_base < interval '0' OR alter_queue.backoff_cap < interval '0' THEN
+        RAISE EXCEPTION 'backoff_base and backoff_cap must not be negative' USING ERRCODE = '22023';
+    END IF;
+    IF alter_queue.lease_duration <= interval '0' THEN
+        RAISE EXCEPTION 'lease_duration must be positive (got %)', alter_queue.lease_duration USING ERRCODE = '22023';
+    END IF;
+    UPDATE queue_ext.queues SET
+        max_attempts   = coalesce(alter_queue.max_attempts, max_attempts),
+        backoff_base   = coalesce(alter_queue.backoff_base, backoff_base),
+        backoff_cap    = coalesce(alter_queue.backoff_cap, backoff_cap),
+        lease_duration = coalesce(alter_queue.lease_duration, lease_duration),
+        updated_at     = now()
+    WHERE queue_name = alter_queue.queue_name;
+END
+$$;
+
+CREATE FUNCTION queue_ext.pause_queue(queue_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._queue(pause_queue.queue_name);
+    UPDATE queue_ext.queues SET paused = true, updated_at = now() WHERE queue_name = pause_queue.queue_name;
+END
+$$;
+
+CREATE FUNCTION queue_ext.resume_queue(queue_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._queue(resume_queue.queue_name);
+    UPDATE queue_ext.queues SET paused = false, updated_at = now() WHERE queue_name = resume_queue.queue_name;
+END
+$$;
+
+-- Refuses while the queue holds live jobs, unless force: then its live jobs are cancelled
+-- into the archive (not silently deleted) and its dead letters stay for inspection.
+CREATE FUNCTION queue_ext.drop_queue(queue_name text, force boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    live bigint;
+BEGIN
+    PERFORM queue_ext._queue(drop_queue.queue_name);
+    -- Lock the queue row so concurrent enqueues that check it wait for us.
+    PERFORM 1 FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name FOR UPDATE;
+    SELECT count(*) INTO live FROM queue_ext.job_queue WHERE queue_name = drop_queue.queue_name;
+    IF live > 0 AND NOT drop_queue.force THEN
+        RAISE EXCEPTION 'queue "%" still has % live jobs', drop_queue.queue_name, live
+            USING ERRCODE = '55006', HINT = 'Drain it first, or call drop_queue(queue_name, force => true) to cancel them.';
+    END IF;
+    WITH gone AS (
+        DELETE FROM queue_ext.job_queue WHERE queue_name = drop_queue.queue_name RETURNING *
+    ), archived AS (
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, last_error, errors, enqueued_by, created_at, run_at, started_at)
+        SELECT id, queue_name, payload, priority, 'cancelled', attempt, max_attempts,
+            worker_id, 'queue dropped', errors, enqueued_by, created_at, run_at, started_at
+        FROM gone
+    )
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    SELECT id, queue_name, status, 'cancelled', attempt, worker_id, 'queue dropped', enqueued_by FROM gone;
+    DELETE FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name;
+END
+$$;
+
+CREATE FUNCTION queue_ext.list_queues()
+RETURNS TABLE (
+    queue_name     text,
+    paused         boolean,
+    max_attempts   integer,
+    backoff_base   interval,
+    backoff_cap    interval,
+    lease_duration interval,
+    created_at     timestamptz
+)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT queue_name, paused, max_attempts, backoff_base, backoff_cap, lease_duration, created_at
+    FROM queue_ext.queues ORDER BY queue_name
+$$;

@@ -1,0 +1,176 @@
+-- queue_ext: types, tables, indexes, roles and row level security.
+--
+-- Where a job lives tells you its lifecycle stage, and keeps the claim path small:
+--   job_queue        live jobs only (waiting, queued, retrying, running): what claims scan
+--   job_archive      finished jobs (completed, cancelled) with their result
+--   job_dead_letter  jobs that exhausted their attempts or failed permanently
+-- A job id is in exactly one of the three at any time. job_status_history records every move.
+
+CREATE TYPE queue_ext.job_status AS ENUM (
+    'waiting',    -- held until its dependencies complete
+    'queued',     -- runnable at run_at
+    'retrying',   -- failed; runnable again at run_at (after backoff)
+    'running',    -- claimed by a worker, under a lease
+    'completed',
+    'dead',       -- in job_dead_letter
+    'cancelled'
+);
+
+-- Declared lowest first so that ORDER BY priority DESC claims critical work first.
+CREATE TYPE queue_ext.job_priority AS ENUM ('low', 'normal', 'high', 'critical');
+
+CREATE TABLE queue_ext.queues (
+    queue_name       text PRIMARY KEY,
+    max_attempts     integer     NOT NULL DEFAULT 5 CHECK (max_attempts BETWEEN 1 AND 1000),
+    backoff_base     interval    NOT NULL DEFAULT '1 second' CHECK (backoff_base >= interval '0'),
+    backoff_cap      interval    NOT NULL DEFAULT '1 hour' CHECK (backoff_cap >= interval '0'),
+    lease_duration   interval    NOT NULL DEFAULT '5 minutes' CHECK (lease_duration > interval '0'),
+    paused           boolean     NOT NULL DEFAULT false,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT queue_name_format CHECK (queue_name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$')
+);
+COMMENT ON TABLE queue_ext.queues IS 'One row per queue: its defaults for retries, backoff and leases.';
+
+-- No foreign key to queues on purpose: every enqueue would take FOR KEY SHARE on the queue
+-- row, and concurrent producers would then pile up in MultiXacts. enqueue_job checks the
+-- queue itself and drop_queue removes a queue's jobs.
+CREATE TABLE queue_ext.job_queue (
+    id               uuid        PRIMARY KEY,
+    queue_name       text        NOT NULL,
+    payload          jsonb       NOT NULL,
+    priority         queue_ext.job_priority NOT NULL DEFAULT 'normal',
+    status           queue_ext.job_status   NOT NULL DEFAULT 'queued'
+                     CHECK (status IN ('waiting', 'queued', 'retrying', 'running')),
+    run_at           timestamptz NOT NULL DEFAULT now(),
+    attempt          integer     NOT NULL DEFAULT 0,
+    max_attempts     integer     NOT NULL,
+    lease_token      uuid,
+    lease_expires_at timestamptz,
+    worker_id        text,
+    last_error       text,
+    errors           jsonb       NOT NULL DEFAULT '[]',
+    enqueued_by      name        NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    CONSTRAINT running_has_lease CHECK (status <> 'running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL))
+);
+COMMENT ON TABLE queue_ext.job_queue IS 'Live jobs only; finished jobs move to job_archive or job_dead_letter.';
+
+-- The claim index: only runnable rows are in it, in claim order.
+CREATE INDEX job_queue_claim_idx ON queue_ext.job_queue (queue_name, priority DESC, run_at, id)
+    WHERE status IN ('queued', 'retrying');
+-- cleanup_stuck_jobs() finds expired leases without scanning queued work.
+CREATE INDEX job_queue_lease_idx ON queue_ext.job_queue (lease_expires_at)
+    WHERE status = 'running';
+
+CREATE TABLE queue_ext.job_archive (
+    id               uuid        PRIMARY KEY,
+    queue_name       text        NOT NULL,
+    payload          jsonb       NOT NULL,
+    priority         queue_ext.job_priority NOT NULL,
+    status           queue_ext.job_status   NOT NULL CHECK (status IN ('completed', 'cancelled')),
+    attempt          integer     NOT NULL,
+    max_attempts     integer     NOT NULL,
+    worker_id        text,
+    result           jsonb,
+    last_error       text,
+    errors           jsonb       NOT NULL DEFAULT '[]',
+    enqueued_by      name        NOT NULL,
+    created_at       timestamptz NOT NULL,
+    run_at           timestamptz NOT NULL,
+    started_at       timestamptz,
+    finished_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE queue_ext.job_archive IS 'Finished jobs (completed or cancelled); purge_jobs() applies retention.';
+CREATE INDEX job_archive_finished_idx ON queue_ext.job_archive (finished_at);
+
+CREATE TABLE queue_ext.job_dead_letter (
+    id               uuid        PRIMARY KEY,
+    queue_name       text        NOT NULL,
+    payload          jsonb       NOT NULL,
+    priority         queue_ext.job_priority NOT NULL,
+    attempt          integer     NOT NULL,
+    max_attempts     integer     NOT NULL,
+    worker_id        text,
+    last_error       text,
+    errors           jsonb       NOT NULL DEFAULT '[]',
+    reason           text        NOT NULL,
+    enqueued_by      name        NOT NULL,
+    created_at       timestamptz NOT NULL,
+    started_at       timestamptz,
+    died_at          timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE queue_ext.job_dead_letter IS 'Jobs that exhausted their attempts or failed permanently; retry_dead_job() redrives one.';
+CREATE INDEX job_dead_letter_died_idx ON queue_ext.job_dead_letter (died_at);
+
+CREATE TABLE queue_ext.job_status_history (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id      uuid        NOT NULL,
+    queue_name  text        NOT NULL,
+    from_status queue_ext.job_status,
+    to_status   queue_ext.job_status NOT NULL,
+    attempt     integer     NOT NULL,
+    worker_id   text,
+    error       text,
+    enqueued_by name        NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE queue_ext.job_status_history IS 'Audit trail: one row per status transition of every job.';
+CREATE INDEX job_status_history_job_idx ON queue_ext.job_status_history (job_id);
+
+-- pg_dump keeps the data of these tables although they belong to the extension.
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.queues', '');
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_archive', '');
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_dead_letter', '');
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_status_history', '');
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_status_history_id_seq', '');
+
+-- Roles are cluster-wide: a second database's CREATE EXTENSION finds them already there.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'queue_ext_producer') THEN
+        CREATE ROLE queue_ext_producer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'queue_ext_worker') THEN
+        CREATE ROLE queue_ext_worker NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'queue_ext_admin') THEN
+        CREATE ROLE queue_ext_admin NOLOGIN;
+    END IF;
+END
+$roles$;
+GRANT queue_ext_producer, queue_ext_worker TO queue_ext_admin;
+
+-- Row level security. Mutations go through SECURITY DEFINER functions (run as the table
+-- owner, who bypasses RLS, so claims pay nothing for it); the policies govern what each
+-- role can read directly and through the SECURITY INVOKER read functions.
+ALTER TABLE queue_ext.queues             ENABLE ROW LEVEL SECURITY;
+ALTER TABLE queue_ext.job_queue          ENABLE ROW LEVEL SECURITY;
+ALTER TABLE queue_ext.job_archive        ENABLE ROW LEVEL SECURITY;
+ALTER TABLE queue_ext.job_dead_letter    ENABLE ROW LEVEL SECURITY;
+ALTER TABLE queue_ext.job_status_history ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY queues_visible ON queue_ext.queues FOR SELECT
+    TO queue_ext_producer, queue_ext_worker, queue_ext_admin USING (true);
+
+CREATE POLICY producer_own_jobs ON queue_ext.job_queue FOR SELECT
+    TO queue_ext_producer USING (enqueued_by = current_user);
+CREATE POLICY staff_all_jobs ON queue_ext.job_queue FOR SELECT
+    TO queue_ext_worker, queue_ext_admin USING (true);
+
+CREATE POLICY producer_own_jobs ON queue_ext.job_archive FOR SELECT
+    TO queue_ext_producer USING (enqueued_by = current_user);
+CREATE POLICY staff_all_jobs ON queue_ext.job_archive FOR SELECT
+    TO queue_ext_worker, queue_ext_admin USING (true);
+
+CREATE POLICY producer_own_jobs ON queue_ext.job_dead_letter FOR SELECT
+    TO queue_ext_producer USING (enqueued_by = current_user);
+CREATE POLICY staff_all_jobs ON queue_ext.job_dead_letter FOR SELECT
+    TO queue_ext_worker, queue_ext_admin USING (true);
+
+CREATE POLICY producer_own_jobs ON queue_ext.job_status_history FOR SELECT
+    TO queue_ext_producer USING (enqueued_by = current_user);
+CREATE POLICY staff_all_jobs ON queue_ext.job_status_history FOR SELECT
+    TO queue_ext_worker, queue_ext_admin USING (true);

@@ -1,0 +1,60 @@
+//! queue_ext: a durable job queue, and the dispatcher that drains it, inside PostgreSQL.
+//!
+//! The job lifecycle is SQL (see `sql/`): PL/pgSQL runs next to the data, caches its plans and
+//! holds no state of its own. Rust supplies what SQL cannot: time-ordered ids, settings, and
+//! the background worker that delivers webhook jobs.
+
+use pgrx::prelude::*;
+
+mod gucs;
+mod ids;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!(
+    "../sql/internal.sql",
+    name = "internal",
+    requires = ["schema"]
+);
+extension_sql_file!(
+    "../sql/queues.sql",
+    name = "queues",
+    requires = ["internal"]
+);
+extension_sql_file!(
+    "../sql/jobs.sql",
+    name = "jobs",
+    requires = ["queues", ids::uuid_generate_v7]
+);
+extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["jobs"]);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
+
+/// In-database tests: each runs inside a transaction that is rolled back. One file per concern.
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    include!("tests/helpers.rs");
+    include!("tests/queues.rs");
+    include!("tests/lifecycle.rs");
+    include!("tests/failures.rs");
+    include!("tests/errors.rs");
+    include!("tests/security.rs");
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}
