@@ -6,7 +6,7 @@ CREATE FUNCTION queue_ext.job_status(job_id uuid)
 RETURNS TABLE (
     job_id       uuid,
     queue_name   text,
-    status       queue_ext.job_status,
+    status       queue_ext.job_state,
     priority     queue_ext.job_priority,
     attempt      integer,
     max_attempts integer,
@@ -37,7 +37,7 @@ BEGIN
            a.errors, a.worker_id, a.enqueued_by, a.created_at, a.run_at, a.started_at, a.finished_at
     FROM queue_ext.job_archive AS a WHERE a.id = job_status.job_id
     UNION ALL
-    SELECT d.id, d.queue_name, 'dead'::queue_ext.job_status, d.priority, d.attempt, d.max_attempts, NULL, d.last_error,
+    SELECT d.id, d.queue_name, 'dead'::queue_ext.job_state, d.priority, d.attempt, d.max_attempts, NULL, d.last_error,
            d.errors, d.worker_id, d.enqueued_by, d.created_at, NULL, d.started_at, d.died_at
     FROM queue_ext.job_dead_letter AS d WHERE d.id = job_status.job_id
     LIMIT 1;
@@ -57,6 +57,7 @@ DECLARE
     d queue_ext.job_dead_letter;
 BEGIN
     DELETE FROM queue_ext.job_dead_letter WHERE id = retry_dead_job.job_id RETURNING * INTO d;
+    PERFORM queue_ext._wake_dispatcher_at_commit();
     IF NOT FOUND THEN
         IF retry_dead_job.job_id IS NULL THEN
             RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';

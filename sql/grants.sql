@@ -11,6 +11,8 @@ GRANT USAGE ON SCHEMA queue_ext TO queue_ext_producer, queue_ext_worker, queue_e
 GRANT SELECT ON queue_ext.queues, queue_ext.job_queue, queue_ext.job_archive,
                 queue_ext.job_dead_letter, queue_ext.job_status_history
     TO queue_ext_producer, queue_ext_worker, queue_ext_admin;
+GRANT SELECT ON queue_ext.webhook_deliveries TO queue_ext_worker, queue_ext_admin;
+GRANT SELECT ON queue_ext.webhook_targets TO queue_ext_admin;
 
 -- Producers: enqueue, and read the status of their jobs.
 GRANT EXECUTE ON FUNCTION
@@ -37,8 +39,8 @@ TO queue_ext_worker;
 -- Admins: everything public (queue management, dead letters, retention, stats). Admin is
 -- also a member of producer and worker (schema.sql).
 GRANT EXECUTE ON FUNCTION
-    queue_ext.create_queue(text, integer, interval, interval, interval, boolean),
-    queue_ext.alter_queue(text, integer, interval, interval, interval),
+    queue_ext.create_queue(text, integer, interval, interval, interval, boolean, text, text, jsonb, interval, integer, text, text, boolean),
+    queue_ext.alter_queue(text, integer, interval, interval, interval, text, text, jsonb, interval, integer, text, text, boolean),
     queue_ext.drop_queue(text, boolean),
     queue_ext.pause_queue(text),
     queue_ext.resume_queue(text),

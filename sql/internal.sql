@@ -66,7 +66,7 @@ LANGUAGE plpgsql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    limit_bytes integer := coalesce(nullif(current_setting('queue_ext.max_payload_bytes', true), '')::integer, 1048576);
+    limit_bytes integer := queue_ext.max_payload_bytes();
     what text := CASE WHEN item IS NULL THEN 'payload' ELSE format('payload %s', item) END;
 BEGIN
     IF payload IS NULL THEN
@@ -129,7 +129,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     j queue_ext.job_queue;
-    finished queue_ext.job_status;
+    finished queue_ext.job_state;
 BEGIN
     IF job_id IS NULL THEN
         RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';

@@ -38,6 +38,9 @@ BEGIN
             coalesce(enqueue_job.max_attempts, q.max_attempts), who);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
     VALUES (new_id, q.queue_name, 'queued', 0, who);
+    IF q.is_webhook THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    END IF;
     RETURN new_id;
 END
 $$;
@@ -70,6 +73,9 @@ BEGIN
     PERFORM queue_ext._check_payload(p, i::integer)
     FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i);
 
+    IF q.is_webhook THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    END IF;
     RETURN QUERY
     WITH new_jobs AS (
         INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, run_at, max_attempts, enqueued_by)
@@ -220,11 +226,11 @@ LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_names, 1, worker_id, lease) $$;
 
--- Records success. With lease_token, only the holder of a live lease may complete; without
--- it (an operator in psql) the current attempt is completed.
-CREATE FUNCTION queue_ext.complete_job(job_id uuid, result jsonb DEFAULT NULL, lease_token uuid DEFAULT NULL)
-RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+-- Completes a running job if the lease allows; false when it matched no running job. The
+-- dispatcher uses this directly (a refused result is logged, not raised); complete_job
+-- raises instead.
+CREATE FUNCTION queue_ext._complete(job_id uuid, result jsonb, lease_token uuid) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
@@ -232,19 +238,37 @@ DECLARE
     j queue_ext.job_queue;
 BEGIN
     DELETE FROM queue_ext.job_queue
-    WHERE id = complete_job.job_id AND status = 'running'
-      AND (complete_job.lease_token IS NULL
-           OR (lease_token = complete_job.lease_token AND lease_expires_at > now()))
+    WHERE id = _complete.job_id AND status = 'running'
+      AND (_complete.lease_token IS NULL
+           OR (lease_token = _complete.lease_token AND lease_expires_at > now()))
     RETURNING * INTO j;
     IF NOT FOUND THEN
-        PERFORM queue_ext._raise_not_running(complete_job.job_id, complete_job.lease_token, 'complete');
+        RETURN false;
     END IF;
     INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
         worker_id, result, last_error, errors, enqueued_by, created_at, run_at, started_at)
     VALUES (j.id, j.queue_name, j.payload, j.priority, 'completed', j.attempt, j.max_attempts,
-        j.worker_id, complete_job.result, j.last_error, j.errors, j.enqueued_by, j.created_at, j.run_at, j.started_at);
+        j.worker_id, _complete.result, j.last_error, j.errors, j.enqueued_by, j.created_at, j.run_at, j.started_at);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
     VALUES (j.id, j.queue_name, 'running', 'completed', j.attempt, j.worker_id, j.enqueued_by);
+    IF (SELECT has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+        PERFORM queue_ext._emit_callback(j, 'job.completed', _complete.result);
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Records success. With lease_token, only the holder of a live lease may complete; without
+-- it (an operator in psql) the current attempt is completed.
+CREATE FUNCTION queue_ext.complete_job(job_id uuid, result jsonb DEFAULT NULL, lease_token uuid DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT queue_ext._complete(complete_job.job_id, complete_job.result, complete_job.lease_token) THEN
+        PERFORM queue_ext._raise_not_running(complete_job.job_id, complete_job.lease_token, 'complete');
+    END IF;
 END
 $$;
 
@@ -260,48 +284,52 @@ BEGIN
         j.worker_id, j.last_error, j.errors, reason, j.enqueued_by, j.created_at, j.started_at);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, j.status, 'dead', j.attempt, j.worker_id, error, j.enqueued_by);
+    IF (SELECT has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+        PERFORM queue_ext._emit_callback(j, 'job.dead', NULL);
+    END IF;
 END
 $$;
 
 -- Records a failed attempt. The job is retried after backoff (or after retry_in, e.g. an
 -- HTTP Retry-After), or buried in the dead letter queue when its attempts are used up or
 -- the failure is permanent. Returns the job's new status.
-CREATE FUNCTION queue_ext.fail_job(
+-- Like complete, the non-raising core (NULL when no running job matched) and the API.
+CREATE FUNCTION queue_ext._fail(
     job_id      uuid,
     error       text,
-    lease_token uuid     DEFAULT NULL,
-    permanent   boolean  DEFAULT false,
-    retry_in    interval DEFAULT NULL
-) RETURNS queue_ext.job_status
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+    lease_token uuid,
+    permanent   boolean,
+    retry_in    interval
+) RETURNS queue_ext.job_state
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
     j queue_ext.job_queue;
     q queue_ext.queues;
-    message text := coalesce(fail_job.error, 'unknown error');
+    message text := coalesce(_fail.error, 'unknown error');
     failure jsonb;
 BEGIN
-    IF fail_job.retry_in < interval '0' THEN
-        RAISE EXCEPTION 'retry_in must not be negative (got %)', fail_job.retry_in USING ERRCODE = '22023';
+    IF _fail.retry_in < interval '0' THEN
+        RAISE EXCEPTION 'retry_in must not be negative (got %)', _fail.retry_in USING ERRCODE = '22023';
     END IF;
     SELECT * INTO j FROM queue_ext.job_queue
-    WHERE id = fail_job.job_id AND status = 'running'
-      AND (fail_job.lease_token IS NULL
-           OR (lease_token = fail_job.lease_token AND lease_expires_at > now()))
+    WHERE id = _fail.job_id AND status = 'running'
+      AND (_fail.lease_token IS NULL
+           OR (lease_token = _fail.lease_token AND lease_expires_at > now()))
     FOR UPDATE;
     IF NOT FOUND THEN
-        PERFORM queue_ext._raise_not_running(fail_job.job_id, fail_job.lease_token, 'fail');
+        RETURN NULL;
     END IF;
     failure := jsonb_build_object('attempt', j.attempt, 'error', message, 'at', now(), 'worker_id', j.worker_id);
     j.errors := j.errors || jsonb_build_array(failure);
     j.last_error := message;
 
-    IF coalesce(fail_job.permanent, false) OR j.attempt >= j.max_attempts THEN
+    IF coalesce(_fail.permanent, false) OR j.attempt >= j.max_attempts THEN
         DELETE FROM queue_ext.job_queue WHERE id = j.id;
         PERFORM queue_ext._bury(j,
-            CASE WHEN fail_job.permanent THEN 'permanent failure'
+            CASE WHEN _fail.permanent THEN 'permanent failure'
                  ELSE format('failed %s of %s attempts', j.attempt, j.max_attempts) END,
             message);
         RETURN 'dead';
@@ -310,7 +338,7 @@ BEGIN
     SELECT * INTO q FROM queue_ext.queues WHERE queue_name = j.queue_name;
     UPDATE queue_ext.job_queue
     SET status = 'retrying',
-        run_at = now() + coalesce(fail_job.retry_in,
+        run_at = now() + coalesce(_fail.retry_in,
                                   queue_ext._backoff(coalesce(q.backoff_base, interval '1 second'),
                                                      coalesce(q.backoff_cap, interval '1 hour'), j.attempt)),
         lease_token = NULL,
@@ -320,15 +348,43 @@ BEGIN
     WHERE id = j.id;
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, 'running', 'retrying', j.attempt, j.worker_id, message, j.enqueued_by);
+    IF q.has_callback THEN
+        PERFORM queue_ext._emit_callback(j, 'job.failed', NULL);
+    END IF;
     RETURN 'retrying';
 END
 $$;
 
--- Returns running jobs whose lease has expired to the queue, counting the lost attempt as a
--- failure ("lease expired"); jobs out of attempts go to the dead letter queue. Safe to run
--- concurrently and from pg_cron. Returns how many jobs it handled.
-CREATE FUNCTION queue_ext.cleanup_stuck_jobs() RETURNS integer
+CREATE FUNCTION queue_ext.fail_job(
+    job_id      uuid,
+    error       text,
+    lease_token uuid     DEFAULT NULL,
+    permanent   boolean  DEFAULT false,
+    retry_in    interval DEFAULT NULL
+) RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    outcome queue_ext.job_state;
+BEGIN
+    IF fail_job.retry_in < interval '0' THEN
+        RAISE EXCEPTION 'retry_in must not be negative (got %)', fail_job.retry_in USING ERRCODE = '22023';
+    END IF;
+    outcome := queue_ext._fail(fail_job.job_id, fail_job.error, fail_job.lease_token,
+                               coalesce(fail_job.permanent, false), fail_job.retry_in);
+    IF outcome IS NULL THEN
+        PERFORM queue_ext._raise_not_running(fail_job.job_id, fail_job.lease_token, 'fail');
+    END IF;
+    RETURN outcome;
+END
+$$;
+
+-- Returns running jobs to the queue, counting the lost attempt as a failure with `reason`;
+-- jobs out of attempts go to the dead letter queue. Either those whose lease expired, or
+-- (only_worker) every job a restarted dispatcher held. Returns how many it handled.
+CREATE FUNCTION queue_ext._return_running(only_worker text, reason text) RETURNS integer
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -336,27 +392,39 @@ DECLARE
     handled integer := 0;
 BEGIN
     FOR j IN
-        SELECT * FROM queue_ext.job_queue
-        WHERE status = 'running' AND lease_expires_at <= now()
-        ORDER BY lease_expires_at
+        SELECT * FROM queue_ext.job_queue AS t
+        WHERE t.status = 'running'
+          AND CASE WHEN only_worker IS NULL THEN t.lease_expires_at <= now() ELSE t.worker_id = only_worker END
+        ORDER BY t.lease_expires_at
         FOR UPDATE SKIP LOCKED
     LOOP
         j.errors := j.errors || jsonb_build_array(jsonb_build_object(
-            'attempt', j.attempt, 'error', 'lease expired', 'at', now(), 'worker_id', j.worker_id));
-        j.last_error := 'lease expired';
+            'attempt', j.attempt, 'error', reason, 'at', now(), 'worker_id', j.worker_id));
+        j.last_error := reason;
         IF j.attempt >= j.max_attempts THEN
             DELETE FROM queue_ext.job_queue WHERE id = j.id;
-            PERFORM queue_ext._bury(j, format('lease expired on the last of %s attempts', j.max_attempts), 'lease expired');
+            PERFORM queue_ext._bury(j, format('%s on the last of %s attempts', reason, j.max_attempts), reason);
         ELSE
             UPDATE queue_ext.job_queue
             SET status = 'queued', run_at = now(), lease_token = NULL, lease_expires_at = NULL,
                 last_error = j.last_error, errors = j.errors
             WHERE id = j.id;
             INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
-            VALUES (j.id, j.queue_name, 'running', 'queued', j.attempt, j.worker_id, 'lease expired', j.enqueued_by);
+            VALUES (j.id, j.queue_name, 'running', 'queued', j.attempt, j.worker_id, reason, j.enqueued_by);
         END IF;
         handled := handled + 1;
     END LOOP;
+    IF handled > 0 THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    END IF;
     RETURN handled;
 END
 $$;
+
+-- Returns running jobs whose lease has expired to the queue (the attempt counts, with the
+-- error "lease expired"). Safe to run concurrently and from pg_cron; the dispatcher also
+-- runs it every few seconds. Returns how many jobs it handled.
+CREATE FUNCTION queue_ext.cleanup_stuck_jobs() RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT queue_ext._return_running(NULL, 'lease expired') $$;

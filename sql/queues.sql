@@ -6,7 +6,15 @@ CREATE FUNCTION queue_ext.create_queue(
     backoff_base   interval DEFAULT '1 second',
     backoff_cap    interval DEFAULT '1 hour',
     lease_duration interval DEFAULT '5 minutes',
-    if_not_exists  boolean  DEFAULT false
+    if_not_exists  boolean  DEFAULT false,
+    webhook_url              text     DEFAULT NULL,
+    webhook_method           text     DEFAULT NULL,
+    webhook_headers          jsonb    DEFAULT NULL,
+    webhook_timeout          interval DEFAULT NULL,
+    webhook_max_in_flight    integer  DEFAULT NULL,
+    webhook_secret           text     DEFAULT NULL,
+    callback_url             text     DEFAULT NULL,
+    webhook_follow_redirects boolean  DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -14,6 +22,9 @@ AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM queue_ext._check_queue_name(create_queue.queue_name);
+    IF create_queue.queue_name LIKE 'queue\_ext.%' THEN
+        RAISE EXCEPTION 'queue names starting with "queue_ext." are reserved' USING ERRCODE = '42939';
+    END IF;
     PERFORM queue_ext._check_max_attempts(coalesce(create_queue.max_attempts, 0));
     IF create_queue.backoff_base < interval '0' OR create_queue.backoff_cap < interval '0' THEN
         RAISE EXCEPTION 'backoff_base and backoff_cap must not be negative' USING ERRCODE = '22023';
@@ -26,20 +37,35 @@ BEGIN
     VALUES (create_queue.queue_name, create_queue.max_attempts, create_queue.backoff_base,
             create_queue.backoff_cap, create_queue.lease_duration)
     ON CONFLICT (queue_name) DO NOTHING;
-    IF NOT FOUND AND NOT create_queue.if_not_exists THEN
+    IF NOT FOUND THEN
+        IF create_queue.if_not_exists THEN
+            RETURN;
+        END IF;
         RAISE EXCEPTION 'queue "%" already exists', create_queue.queue_name USING ERRCODE = '42710';
     END IF;
+    PERFORM queue_ext._set_webhook(create_queue.queue_name, create_queue.webhook_url, create_queue.webhook_method,
+        create_queue.webhook_headers, create_queue.webhook_timeout, create_queue.webhook_max_in_flight,
+        create_queue.webhook_secret, create_queue.callback_url, create_queue.webhook_follow_redirects);
 END
 $$;
 
--- Changes only the settings given; the others keep their values. New values apply to jobs
+-- Changes only the settings given; the others keep their values ('' removes webhook_url,
+-- webhook_secret or callback_url). New values apply to jobs
 -- enqueued (max_attempts) or failing (backoff) or claimed (lease) from now on.
 CREATE FUNCTION queue_ext.alter_queue(
     queue_name     text,
     max_attempts   integer  DEFAULT NULL,
     backoff_base   interval DEFAULT NULL,
     backoff_cap    interval DEFAULT NULL,
-    lease_duration interval DEFAULT NULL
+    lease_duration interval DEFAULT NULL,
+    webhook_url              text     DEFAULT NULL,
+    webhook_method           text     DEFAULT NULL,
+    webhook_headers          jsonb    DEFAULT NULL,
+    webhook_timeout          interval DEFAULT NULL,
+    webhook_max_in_flight    integer  DEFAULT NULL,
+    webhook_secret           text     DEFAULT NULL,
+    callback_url             text     DEFAULT NULL,
+    webhook_follow_redirects boolean  DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -61,6 +87,12 @@ BEGIN
         lease_duration = coalesce(alter_queue.lease_duration, lease_duration),
         updated_at     = now()
     WHERE queue_name = alter_queue.queue_name;
+    PERFORM queue_ext._set_webhook(alter_queue.queue_name, alter_queue.webhook_url, alter_queue.webhook_method,
+        alter_queue.webhook_headers, alter_queue.webhook_timeout, alter_queue.webhook_max_in_flight,
+        alter_queue.webhook_secret, alter_queue.callback_url, alter_queue.webhook_follow_redirects);
+    IF alter_queue.webhook_url IS NOT NULL THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    END IF;
 END
 $$;
 
@@ -83,6 +115,7 @@ AS $$
 BEGIN
     PERFORM queue_ext._queue(resume_queue.queue_name);
     UPDATE queue_ext.queues SET paused = false, updated_at = now() WHERE queue_name = resume_queue.queue_name;
+    PERFORM queue_ext._wake_dispatcher_at_commit();
 END
 $$;
 
@@ -97,6 +130,9 @@ DECLARE
     live bigint;
 BEGIN
     PERFORM queue_ext._queue(drop_queue.queue_name);
+    IF drop_queue.queue_name LIKE 'queue\_ext.%' THEN
+        RAISE EXCEPTION 'queue "%" belongs to queue_ext and cannot be dropped', drop_queue.queue_name USING ERRCODE = '42939';
+    END IF;
     -- Lock the queue row so concurrent enqueues that check it wait for us.
     PERFORM 1 FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name FOR UPDATE;
     SELECT count(*) INTO live FROM queue_ext.job_queue WHERE queue_name = drop_queue.queue_name;
@@ -115,6 +151,7 @@ BEGIN
     )
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     SELECT id, queue_name, status, 'cancelled', attempt, worker_id, 'queue dropped', enqueued_by FROM gone;
+    DELETE FROM queue_ext.webhook_targets WHERE queue_name = drop_queue.queue_name;
     DELETE FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name;
 END
 $$;
@@ -127,11 +164,13 @@ RETURNS TABLE (
     backoff_base   interval,
     backoff_cap    interval,
     lease_duration interval,
+    is_webhook     boolean,
+    has_callback   boolean,
     created_at     timestamptz
 )
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT queue_name, paused, max_attempts, backoff_base, backoff_cap, lease_duration, created_at
+    SELECT queue_name, paused, max_attempts, backoff_base, backoff_cap, lease_duration, is_webhook, has_callback, created_at
     FROM queue_ext.queues ORDER BY queue_name
 $$;

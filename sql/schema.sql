@@ -6,7 +6,7 @@
 --   job_dead_letter  jobs that exhausted their attempts or failed permanently
 -- A job id is in exactly one of the three at any time. job_status_history records every move.
 
-CREATE TYPE queue_ext.job_status AS ENUM (
+CREATE TYPE queue_ext.job_state AS ENUM (
     'waiting',    -- held until its dependencies complete
     'queued',     -- runnable at run_at
     'retrying',   -- failed; runnable again at run_at (after backoff)
@@ -26,6 +26,10 @@ CREATE TABLE queue_ext.queues (
     backoff_cap      interval    NOT NULL DEFAULT '1 hour' CHECK (backoff_cap >= interval '0'),
     lease_duration   interval    NOT NULL DEFAULT '5 minutes' CHECK (lease_duration > interval '0'),
     paused           boolean     NOT NULL DEFAULT false,
+    -- Both maintained by create_queue/alter_queue from queue_ext.webhook_targets, so the hot
+    -- paths learn what they must do from the queue row they already read.
+    is_webhook       boolean     NOT NULL DEFAULT false,
+    has_callback     boolean     NOT NULL DEFAULT false,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT queue_name_format CHECK (queue_name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$')
@@ -40,7 +44,7 @@ CREATE TABLE queue_ext.job_queue (
     queue_name       text        NOT NULL,
     payload          jsonb       NOT NULL,
     priority         queue_ext.job_priority NOT NULL DEFAULT 'normal',
-    status           queue_ext.job_status   NOT NULL DEFAULT 'queued'
+    status           queue_ext.job_state   NOT NULL DEFAULT 'queued'
                      CHECK (status IN ('waiting', 'queued', 'retrying', 'running')),
     run_at           timestamptz NOT NULL DEFAULT now(),
     attempt          integer     NOT NULL DEFAULT 0,
@@ -69,7 +73,7 @@ CREATE TABLE queue_ext.job_archive (
     queue_name       text        NOT NULL,
     payload          jsonb       NOT NULL,
     priority         queue_ext.job_priority NOT NULL,
-    status           queue_ext.job_status   NOT NULL CHECK (status IN ('completed', 'cancelled')),
+    status           queue_ext.job_state   NOT NULL CHECK (status IN ('completed', 'cancelled')),
     attempt          integer     NOT NULL,
     max_attempts     integer     NOT NULL,
     worker_id        text,
@@ -108,8 +112,8 @@ CREATE TABLE queue_ext.job_status_history (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     job_id      uuid        NOT NULL,
     queue_name  text        NOT NULL,
-    from_status queue_ext.job_status,
-    to_status   queue_ext.job_status NOT NULL,
+    from_status queue_ext.job_state,
+    to_status   queue_ext.job_state NOT NULL,
     attempt     integer     NOT NULL,
     worker_id   text,
     error       text,

@@ -1,10 +1,33 @@
 //! Settings, all under the reserved `queue_ext.` prefix. One static per setting, one typed
 //! accessor each; `init()` registers them from `_PG_init`.
 
+use std::ffi::CString;
+use std::time::Duration;
+
+use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 /// Largest payload, in bytes of stored jsonb, that enqueue accepts.
 static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// Databases the dispatcher serves, comma-separated (one background worker each).
+static DATABASES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Requests one dispatcher may have in flight at once, over all queues.
+static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(256);
+/// Request timeout for webhook queues that set none.
+static HTTP_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+/// Backstop poll: how long the dispatcher sleeps when nothing wakes it.
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+/// Hosts and CIDRs the SSRF guard lets through although they are private.
+static HTTP_ALLOWLIST: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Extra trusted root certificates (PEM file), e.g. a private CA.
+static HTTP_CA_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// How much of a response body is kept.
+static RESPONSE_MAX_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+/// How long webhook_deliveries rows are kept, in minutes.
+static DELIVERY_LOG_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
+/// How long a stopping dispatcher waits for requests in flight before releasing them.
+static SHUTDOWN_GRACE_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -17,11 +40,148 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::UNIT_BYTE,
     );
+    GucRegistry::define_string_guc(
+        c"queue_ext.database",
+        c"Databases whose webhook queues the dispatcher delivers, comma-separated.",
+        c"One background worker per database; needs queue_ext in shared_preload_libraries.",
+        &DATABASES,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"queue_ext.max_in_flight",
+        c"Most webhook requests one dispatcher has in flight at once.",
+        c"Each webhook queue is further capped by its own webhook_max_in_flight.",
+        &MAX_IN_FLIGHT,
+        1,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"queue_ext.http_timeout",
+        c"Webhook request timeout for queues that set no webhook_timeout.",
+        c"",
+        &HTTP_TIMEOUT_MS,
+        1,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"queue_ext.poll_interval",
+        c"How long the dispatcher sleeps when no commit wakes it.",
+        c"Commits of webhook jobs wake it at once; the poll only catches delayed and retried jobs.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"queue_ext.http_allowlist",
+        c"Hosts and CIDRs webhooks may reach although they are loopback, private or link-local.",
+        c"Comma-separated, e.g. '127.0.0.1/32, hooks.internal'. Everything else private is refused.",
+        &HTTP_ALLOWLIST,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"queue_ext.http_ca_file",
+        c"PEM file of extra root certificates trusted for https webhooks.",
+        c"",
+        &HTTP_CA_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"queue_ext.response_max_bytes",
+        c"How much of a webhook response body is stored.",
+        c"",
+        &RESPONSE_MAX_BYTES,
+        0,
+        16 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"queue_ext.delivery_log_retention",
+        c"How long rows of queue_ext.webhook_deliveries are kept.",
+        c"",
+        &DELIVERY_LOG_RETENTION_MIN,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MIN,
+    );
+    GucRegistry::define_int_guc(
+        c"queue_ext.shutdown_grace",
+        c"How long a stopping dispatcher waits for requests in flight.",
+        c"Requests still unanswered then are released back to their queue.",
+        &SHUTDOWN_GRACE_MS,
+        0,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     // SAFETY: called once from _PG_init, after our GUCs are defined.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"queue_ext".as_ptr()) };
 }
 
-#[allow(dead_code)]
+/// The current `queue_ext.max_payload_bytes` in bytes, for the SQL that checks payloads
+/// (`current_setting` would give it with a unit, like "1MB").
+#[pg_extern(stable, parallel_safe)]
 pub fn max_payload_bytes() -> i32 {
     MAX_PAYLOAD_BYTES.get()
+}
+
+fn string(setting: &GucSetting<Option<CString>>) -> String {
+    setting
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn millis(setting: &GucSetting<i32>) -> Duration {
+    Duration::from_millis(setting.get().max(0) as u64)
+}
+
+pub fn databases() -> Vec<String> {
+    string(&DATABASES)
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+pub fn max_in_flight() -> usize {
+    MAX_IN_FLIGHT.get().max(1) as usize
+}
+
+pub fn http_timeout() -> Duration {
+    millis(&HTTP_TIMEOUT_MS)
+}
+
+pub fn poll_interval() -> Duration {
+    millis(&POLL_INTERVAL_MS)
+}
+
+pub fn http_allowlist() -> String {
+    string(&HTTP_ALLOWLIST)
+}
+
+pub fn http_ca_file() -> Option<String> {
+    Some(string(&HTTP_CA_FILE)).filter(|s| !s.is_empty())
+}
+
+pub fn response_max_bytes() -> usize {
+    RESPONSE_MAX_BYTES.get().max(0) as usize
+}
+
+pub fn delivery_log_retention() -> Duration {
+    Duration::from_secs(DELIVERY_LOG_RETENTION_MIN.get().max(1) as u64 * 60)
+}
+
+pub fn shutdown_grace() -> Duration {
+    millis(&SHUTDOWN_GRACE_MS)
 }

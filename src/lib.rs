@@ -6,8 +6,12 @@
 
 use pgrx::prelude::*;
 
+mod delivery;
+mod dispatcher;
 mod gucs;
+mod http;
 mod ids;
+mod wakeup;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -28,12 +32,22 @@ extension_sql_file!(
     requires = ["queues", ids::uuid_generate_v7]
 );
 extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["jobs"]);
+extension_sql_file!(
+    "../sql/webhooks.sql",
+    name = "webhooks",
+    requires = ["admin"]
+);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 #[pg_guard]
-#[unsafe(no_mangle)]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    wakeup::init_callbacks();
+    // SAFETY: reading a flag the postmaster sets while it loads shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        wakeup::init_shmem();
+        dispatcher::register();
+    }
 }
 
 /// In-database tests: each runs inside a transaction that is rolled back. One file per concern.

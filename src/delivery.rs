@@ -1,0 +1,187 @@
+//! The SQL side of webhook delivery, shared by the background dispatcher and by
+//! `process_jobs()`: claim deliveries, record outcomes. Both run on the Postgres thread.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use pgrx::prelude::*;
+use pgrx::{JsonB, PgSqlErrorCode};
+
+use crate::gucs;
+use crate::http::{self, Delivery, HttpClient, HttpSettings, Outcome};
+
+/// A claimed job, ready to send, or one whose description was unusable and that is already
+/// failed (the worker records that instead of panicking).
+pub enum Claimed {
+    Send(Delivery),
+    Unusable(Outcome),
+}
+
+pub fn http_settings() -> HttpSettings {
+    HttpSettings {
+        allowlist: gucs::http_allowlist(),
+        ca_file: gucs::http_ca_file(),
+        response_max_bytes: gucs::response_max_bytes(),
+        max_idle_per_host: gucs::max_in_flight(),
+    }
+}
+
+/// Claims up to `capacity` deliveries (from `only_queue`, or every webhook queue) in the
+/// current transaction. `busy` is what the caller already has in flight per queue.
+pub fn claim(
+    worker_id: &str,
+    capacity: usize,
+    busy: &HashMap<String, u32>,
+    only_queue: Option<&str>,
+) -> Result<Vec<Claimed>, pgrx::spi::Error> {
+    let busy_json = serde_json::to_value(busy).unwrap_or_default();
+    let default_timeout_ms = gucs::http_timeout().as_millis() as i64;
+    let claimed = Spi::get_one_with_args::<JsonB>(
+        "SELECT queue_ext._dispatch_claim($1, $2, $3, $4, make_interval(secs => $5::float8 / 1000))",
+        &[
+            worker_id.into(),
+            (capacity.min(i32::MAX as usize) as i32).into(),
+            JsonB(busy_json).into(),
+            only_queue.into(),
+            default_timeout_ms.into(),
+        ],
+    )?;
+    let items = match claimed.map(|j| j.0) {
+        Some(serde_json::Value::Array(items)) => items,
+        _ => Vec::new(),
+    };
+    Ok(items.into_iter().filter_map(parse_claimed).collect())
+}
+
+fn parse_claimed(item: serde_json::Value) -> Option<Claimed> {
+    match serde_json::from_value::<Delivery>(item.clone()) {
+        Ok(d) => Some(Claimed::Send(d)),
+        Err(e) => {
+            // Fail the job with the reason if we can name it; it cannot be sent as it is.
+            let text = |k: &str| item.get(k).and_then(|v| v.as_str()).map(str::to_string);
+            let (job_id, lease_token) = (text("job_id")?, text("lease_token")?);
+            let d = Delivery {
+                job_id,
+                lease_token,
+                queue_name: text("queue_name").unwrap_or_default(),
+                attempt: item.get("attempt").and_then(|v| v.as_i64()).unwrap_or(0) as i32,
+                body: String::new(),
+                url: text("url"),
+                method: String::new(),
+                headers: Default::default(),
+                timeout_ms: 0,
+                secret: None,
+                follow_redirects: false,
+            };
+            Some(Claimed::Unusable(Outcome::failed(
+                &d,
+                format!("unusable webhook settings: {e}"),
+            )))
+        }
+    }
+}
+
+/// Records outcomes in the current transaction; returns how many changed their job.
+pub fn record(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
+    if outcomes.is_empty() {
+        return Ok(0);
+    }
+    let json = serde_json::to_value(outcomes).unwrap_or_default();
+    Ok(Spi::get_one_with_args::<i32>(
+        "SELECT queue_ext._dispatch_record($1)",
+        &[JsonB(json).into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// The runtime and client a backend uses for `process_jobs`, made on first use.
+fn backend_http() -> Result<&'static (tokio::runtime::Runtime, HttpClient), String> {
+    static HTTP: OnceLock<Result<(tokio::runtime::Runtime, HttpClient), String>> = OnceLock::new();
+    HTTP.get_or_init(|| {
+        let rt = http::new_runtime(1).map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+        let client = HttpClient::new(&http_settings())?;
+        Ok((rt, client))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// Delivers up to `max_jobs` due jobs of a webhook queue now, from this session, and
+/// records the outcomes in the caller's transaction. For databases where the dispatcher
+/// cannot run (no shared_preload_libraries), e.g. from pg_cron every few seconds.
+#[pg_extern(security_definer, volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::type_complexity)]
+fn process_jobs(
+    queue_name: &str,
+    max_jobs: default!(i32, 10),
+) -> TableIterator<
+    'static,
+    (
+        name!(job_id, String),
+        name!(outcome, String),
+        name!(status_code, Option<i32>),
+        name!(error, Option<String>),
+    ),
+> {
+    if !(1..=10_000).contains(&max_jobs) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("max_jobs must be between 1 and 10000 (got {max_jobs})")
+        );
+    }
+    // Raises the usual "queue does not exist" error.
+    let is_webhook = Spi::get_one_with_args::<bool>(
+        "SELECT (queue_ext._queue($1)).is_webhook",
+        &[queue_name.into()],
+    )
+    .unwrap_or_else(|e| pgrx::error!("{e}"))
+    .unwrap_or(false);
+    if !is_webhook {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("queue \"{queue_name}\" has no webhook_url"),
+            "Give it one with queue_ext.alter_queue(queue_name, webhook_url => ...)."
+        );
+    }
+    let (rt, client) = backend_http().unwrap_or_else(|e| pgrx::error!("{e}"));
+    client.set_allowlist(&gucs::http_allowlist());
+    // SAFETY: reading this backend's pid.
+    let worker_id = format!("process_jobs:{}", unsafe { pg_sys::MyProcPid });
+    let claimed = claim(
+        &worker_id,
+        max_jobs as usize,
+        &HashMap::new(),
+        Some(queue_name),
+    )
+    .unwrap_or_else(|e| pgrx::error!("{e}"));
+
+    let mut outcomes = Vec::with_capacity(claimed.len());
+    let mut handles = Vec::new();
+    for c in claimed {
+        match c {
+            Claimed::Send(d) => {
+                let client = client.clone();
+                handles.push(rt.spawn(async move { client.deliver(d).await }));
+            }
+            Claimed::Unusable(o) => outcomes.push(o),
+        }
+    }
+    for handle in handles {
+        // The tasks run on the runtime's own threads; this thread only waits.
+        if let Ok(outcome) = rt.block_on(handle) {
+            outcomes.push(outcome);
+        }
+    }
+    record(&outcomes).unwrap_or_else(|e| pgrx::error!("{e}"));
+    TableIterator::new(outcomes.into_iter().map(|o| {
+        (
+            o.job_id,
+            o.outcome.to_string(),
+            o.status_code.map(i32::from),
+            o.error,
+        )
+    }))
+}
