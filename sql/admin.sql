@@ -4,7 +4,7 @@
 -- the caller may see, so a producer asking about someone else's job learns nothing.
 CREATE FUNCTION queue_ext.job_status(job_id uuid)
 RETURNS TABLE (
-    job_id       uuid,
+    id           uuid,
     queue_name   text,
     status       queue_ext.job_state,
     priority     queue_ext.job_priority,
@@ -57,7 +57,6 @@ DECLARE
     d queue_ext.job_dead_letter;
 BEGIN
     DELETE FROM queue_ext.job_dead_letter WHERE id = retry_dead_job.job_id RETURNING * INTO d;
-    PERFORM queue_ext._wake_dispatcher_at_commit();
     IF NOT FOUND THEN
         IF retry_dead_job.job_id IS NULL THEN
             RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';
@@ -68,7 +67,9 @@ BEGIN
         END IF;
         RAISE EXCEPTION 'job % does not exist', retry_dead_job.job_id USING ERRCODE = '42704';
     END IF;
-    PERFORM queue_ext._queue(d.queue_name);  -- its queue may have been dropped since
+    IF (queue_ext._queue(d.queue_name)).is_webhook THEN  -- raises if the queue was dropped since
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    END IF;
     INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, attempt, max_attempts,
         last_error, errors, enqueued_by, created_at)
     VALUES (d.id, d.queue_name, d.payload, d.priority, 'queued', now(), 0, d.max_attempts,

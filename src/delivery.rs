@@ -2,7 +2,7 @@
 //! `process_jobs()`: claim deliveries, record outcomes. Both run on the Postgres thread.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgSqlErrorCode};
@@ -94,16 +94,32 @@ pub fn record(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
     .unwrap_or(0))
 }
 
-/// The runtime and client a backend uses for `process_jobs`, made on first use.
-fn backend_http() -> Result<&'static (tokio::runtime::Runtime, HttpClient), String> {
-    static HTTP: OnceLock<Result<(tokio::runtime::Runtime, HttpClient), String>> = OnceLock::new();
-    HTTP.get_or_init(|| {
-        let rt = http::new_runtime(1).map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
-        let client = HttpClient::new(&http_settings())?;
-        Ok((rt, client))
-    })
-    .as_ref()
-    .map_err(Clone::clone)
+/// The runtime a backend uses for `process_jobs`, made on first use.
+fn backend_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            http::new_runtime(1).map_err(|e| format!("cannot start the HTTP runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The backend's client, rebuilt when the settings changed since the last call.
+fn backend_client() -> Result<HttpClient, String> {
+    static CLIENT: Mutex<Option<(HttpSettings, HttpClient)>> = Mutex::new(None);
+    let settings = http_settings();
+    let mut cached = CLIENT
+        .lock()
+        .map_err(|_| "HTTP client lock poisoned".to_string())?;
+    match cached.as_ref() {
+        Some((s, client)) if *s == settings => Ok(client.clone()),
+        _ => {
+            let client = HttpClient::new(&settings)?;
+            *cached = Some((settings, client.clone()));
+            Ok(client)
+        }
+    }
 }
 
 /// Delivers up to `max_jobs` due jobs of a webhook queue now, from this session, and
@@ -146,8 +162,8 @@ fn process_jobs(
             "Give it one with queue_ext.alter_queue(queue_name, webhook_url => ...)."
         );
     }
-    let (rt, client) = backend_http().unwrap_or_else(|e| pgrx::error!("{e}"));
-    client.set_allowlist(&gucs::http_allowlist());
+    let rt = backend_runtime().unwrap_or_else(|e| pgrx::error!("{e}"));
+    let client = backend_client().unwrap_or_else(|e| pgrx::error!("{e}"));
     // SAFETY: reading this backend's pid.
     let worker_id = format!("process_jobs:{}", unsafe { pg_sys::MyProcPid });
     let claimed = claim(

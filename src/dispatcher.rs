@@ -82,6 +82,7 @@ struct Dispatcher {
     slot: Option<&'static Slot>,
     runtime: tokio::runtime::Runtime,
     client: HttpClient,
+    http_settings: http::HttpSettings,
     done_tx: Sender<Outcome>,
     done_rx: Receiver<Outcome>,
     /// Written by request tasks when they finish; the wait watches it.
@@ -98,7 +99,8 @@ impl Dispatcher {
     fn new(index: usize) -> Result<Dispatcher, String> {
         let runtime =
             http::new_runtime(2).map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
-        let client = HttpClient::new(&delivery::http_settings())?;
+        let http_settings = delivery::http_settings();
+        let client = HttpClient::new(&http_settings)?;
         // SAFETY: plain syscall; a nonblocking eventfd that request tasks bump.
         let eventfd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if eventfd < 0 {
@@ -126,6 +128,7 @@ impl Dispatcher {
             slot,
             runtime,
             client,
+            http_settings,
             done_tx,
             done_rx,
             eventfd,
@@ -143,7 +146,7 @@ impl Dispatcher {
             if BackgroundWorker::sighup_received() {
                 // SAFETY: reloading the configuration file on the main thread, as a backend does.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-                self.client.set_allowlist(&gucs::http_allowlist());
+                self.reload_http();
             }
             if BackgroundWorker::sigterm_received() {
                 self.shut_down();
@@ -162,6 +165,25 @@ impl Dispatcher {
             }
             if !more_work {
                 self.wait(gucs::poll_interval().min(SWEEP_EVERY));
+            }
+        }
+    }
+
+    /// Rebuilds the HTTP client when its settings changed. Requests in flight finish on the
+    /// old one; a bad new setting keeps the old client and says why.
+    fn reload_http(&mut self) {
+        let settings = delivery::http_settings();
+        if settings == self.http_settings {
+            return;
+        }
+        match HttpClient::new(&settings) {
+            Ok(client) => {
+                self.client = client;
+                self.http_settings = settings;
+                log!("queue_ext dispatcher: HTTP settings reloaded");
+            }
+            Err(e) => {
+                pgrx::warning!("queue_ext dispatcher: keeping the previous HTTP settings: {e}")
             }
         }
     }

@@ -105,7 +105,8 @@ pub fn new_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Two reqwest clients (redirects off, and on for queues that allow them) sharing the SSRF
-/// allowlist, which a SIGHUP can replace.
+/// allowlist. Settings change by building a new client: pooled connections were checked
+/// against the old allowlist, so they must go with it.
 #[derive(Clone)]
 pub struct HttpClient {
     plain: reqwest::Client,
@@ -114,7 +115,7 @@ pub struct HttpClient {
     response_max_bytes: usize,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct HttpSettings {
     pub allowlist: String,
     pub ca_file: Option<String>,
@@ -171,13 +172,6 @@ impl HttpClient {
             allowlist,
             response_max_bytes: settings.response_max_bytes,
         })
-    }
-
-    /// Replaces the allowlist (after SIGHUP); requests already resolving keep the old one.
-    pub fn set_allowlist(&self, spec: &str) {
-        if let Ok(mut list) = self.allowlist.write() {
-            *list = Allowlist::parse(spec);
-        }
     }
 
     /// Makes the request and classifies the result. Never panics, never returns an error:

@@ -189,7 +189,7 @@ fn queue_stats_counts_by_state() {
         "SELECT format('%s/%s/%s/%s/%s', queued, running, dead, completed_last_hour, oldest_queued_age IS NOT NULL)
          FROM queue_ext.queue_stats() WHERE queue_name = 'q'",
     );
-    assert_eq!(row, "1/1/1/1/true");
+    assert_eq!(row, "1/1/1/1/t");
     assert_eq!(
         one::<i64>("SELECT queued + running + dead FROM queue_ext.queue_stats() WHERE queue_name = 'idle'"),
         0

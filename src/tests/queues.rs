@@ -4,7 +4,14 @@
 fn create_and_list_queues() {
     run("SELECT queue_ext.create_queue('emails', max_attempts => 3, lease_duration => '30 seconds')");
     run("SELECT queue_ext.create_queue('audio')");
-    assert_eq!(one::<i64>("SELECT count(*) FROM queue_ext.list_queues()"), 2);
+    assert_eq!(
+        one::<i64>("SELECT count(*) FROM queue_ext.list_queues() WHERE queue_name NOT LIKE 'queue\\_ext.%'"),
+        2
+    );
+    assert!(
+        one::<bool>("SELECT is_webhook FROM queue_ext.list_queues() WHERE queue_name = 'queue_ext.callbacks'"),
+        "the internal callbacks queue is listed too"
+    );
     assert_eq!(
         one::<i32>("SELECT max_attempts FROM queue_ext.list_queues() WHERE queue_name = 'emails'"),
         3
@@ -61,9 +68,11 @@ fn drop_queue_refuses_live_jobs_unless_forced() {
     assert_error("SELECT queue_ext.drop_queue('q')", "55006", "1 live jobs");
     run("SELECT queue_ext.drop_queue('q', force => true)");
     assert_eq!(status_of(&id), "cancelled");
-    assert_eq!(one::<i64>("SELECT count(*) FROM queue_ext.queues"), 0);
+    assert_eq!(one::<i64>("SELECT count(*) FROM queue_ext.queues WHERE queue_name = 'q'"), 0);
     assert_error("SELECT queue_ext.drop_queue('q')", "42704", "does not exist");
     // An empty queue drops without force.
     run("SELECT queue_ext.create_queue('empty')");
     run("SELECT queue_ext.drop_queue('empty')");
+    assert_error("SELECT queue_ext.drop_queue('queue_ext.callbacks')", "42939", "cannot be dropped");
+    assert_error("SELECT queue_ext.create_queue('queue_ext.mine')", "42939", "reserved");
 }

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every test layer of queue_ext on this machine, installing what is missing first.
+# This is the README's test command, and what CI runs (.ci/run).
+#
+#   1. formatting and lints
+#   2. cargo pgrx test: pure-Rust unit tests and the #[pg_test] tests inside Postgres
+#   3. install the extension into the system Postgres 15
+#   4. pg_regress golden-output SQL tests (pg_test/) against a real cluster
+#   5. pytest: concurrency, the webhook dispatcher over real HTTP, crashes, pg_cron (tests/)
+#   6. the benchmark in --quick mode, as a correctness smoke test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+step() { echo; echo "=== $* ==="; }
+
+step "1/6 cargo fmt --check and clippy"
+cargo fmt --all -- --check
+cargo clippy --all-targets --features pg_test -- -D warnings
+
+step "2/6 cargo pgrx test (unit and in-database tests)"
+pgdata=/tmp/queue_ext_pgrx_test
+rm -rf "$pgdata"  # pgrx runs initdb itself (as postgres, in world-writable /tmp)
+cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
+
+step "3/6 cargo pgrx install"
+cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config
+
+step "4/6 pg_regress (pg_test/)"
+bash pg_test/run.sh
+
+step "5/6 pytest (tests/)"
+python3 -m pytest -q tests
+
+step "6/6 benchmark smoke test (bench --quick)"
+bash bench/run.sh --quick
+
+echo; echo "All queue_ext tests passed."
