@@ -13,6 +13,8 @@ RETURNS TABLE (
     result       jsonb,
     last_error   text,
     errors       jsonb,
+    progress     real,
+    progress_details jsonb,
     worker_id    text,
     enqueued_by  name,
     enqueued_at  timestamptz,
@@ -30,15 +32,15 @@ BEGIN
     END IF;
     RETURN QUERY
     SELECT j.id, j.queue_name, j.status, j.priority, j.attempt, j.max_attempts, NULL::jsonb, j.last_error,
-           j.errors, j.worker_id, j.enqueued_by, j.created_at, j.run_at, j.started_at, NULL::timestamptz
+           j.errors, j.progress, j.progress_details, j.worker_id, j.enqueued_by, j.created_at, j.run_at, j.started_at, NULL::timestamptz
     FROM queue_ext.job_queue AS j WHERE j.id = job_status.job_id
     UNION ALL
     SELECT a.id, a.queue_name, a.status, a.priority, a.attempt, a.max_attempts, a.result, a.last_error,
-           a.errors, a.worker_id, a.enqueued_by, a.created_at, a.run_at, a.started_at, a.finished_at
+           a.errors, a.progress, a.progress_details, a.worker_id, a.enqueued_by, a.created_at, a.run_at, a.started_at, a.finished_at
     FROM queue_ext.job_archive AS a WHERE a.id = job_status.job_id
     UNION ALL
     SELECT d.id, d.queue_name, 'dead'::queue_ext.job_state, d.priority, d.attempt, d.max_attempts, NULL, d.last_error,
-           d.errors, d.worker_id, d.enqueued_by, d.created_at, NULL, d.started_at, d.died_at
+           d.errors, NULL, NULL, d.worker_id, d.enqueued_by, d.created_at, NULL, d.started_at, d.died_at
     FROM queue_ext.job_dead_letter AS d WHERE d.id = job_status.job_id
     LIMIT 1;
     IF NOT FOUND THEN
@@ -132,45 +134,4 @@ BEGIN
     SELECT count(*) INTO purged FROM gone;
     RETURN purged;
 END
-$$;
-
--- Per-queue counts and ages, for dashboards and the demo. Archive figures cover the last
--- hour so the cost does not grow with retained history.
-CREATE FUNCTION queue_ext.queue_stats()
-RETURNS TABLE (
-    queue_name          text,
-    paused              boolean,
-    waiting             bigint,
-    queued              bigint,
-    retrying            bigint,
-    running             bigint,
-    dead                bigint,
-    completed_last_hour bigint,
-    cancelled_last_hour bigint,
-    oldest_queued_age   interval
-)
-LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT q.queue_name, q.paused,
-           coalesce(live.waiting, 0), coalesce(live.queued, 0), coalesce(live.retrying, 0), coalesce(live.running, 0),
-           (SELECT count(*) FROM queue_ext.job_dead_letter AS d WHERE d.queue_name = q.queue_name),
-           coalesce(fin.completed, 0), coalesce(fin.cancelled, 0),
-           live.oldest
-    FROM queue_ext.queues AS q
-    LEFT JOIN LATERAL (
-        SELECT count(*) FILTER (WHERE j.status = 'waiting')  AS waiting,
-               count(*) FILTER (WHERE j.status = 'queued')   AS queued,
-               count(*) FILTER (WHERE j.status = 'retrying') AS retrying,
-               count(*) FILTER (WHERE j.status = 'running')  AS running,
-               now() - min(j.run_at) FILTER (WHERE j.status IN ('queued', 'retrying') AND j.run_at <= now()) AS oldest
-        FROM queue_ext.job_queue AS j WHERE j.queue_name = q.queue_name
-    ) AS live ON true
-    LEFT JOIN LATERAL (
-        SELECT count(*) FILTER (WHERE a.status = 'completed') AS completed,
-               count(*) FILTER (WHERE a.status = 'cancelled') AS cancelled
-        FROM queue_ext.job_archive AS a
-        WHERE a.queue_name = q.queue_name AND a.finished_at > now() - interval '1 hour'
-    ) AS fin ON true
-    ORDER BY q.queue_name
 $$;

@@ -7,23 +7,26 @@ REVOKE ALL ON ALL TABLES IN SCHEMA queue_ext FROM PUBLIC;
 REVOKE ALL ON SCHEMA queue_ext FROM PUBLIC;
 GRANT USAGE ON SCHEMA queue_ext TO queue_ext_producer, queue_ext_worker, queue_ext_admin;
 
--- Reads are filtered by row level security (schema.sql).
+-- Reads are filtered by row level security (schema.sql, webhooks.sql).
 GRANT SELECT ON queue_ext.queues, queue_ext.job_queue, queue_ext.job_archive,
                 queue_ext.job_dead_letter, queue_ext.job_status_history
     TO queue_ext_producer, queue_ext_worker, queue_ext_admin;
-GRANT SELECT ON queue_ext.webhook_deliveries TO queue_ext_worker, queue_ext_admin;
+GRANT SELECT ON queue_ext.webhook_deliveries, queue_ext.job_dependencies, queue_ext.job_processing_status
+    TO queue_ext_worker, queue_ext_admin;
 GRANT SELECT ON queue_ext.webhook_targets TO queue_ext_admin;
 
--- Producers: enqueue, and read the status of their jobs.
+-- Producers: enqueue, follow and cancel their own jobs, attach the enqueue trigger.
 GRANT EXECUTE ON FUNCTION
-    queue_ext.enqueue_job(text, jsonb, text, timestamptz, interval, integer),
+    queue_ext.enqueue_job(text, jsonb, text, timestamptz, interval, integer, text, uuid[]),
     queue_ext.enqueue_jobs(text, jsonb[], text, timestamptz, interval, integer),
     queue_ext.job_status(uuid),
+    queue_ext.cancel_job(uuid, text),
     queue_ext.list_queues(),
+    queue_ext.enqueue_trigger(),
     queue_ext.uuid_generate_v7()
 TO queue_ext_producer;
 
--- Workers: claim, complete, fail, and see what they work on.
+-- Workers: claim, report, and see what they work on.
 GRANT EXECUTE ON FUNCTION
     queue_ext.get_next_job(text, text, interval),
     queue_ext.get_next_job(text[], text, interval),
@@ -31,16 +34,25 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.get_next_jobs(text[], integer, text, interval),
     queue_ext.complete_job(uuid, jsonb, uuid),
     queue_ext.fail_job(uuid, text, uuid, boolean, interval),
+    queue_ext.heartbeat(uuid, uuid, interval),
+    queue_ext.update_progress(uuid, real, jsonb, uuid),
+    queue_ext.cancel_job(uuid, text),
     queue_ext.job_status(uuid),
     queue_ext.list_queues(),
-    queue_ext.queue_stats()
+    queue_ext.queue_stats(),
+    queue_ext.worker_health(),
+    queue_ext.health(),
+    queue_ext.dispatcher_status(),
+    queue_ext.process_jobs(text, integer)
 TO queue_ext_worker;
 
--- Admins: everything public (queue management, dead letters, retention, stats). Admin is
--- also a member of producer and worker (schema.sql).
+-- Admins: everything public (queues and webhook targets, dead letters, retention,
+-- schedules). Admin is also a member of producer and worker (schema.sql).
 GRANT EXECUTE ON FUNCTION
-    queue_ext.create_queue(text, integer, interval, interval, interval, boolean, text, text, jsonb, interval, integer, text, text, boolean),
-    queue_ext.alter_queue(text, integer, interval, interval, interval, text, text, jsonb, interval, integer, text, text, boolean),
+    queue_ext.create_queue(text, integer, interval, interval, interval, boolean, boolean,
+                           text, text, jsonb, interval, integer, text, text, boolean),
+    queue_ext.alter_queue(text, integer, interval, interval, interval, boolean,
+                          text, text, jsonb, interval, integer, text, text, boolean),
     queue_ext.drop_queue(text, boolean),
     queue_ext.pause_queue(text),
     queue_ext.resume_queue(text),
@@ -48,5 +60,6 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.retry_dead_job(uuid),
     queue_ext.purge_dead_letter(interval, text),
     queue_ext.purge_jobs(interval, text),
-    queue_ext.queue_stats()
+    queue_ext.schedule_job(text, text, text, jsonb),
+    queue_ext.unschedule_job(text)
 TO queue_ext_admin;

@@ -19,7 +19,9 @@ CREATE FUNCTION queue_ext.enqueue_job(
     priority     text        DEFAULT 'normal',
     run_at       timestamptz DEFAULT NULL,
     delay        interval    DEFAULT NULL,
-    max_attempts integer     DEFAULT NULL
+    max_attempts integer     DEFAULT NULL,
+    dedupe_key   text        DEFAULT NULL,
+    depends_on   uuid[]      DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -30,15 +32,53 @@ DECLARE
     new_id uuid := queue_ext.uuid_generate_v7();
     who name := queue_ext._invoker();
     start timestamptz := queue_ext._start_time(enqueue_job.run_at, enqueue_job.delay);
+    existing uuid;
+    initial queue_ext.job_state := 'queued';
+    blocked_by uuid;
 BEGIN
     PERFORM queue_ext._check_payload(enqueue_job.payload);
     PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
-    INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, run_at, max_attempts, enqueued_by)
-    VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), start,
-            coalesce(enqueue_job.max_attempts, q.max_attempts), who);
+    IF enqueue_job.depends_on IS NOT NULL AND cardinality(enqueue_job.depends_on) > 0 THEN
+        SELECT w.state, w.blocked_by INTO initial, blocked_by
+        FROM queue_ext._dependency_state(new_id, enqueue_job.depends_on) AS w;
+        IF initial = 'cancelled' THEN
+            -- A dependency is already dead or cancelled: this job can never run.
+            INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+                last_error, enqueued_by, created_at, run_at)
+            VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), 'cancelled',
+                0, coalesce(enqueue_job.max_attempts, q.max_attempts),
+                format('dependency %s is dead or cancelled', blocked_by), who, now(), start);
+            INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, error, enqueued_by)
+            VALUES (new_id, q.queue_name, 'cancelled', 0, format('dependency %s is dead or cancelled', blocked_by), who);
+            RETURN new_id;
+        END IF;
+    END IF;
+    IF enqueue_job.dedupe_key IS NULL THEN
+        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by)
+        VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial, start,
+                coalesce(enqueue_job.max_attempts, q.max_attempts), who);
+    ELSE
+        -- Race-free: a concurrent enqueue with the same key makes us wait for its commit,
+        -- then we see its job instead of inserting our own.
+        LOOP
+            INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts,
+                                             enqueued_by, dedupe_key)
+            VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial,
+                    start, coalesce(enqueue_job.max_attempts, q.max_attempts), who, enqueue_job.dedupe_key)
+            ON CONFLICT (queue_name, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
+            EXIT WHEN FOUND;
+            SELECT id INTO existing FROM queue_ext.job_queue
+            WHERE queue_name = q.queue_name AND dedupe_key = enqueue_job.dedupe_key;
+            IF FOUND THEN
+                DELETE FROM queue_ext.job_dependencies WHERE job_id = new_id;
+                RETURN existing;
+            END IF;
+            -- The other job finished between the two statements: try again.
+        END LOOP;
+    END IF;
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
-    VALUES (new_id, q.queue_name, 'queued', 0, who);
-    IF q.is_webhook THEN
+    VALUES (new_id, q.queue_name, initial, 0, who);
+    IF q.is_webhook AND initial = 'queued' THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
     END IF;
     RETURN new_id;
@@ -226,16 +266,18 @@ LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_names, 1, worker_id, lease) $$;
 
--- Completes a running job if the lease allows; false when it matched no running job. The
--- dispatcher uses this directly (a refused result is logged, not raised); complete_job
--- raises instead.
-CREATE FUNCTION queue_ext._complete(job_id uuid, result jsonb, lease_token uuid) RETURNS boolean
+-- Completes a running job if the lease allows. Returns its new state ('completed', or
+-- 'cancelled' when cancel_job() was called while it ran), or NULL when it matched no
+-- running job. The dispatcher uses this directly (a refused result is logged, not
+-- raised); complete_job raises instead.
+CREATE FUNCTION queue_ext._complete(job_id uuid, result jsonb, lease_token uuid) RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
     j queue_ext.job_queue;
+    final queue_ext.job_state;
 BEGIN
     DELETE FROM queue_ext.job_queue
     WHERE id = _complete.job_id AND status = 'running'
@@ -243,32 +285,45 @@ BEGIN
            OR (lease_token = _complete.lease_token AND lease_expires_at > now()))
     RETURNING * INTO j;
     IF NOT FOUND THEN
-        RETURN false;
+        RETURN NULL;
     END IF;
+    final := CASE WHEN j.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END;
     INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
-        worker_id, result, last_error, errors, enqueued_by, created_at, run_at, started_at)
-    VALUES (j.id, j.queue_name, j.payload, j.priority, 'completed', j.attempt, j.max_attempts,
-        j.worker_id, _complete.result, j.last_error, j.errors, j.enqueued_by, j.created_at, j.run_at, j.started_at);
-    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-    VALUES (j.id, j.queue_name, 'running', 'completed', j.attempt, j.worker_id, j.enqueued_by);
-    IF (SELECT has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
-        PERFORM queue_ext._emit_callback(j, 'job.completed', _complete.result);
+        worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at)
+    VALUES (j.id, j.queue_name, j.payload, j.priority, final, j.attempt, j.max_attempts,
+        j.worker_id, _complete.result, coalesce(j.cancel_requested, j.last_error), j.errors,
+        CASE WHEN final = 'completed' THEN 100 ELSE j.progress END, j.progress_details,
+        j.enqueued_by, j.created_at, j.run_at, j.started_at);
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
+    IF final = 'completed' THEN
+        PERFORM queue_ext._release_dependents(j.id);
+    ELSE
+        PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));
     END IF;
-    RETURN true;
+    IF (SELECT has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+        PERFORM queue_ext._emit_callback(j, CASE final WHEN 'completed' THEN 'job.completed' ELSE 'job.cancelled' END,
+                                         _complete.result);
+    END IF;
+    RETURN final;
 END
 $$;
 
--- Records success. With lease_token, only the holder of a live lease may complete; without
--- it (an operator in psql) the current attempt is completed.
+-- Records success and returns the job's final state: 'completed', or 'cancelled' if
+-- cancel_job() was called while it ran. With lease_token, only the holder of a live lease
+-- may complete; without it (an operator in psql) the current attempt is completed.
 CREATE FUNCTION queue_ext.complete_job(job_id uuid, result jsonb DEFAULT NULL, lease_token uuid DEFAULT NULL)
-RETURNS void
+RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    final queue_ext.job_state := queue_ext._complete(complete_job.job_id, complete_job.result, complete_job.lease_token);
 BEGIN
-    IF NOT queue_ext._complete(complete_job.job_id, complete_job.result, complete_job.lease_token) THEN
+    IF final IS NULL THEN
         PERFORM queue_ext._raise_not_running(complete_job.job_id, complete_job.lease_token, 'complete');
     END IF;
+    RETURN final;
 END
 $$;
 
@@ -284,6 +339,7 @@ BEGIN
         j.worker_id, j.last_error, j.errors, reason, j.enqueued_by, j.created_at, j.started_at);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, j.status, 'dead', j.attempt, j.worker_id, error, j.enqueued_by);
+    PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s is dead', j.id));
     IF (SELECT has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
         PERFORM queue_ext._emit_callback(j, 'job.dead', NULL);
     END IF;
@@ -321,6 +377,11 @@ BEGIN
     FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
+    END IF;
+    IF j.cancel_requested IS NOT NULL THEN
+        -- Cancelled while running: the failure ends it, no retry.
+        PERFORM queue_ext._complete(j.id, jsonb_build_object('error', message), NULL);
+        RETURN 'cancelled';
     END IF;
     failure := jsonb_build_object('attempt', j.attempt, 'error', message, 'at', now(), 'worker_id', j.worker_id);
     j.errors := j.errors || jsonb_build_array(failure);

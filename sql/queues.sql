@@ -7,6 +7,7 @@ CREATE FUNCTION queue_ext.create_queue(
     backoff_cap    interval DEFAULT '1 hour',
     lease_duration interval DEFAULT '5 minutes',
     if_not_exists  boolean  DEFAULT false,
+    notify_events  boolean  DEFAULT true,
     webhook_url              text     DEFAULT NULL,
     webhook_method           text     DEFAULT NULL,
     webhook_headers          jsonb    DEFAULT NULL,
@@ -33,9 +34,9 @@ BEGIN
         RAISE EXCEPTION 'lease_duration must be positive (got %)', coalesce(create_queue.lease_duration::text, 'NULL')
             USING ERRCODE = '22023';
     END IF;
-    INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration)
+    INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration, notify)
     VALUES (create_queue.queue_name, create_queue.max_attempts, create_queue.backoff_base,
-            create_queue.backoff_cap, create_queue.lease_duration)
+            create_queue.backoff_cap, create_queue.lease_duration, coalesce(create_queue.notify_events, true))
     ON CONFLICT (queue_name) DO NOTHING;
     IF NOT FOUND THEN
         IF create_queue.if_not_exists THEN
@@ -58,6 +59,7 @@ CREATE FUNCTION queue_ext.alter_queue(
     backoff_base   interval DEFAULT NULL,
     backoff_cap    interval DEFAULT NULL,
     lease_duration interval DEFAULT NULL,
+    notify_events  boolean  DEFAULT NULL,
     webhook_url              text     DEFAULT NULL,
     webhook_method           text     DEFAULT NULL,
     webhook_headers          jsonb    DEFAULT NULL,
@@ -85,6 +87,7 @@ BEGIN
         backoff_base   = coalesce(alter_queue.backoff_base, backoff_base),
         backoff_cap    = coalesce(alter_queue.backoff_cap, backoff_cap),
         lease_duration = coalesce(alter_queue.lease_duration, lease_duration),
+        notify         = coalesce(alter_queue.notify_events, notify),
         updated_at     = now()
     WHERE queue_name = alter_queue.queue_name;
     PERFORM queue_ext._set_webhook(alter_queue.queue_name, alter_queue.webhook_url, alter_queue.webhook_method,
@@ -166,11 +169,12 @@ RETURNS TABLE (
     lease_duration interval,
     is_webhook     boolean,
     has_callback   boolean,
+    notify_events  boolean,
     created_at     timestamptz
 )
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT queue_name, paused, max_attempts, backoff_base, backoff_cap, lease_duration, is_webhook, has_callback, created_at
+    SELECT queue_name, paused, max_attempts, backoff_base, backoff_cap, lease_duration, is_webhook, has_callback, notify, created_at
     FROM queue_ext.queues ORDER BY queue_name
 $$;

@@ -30,6 +30,8 @@ CREATE TABLE queue_ext.queues (
     -- paths learn what they must do from the queue row they already read.
     is_webhook       boolean     NOT NULL DEFAULT false,
     has_callback     boolean     NOT NULL DEFAULT false,
+    -- Publish every state change of this queue's jobs with NOTIFY on queue_ext_events.
+    notify           boolean     NOT NULL DEFAULT true,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT queue_name_format CHECK (queue_name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$')
@@ -57,6 +59,11 @@ CREATE TABLE queue_ext.job_queue (
     enqueued_by      name        NOT NULL,
     created_at       timestamptz NOT NULL DEFAULT now(),
     started_at       timestamptz,
+    heartbeat_at     timestamptz,
+    progress         real        CHECK (progress BETWEEN 0 AND 100),
+    progress_details jsonb,
+    cancel_requested text,       -- the reason, once cancel_job() was called on the running job
+    dedupe_key       text,
     CONSTRAINT running_has_lease CHECK (status <> 'running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL))
 );
 COMMENT ON TABLE queue_ext.job_queue IS 'Live jobs only; finished jobs move to job_archive or job_dead_letter.';
@@ -64,6 +71,10 @@ COMMENT ON TABLE queue_ext.job_queue IS 'Live jobs only; finished jobs move to j
 -- The claim index: only runnable rows are in it, in claim order.
 CREATE INDEX job_queue_claim_idx ON queue_ext.job_queue (queue_name, priority DESC, run_at, id)
     WHERE status IN ('queued', 'retrying');
+-- Deduplication: at most one unfinished job per (queue, dedupe_key). job_queue holds only
+-- unfinished jobs, so a plain unique index is exactly the rule.
+CREATE UNIQUE INDEX job_queue_dedupe_idx ON queue_ext.job_queue (queue_name, dedupe_key)
+    WHERE dedupe_key IS NOT NULL;
 -- cleanup_stuck_jobs() finds expired leases without scanning queued work.
 CREATE INDEX job_queue_lease_idx ON queue_ext.job_queue (lease_expires_at)
     WHERE status = 'running';
@@ -80,6 +91,8 @@ CREATE TABLE queue_ext.job_archive (
     result           jsonb,
     last_error       text,
     errors           jsonb       NOT NULL DEFAULT '[]',
+    progress         real,
+    progress_details jsonb,
     enqueued_by      name        NOT NULL,
     created_at       timestamptz NOT NULL,
     run_at           timestamptz NOT NULL,
@@ -107,6 +120,19 @@ CREATE TABLE queue_ext.job_dead_letter (
 );
 COMMENT ON TABLE queue_ext.job_dead_letter IS 'Jobs that exhausted their attempts or failed permanently; retry_dead_job() redrives one.';
 CREATE INDEX job_dead_letter_died_idx ON queue_ext.job_dead_letter (died_at);
+
+-- Edges of the dependency graph that are not yet satisfied: job_id waits for depends_on.
+-- An edge is deleted when depends_on completes; a job whose last edge goes becomes queued.
+CREATE TABLE queue_ext.job_dependencies (
+    job_id     uuid NOT NULL,
+    depends_on uuid NOT NULL,
+    PRIMARY KEY (job_id, depends_on)
+);
+CREATE INDEX job_dependencies_depends_on_idx ON queue_ext.job_dependencies (depends_on);
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_dependencies', '');
+ALTER TABLE queue_ext.job_dependencies ENABLE ROW LEVEL SECURITY;
+CREATE POLICY staff_all_dependencies ON queue_ext.job_dependencies FOR SELECT
+    TO queue_ext_worker, queue_ext_admin USING (true);
 
 CREATE TABLE queue_ext.job_status_history (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

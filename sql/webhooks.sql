@@ -155,7 +155,8 @@ BEGIN
                 'type', event,
                 'job_id', j.id,
                 'queue', j.queue_name,
-                'status', CASE event WHEN 'job.completed' THEN 'completed' WHEN 'job.dead' THEN 'dead' ELSE 'retrying' END,
+                'status', CASE event WHEN 'job.completed' THEN 'completed' WHEN 'job.dead' THEN 'dead'
+                                     WHEN 'job.cancelled' THEN 'cancelled' ELSE 'retrying' END,
                 'attempt', j.attempt,
                 'max_attempts', j.max_attempts,
                 'result', result,
@@ -250,7 +251,7 @@ BEGIN
                                            'headers', o -> 'response_headers',
                                            'body', o ->> 'response_body',
                                            'duration_ms', (o ->> 'duration_ms')::float8);
-            ok := queue_ext._complete((o ->> 'job_id')::uuid, response, (o ->> 'lease_token')::uuid);
+            ok := queue_ext._complete((o ->> 'job_id')::uuid, response, (o ->> 'lease_token')::uuid) IS NOT NULL;
         ELSE
             ok := queue_ext._fail((o ->> 'job_id')::uuid, o ->> 'error', (o ->> 'lease_token')::uuid,
                                   o ->> 'outcome' = 'failed',

@@ -31,11 +31,36 @@ extension_sql_file!(
     name = "jobs",
     requires = ["queues", ids::uuid_generate_v7]
 );
-extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["jobs"]);
+extension_sql_file!(
+    "../sql/dependencies.sql",
+    name = "dependencies",
+    requires = ["jobs"]
+);
+extension_sql_file!(
+    "../sql/control.sql",
+    name = "control",
+    requires = ["dependencies"]
+);
+extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["control"]);
 extension_sql_file!(
     "../sql/webhooks.sql",
     name = "webhooks",
     requires = ["admin"]
+);
+extension_sql_file!(
+    "../sql/events.sql",
+    name = "events",
+    requires = ["webhooks"]
+);
+extension_sql_file!(
+    "../sql/monitoring.sql",
+    name = "monitoring",
+    requires = ["events", wakeup::dispatcher_status]
+);
+extension_sql_file!(
+    "../sql/integrations.sql",
+    name = "integrations",
+    requires = ["monitoring"]
 );
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

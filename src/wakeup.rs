@@ -117,7 +117,7 @@ fn _wake_dispatcher_at_commit() {
 /// The dispatchers' own view of themselves, one row per configured database.
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
-fn dispatcher_status() -> TableIterator<
+pub fn dispatcher_status() -> TableIterator<
     'static,
     (
         name!(database, String),

@@ -1,0 +1,110 @@
+-- Job dependencies: a job enqueued with depends_on waits ('waiting') until every dependency
+-- has completed, then becomes 'queued' in the same transaction as the last completion. A
+-- dependency that ends dead or cancelled cancels its dependents, transitively.
+--
+-- Race-freedom rests on two locks. Enqueue takes FOR KEY SHARE on the live dependencies
+-- before recording its edges, so a dependency cannot be completed (deleted from job_queue)
+-- unseen in between. Releasing takes FOR UPDATE on the dependent before counting its
+-- remaining edges, so two dependencies completing at once cannot both see the other's edge.
+
+-- Classifies a new job's dependencies and records the edges to the live ones. Returns the
+-- job's initial state: 'queued' (all completed), 'waiting', or 'cancelled' (blocked_by is
+-- dead or cancelled).
+CREATE FUNCTION queue_ext._dependency_state(new_job uuid, depends_on uuid[],
+                                            OUT state queue_ext.job_state, OUT blocked_by uuid)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    missing uuid;
+BEGIN
+    PERFORM 1 FROM queue_ext.job_queue AS j WHERE j.id = ANY (depends_on) FOR KEY SHARE;
+    SELECT d INTO missing FROM unnest(depends_on) AS d
+    WHERE d IS NULL
+       OR (NOT EXISTS (SELECT 1 FROM queue_ext.job_queue AS j WHERE j.id = d)
+           AND NOT EXISTS (SELECT 1 FROM queue_ext.job_archive AS a WHERE a.id = d)
+           AND NOT EXISTS (SELECT 1 FROM queue_ext.job_dead_letter AS x WHERE x.id = d))
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'dependency % does not exist', coalesce(missing::text, 'NULL')
+            USING ERRCODE = '42704', HINT = 'depends_on takes ids returned by enqueue_job.';
+    END IF;
+    SELECT d INTO blocked_by FROM unnest(depends_on) AS d
+    WHERE EXISTS (SELECT 1 FROM queue_ext.job_dead_letter AS x WHERE x.id = d)
+       OR EXISTS (SELECT 1 FROM queue_ext.job_archive AS a WHERE a.id = d AND a.status = 'cancelled')
+    LIMIT 1;
+    IF FOUND THEN
+        state := 'cancelled';
+        RETURN;
+    END IF;
+    INSERT INTO queue_ext.job_dependencies (job_id, depends_on)
+    SELECT DISTINCT new_job, d FROM unnest(depends_on) AS d
+    WHERE EXISTS (SELECT 1 FROM queue_ext.job_queue AS j WHERE j.id = d);
+    state := CASE WHEN FOUND THEN 'waiting' ELSE 'queued' END;
+END
+$$;
+
+-- A job completed: drop its edges and queue every dependent left with none.
+CREATE FUNCTION queue_ext._release_dependents(completed uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    dependents uuid[];
+    dep uuid;
+    j queue_ext.job_queue;
+BEGIN
+    WITH gone AS (
+        DELETE FROM queue_ext.job_dependencies AS e WHERE e.depends_on = completed RETURNING e.job_id
+    )
+    SELECT array_agg(job_id) INTO dependents FROM gone;
+    IF dependents IS NULL THEN
+        RETURN;
+    END IF;
+    FOREACH dep IN ARRAY dependents LOOP
+        PERFORM 1 FROM queue_ext.job_queue AS t WHERE t.id = dep FOR UPDATE;
+        CONTINUE WHEN EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.job_id = dep);
+        UPDATE queue_ext.job_queue AS t SET status = 'queued', run_at = greatest(t.run_at, now())
+        WHERE t.id = dep AND t.status = 'waiting'
+        RETURNING * INTO j;
+        CONTINUE WHEN NOT FOUND;
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
+        VALUES (j.id, j.queue_name, 'waiting', 'queued', j.attempt, j.enqueued_by);
+        IF (SELECT is_webhook FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+            PERFORM queue_ext._wake_dispatcher_at_commit();
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- A job ended dead or cancelled: cancel everything waiting on it, and on those, and so on.
+CREATE FUNCTION queue_ext._cancel_dependents(failed uuid, reason text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    dependents uuid[];
+    dep uuid;
+    j queue_ext.job_queue;
+BEGIN
+    WITH gone AS (
+        DELETE FROM queue_ext.job_dependencies AS e WHERE e.depends_on = failed RETURNING e.job_id
+    )
+    SELECT array_agg(job_id) INTO dependents FROM gone;
+    IF dependents IS NULL THEN
+        RETURN;
+    END IF;
+    FOREACH dep IN ARRAY dependents LOOP
+        DELETE FROM queue_ext.job_queue AS t WHERE t.id = dep AND t.status = 'waiting' RETURNING * INTO j;
+        CONTINUE WHEN NOT FOUND;
+        DELETE FROM queue_ext.job_dependencies AS e WHERE e.job_id = dep;
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            last_error, errors, enqueued_by, created_at, run_at)
+        VALUES (j.id, j.queue_name, j.payload, j.priority, 'cancelled', j.attempt, j.max_attempts,
+            reason, j.errors, j.enqueued_by, j.created_at, j.run_at);
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, error, enqueued_by)
+        VALUES (j.id, j.queue_name, 'waiting', 'cancelled', j.attempt, reason, j.enqueued_by);
+        PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));
+    END LOOP;
+END
+$$;
