@@ -130,9 +130,6 @@ CREATE TABLE queue_ext.job_dependencies (
 );
 CREATE INDEX job_dependencies_depends_on_idx ON queue_ext.job_dependencies (depends_on);
 SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_dependencies', '');
-ALTER TABLE queue_ext.job_dependencies ENABLE ROW LEVEL SECURITY;
-CREATE POLICY staff_all_dependencies ON queue_ext.job_dependencies FOR SELECT
-    TO queue_ext_worker, queue_ext_admin USING (true);
 
 CREATE TABLE queue_ext.job_status_history (
     id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -203,4 +200,8 @@ CREATE POLICY staff_all_jobs ON queue_ext.job_dead_letter FOR SELECT
 CREATE POLICY producer_own_jobs ON queue_ext.job_status_history FOR SELECT
     TO queue_ext_producer USING (enqueued_by = current_user);
 CREATE POLICY staff_all_jobs ON queue_ext.job_status_history FOR SELECT
+    TO queue_ext_worker, queue_ext_admin USING (true);
+
+ALTER TABLE queue_ext.job_dependencies ENABLE ROW LEVEL SECURITY;
+CREATE POLICY staff_all_dependencies ON queue_ext.job_dependencies FOR SELECT
     TO queue_ext_worker, queue_ext_admin USING (true);
