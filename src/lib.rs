@@ -85,6 +85,7 @@ mod tests {
     include!("tests/failures.rs");
     include!("tests/errors.rs");
     include!("tests/security.rs");
+    include!("tests/features.rs");
 }
 
 /// Required by `cargo pgrx test`.

@@ -74,11 +74,11 @@ unsafe extern "C-unwind" fn on_xact_event(
     _arg: *mut std::ffi::c_void,
 ) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
-                // SAFETY: reading this backend's database id.
-                wake_dispatchers(unsafe { pg_sys::MyDatabaseId });
-            }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) =>
+        {
+            // SAFETY: reading this backend's database id.
+            wake_dispatchers(unsafe { pg_sys::MyDatabaseId });
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
@@ -114,7 +114,8 @@ fn _wake_dispatcher_at_commit() {
     }
 }
 
-/// The dispatchers' own view of themselves, one row per configured database.
+/// The dispatchers' own view of themselves, one row per configured database (none when
+/// queue_ext is not preloaded).
 #[pg_extern(volatile, parallel_unsafe)]
 #[allow(clippy::type_complexity)]
 pub fn dispatcher_status() -> TableIterator<
@@ -132,7 +133,13 @@ pub fn dispatcher_status() -> TableIterator<
     ),
 > {
     let stale_after = (crate::gucs::poll_interval().as_millis() as i64 * 3).max(5_000);
-    let rows: Vec<_> = crate::gucs::databases()
+    // Without preloading there are no dispatchers (and queue_ext.database is not defined).
+    let configured = if slots().is_some() {
+        crate::gucs::databases()
+    } else {
+        Vec::new()
+    };
+    let rows: Vec<_> = configured
         .into_iter()
         .enumerate()
         .take(MAX_DISPATCHERS)
