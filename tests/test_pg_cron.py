@@ -1,0 +1,54 @@
+"""Schedules with the real pg_cron (Debian's postgresql-15-cron 1.4, whose finest schedule is
+a minute): one scheduled enqueue, and cron running cleanup_stuck_jobs() and purge_jobs(),
+all observed within the same minute tick."""
+import pytest
+
+from pgcluster import Cluster, wait_for
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # queue_ext NOT preloaded here (the later line wins): no dispatcher sweeps leases, so
+    # what happens is pg_cron's doing, and the SQL API is shown working without preloading.
+    c = Cluster("pg_cron", 55445, ["cron.database_name = 'postgres'", "shared_preload_libraries = 'pg_cron'"])
+    c.start(fresh=True)
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_cron")
+        conn.execute("CREATE EXTENSION queue_ext")
+    yield c
+    c.stop()
+
+
+def value(conn, sql, *args):
+    return conn.execute(sql, args).fetchone()[0]
+
+
+def test_pg_cron_enqueues_and_runs_maintenance(cluster):
+    with cluster.connect() as conn:
+        conn.execute("SELECT queue_ext.create_queue('ticks')")
+        conn.execute("SELECT queue_ext.create_queue('maint')")
+        # A job whose worker died (lease expired) and a finished job past retention.
+        stuck = value(conn, "SELECT queue_ext.enqueue_job('maint', '{}')")
+        conn.execute("SELECT job_id FROM queue_ext.get_next_job('maint', 'crashed-worker', lease => '1 second')")
+        old = value(conn, "SELECT queue_ext.enqueue_job('maint', '{}')")
+        conn.execute("SELECT queue_ext.complete_job(job_id) FROM queue_ext.get_next_job('maint')")
+        conn.execute("UPDATE queue_ext.job_archive SET finished_at = now() - interval '30 days' WHERE id = %s", [old])
+
+        assert value(conn, "SELECT queue_ext.schedule_job('tick', '* * * * *', 'ticks', '{\"tick\": true}')") > 0
+        conn.execute("SELECT cron.schedule('qe-cleanup', '* * * * *', 'SELECT queue_ext.cleanup_stuck_jobs()')")
+        conn.execute("SELECT cron.schedule('qe-retention', '* * * * *', $$SELECT queue_ext.purge_jobs('7 days')$$)")
+        try:
+            wait_for(lambda: value(conn, "SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = 'ticks'") >= 1,
+                     75, interval=0.5, what="pg_cron's scheduled enqueue")
+            assert value(conn, "SELECT payload FROM queue_ext.job_queue WHERE queue_name = 'ticks' LIMIT 1") == {"tick": True}
+            wait_for(lambda: value(conn, "SELECT status::text FROM queue_ext.job_status(%s)", stuck) == "queued",
+                     15, interval=0.5, what="pg_cron to return the expired lease")
+            assert value(conn, "SELECT last_error FROM queue_ext.job_status(%s)", stuck) == "lease expired"
+            wait_for(lambda: value(conn, "SELECT count(*) FROM queue_ext.job_archive WHERE id = %s", old) == 0,
+                     15, interval=0.5, what="pg_cron to purge the old job")
+        finally:
+            assert value(conn, "SELECT queue_ext.unschedule_job('tick')") is True
+            conn.execute("SELECT cron.unschedule('qe-cleanup')")
+            conn.execute("SELECT cron.unschedule('qe-retention')")
+        assert value(conn, "SELECT count(*) FROM cron.job") == 0
+        assert value(conn, "SELECT count(*) FROM queue_ext.dispatcher_status()") == 0
