@@ -40,19 +40,23 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::UNIT_BYTE,
     );
-    // A postmaster-level setting can only be defined while preloading; without preloading
-    // there is no dispatcher for it to configure.
+    // The dispatchers are registered at postmaster start, so their databases are a
+    // postmaster setting; without preloading there are none, and a postmaster setting could
+    // not be defined after startup anyway, so it is then just informational.
     // SAFETY: reading a flag the postmaster sets while it loads shared_preload_libraries.
-    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
-        GucRegistry::define_string_guc(
-            c"queue_ext.database",
-            c"Databases whose webhook queues the dispatcher delivers, comma-separated.",
-            c"One background worker per database; needs queue_ext in shared_preload_libraries.",
-            &DATABASES,
-            GucContext::Postmaster,
-            GucFlags::default(),
-        );
-    }
+    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    GucRegistry::define_string_guc(
+        c"queue_ext.database",
+        c"Databases whose webhook queues the dispatcher delivers, comma-separated.",
+        c"One background worker per database; needs queue_ext in shared_preload_libraries.",
+        &DATABASES,
+        if preloading {
+            GucContext::Postmaster
+        } else {
+            GucContext::Sighup
+        },
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"queue_ext.max_in_flight",
         c"Most webhook requests one dispatcher has in flight at once.",
