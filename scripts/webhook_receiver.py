@@ -28,8 +28,9 @@ class Receiver(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("content-length", 0)))
         ok = verify(self.secret, self.headers, body)
-        print(f"  receiver: {self.path} id={self.headers['webhook-id']} signature={'valid' if ok else 'INVALID'} "
-              f"body={json.loads(body)}", flush=True)
+        event = json.loads(body)
+        shown = f"{event['type']} for {event['job_id'][:13]}..." if "type" in event else json.dumps(event)
+        print(f"  receiver: POST {self.path:<14} signature={'valid' if ok else 'INVALID'}  {shown}\n", end="", flush=True)
         reply = b'{"received": true}'
         self.send_response(200 if ok else 401)
         self.send_header("content-type", "application/json")
