@@ -87,8 +87,17 @@ def drain_worker(dsn, queue, batch, start_evt, out):
     with connect(dsn) as c:
         start_evt.wait()
         me = f"bench-{os.getpid()}"
+        row = None
         while True:
-            if batch == 1:
+            if batch == 0:  # complete_and_get_next: one round trip and one commit per job
+                if row is None:
+                    row = c.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job(%s, %s)", [queue, me], prepare=True).fetchone()
+                    if row is None:
+                        break
+                row = c.execute("SELECT job_id, lease_token FROM queue_ext.complete_and_get_next(%s, %s, NULL, %s, %s)",
+                                [row[0], queue, row[1], me], prepare=True).fetchone()
+                done += 1
+            elif batch == 1:
                 row = c.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job(%s, %s)", [queue, me], prepare=True).fetchone()
                 if row is None:
                     break
@@ -311,6 +320,8 @@ def main():
         for w in (1, 4, 8):
             record("drain", f"claim+complete, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 1, n_drain))
         record("drain", "claim+complete, 4 workers, RLS off", "jobs/s", bench_drain(args.dsn, 4, 1, n_drain, rls=False))
+        for w in (1, 4):
+            record("drain", f"complete_and_get_next, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 0, n_drain))
         record("drain", "batches of 100, 4 workers", "jobs/s", bench_drain(args.dsn, 4, 100, n_drain * 5 if not quick else n_drain))
         lat = bench_latency(args.dsn, n_lat)
         for k, v in lat.items():

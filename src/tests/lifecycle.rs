@@ -195,3 +195,27 @@ fn queue_stats_counts_by_state() {
         0
     );
 }
+
+#[pg_test]
+fn complete_and_get_next_does_both_in_one_call() {
+    run("SELECT queue_ext.create_queue('q')");
+    let first = enqueue("q", r#"{"n":1}"#);
+    let second = enqueue("q", r#"{"n":2}"#);
+    let (_, token) = claim("q");
+    let (next, next_token) = Spi::get_two::<String, String>(&format!(
+        "SELECT job_id::text, lease_token::text FROM queue_ext.complete_and_get_next('{first}', 'q', '{{\"ok\":1}}', '{token}', 'w')"
+    ))
+    .unwrap();
+    assert_eq!(status_of(&first), "completed");
+    assert_eq!(next.as_deref(), Some(second.as_str()));
+    assert_eq!(status_of(&second), "running");
+    assert_eq!(
+        one::<i64>(&format!(
+            "SELECT count(*) FROM queue_ext.complete_and_get_next('{second}', 'q', lease_token => '{}')",
+            next_token.unwrap()
+        )),
+        0,
+        "nothing left to claim"
+    );
+    assert_error(&format!("SELECT * FROM queue_ext.complete_and_get_next('{second}', 'q')"), "55000", "already completed");
+}
