@@ -21,6 +21,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
                     k, v = line.split(b":", 1)
                     headers[k.strip().lower()] = v.strip()
             body = await reader.readexactly(int(headers.get(b"content-length", b"0")))
+            if path.startswith(b"/slow"):
+                await asyncio.sleep(5)  # a slow endpoint: 5 s per request, without blocking the others
             if path == b"/__stats":
                 out = json.dumps(arrivals).encode()
             else:
