@@ -314,7 +314,10 @@ def main():
     ap.add_argument("--sink-port", type=int, required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default="enqueue,drain,latency,webhooks,floor",
+                    help="comma-separated workloads to run")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     quick = args.quick
     reps = 1 if quick else args.reps
     n_enq, n_drain, n_lat, n_hooks = (400, 1_000, 50, 500) if quick else (20_000, 20_000, 1_000, 20_000)
@@ -331,27 +334,31 @@ def main():
     extra = {}
     for rep in range(reps):
         print(f"round {rep + 1}/{reps}")
-        record("enqueue", "1 per call, 1 connection", "jobs/s", bench_enqueue(args.dsn, 1, 1, n_enq // 2))
-        record("enqueue", "1 per call, 4 connections", "jobs/s", bench_enqueue(args.dsn, 4, 1, n_enq))
-        record("enqueue", "batches of 1,000", "jobs/s", bench_enqueue(args.dsn, 1, 1000 if not quick else 100, n_enq * 5))
-        for w in (1, 4, 8):
-            record("drain", f"claim+complete, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 1, n_drain))
-        record("drain", "claim+complete, 4 workers, RLS off", "jobs/s", bench_drain(args.dsn, 4, 1, n_drain, rls=False))
-        for w in (1, 4):
-            record("drain", f"complete_and_get_next, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 0, n_drain))
-        record("drain", "batches of 100, 4 workers", "jobs/s", bench_drain(args.dsn, 4, 100, n_drain * 5 if not quick else n_drain))
-        lat = bench_latency(args.dsn, n_lat)
-        for k, v in lat.items():
-            record("latency", f"idle enqueue->claim {k}", "ms", v)
-        hooks = bench_webhooks(args.dsn, args.sink_port, n_hooks)
-        record("webhooks", "delivered per second", "jobs/s", hooks["per_s"])
-        extra.setdefault("webhook_burst", []).append(hooks)
-        beside = bench_webhooks_beside_slow(args.dsn, args.sink_port, n_hooks)
-        record("webhooks", "delivered/s beside a 5 s endpoint", "jobs/s", beside["per_s"])
-        paced = bench_webhooks(args.dsn, args.sink_port, 200 if not quick else 20, paced=True)
-        for k in ("p50_ms", "p99_ms"):
-            record("webhooks", f"idle enqueue->request {k}", "ms", paced[k])
-    if not quick:
+        if "enqueue" in only:
+            record("enqueue", "1 per call, 1 connection", "jobs/s", bench_enqueue(args.dsn, 1, 1, n_enq // 2))
+            record("enqueue", "1 per call, 4 connections", "jobs/s", bench_enqueue(args.dsn, 4, 1, n_enq))
+            record("enqueue", "batches of 1,000", "jobs/s", bench_enqueue(args.dsn, 1, 1000 if not quick else 100, n_enq * 5))
+        if "drain" in only:
+            for w in (1, 4, 8):
+                record("drain", f"claim+complete, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 1, n_drain))
+            record("drain", "claim+complete, 4 workers, RLS off", "jobs/s", bench_drain(args.dsn, 4, 1, n_drain, rls=False))
+            for w in (1, 4):
+                record("drain", f"complete_and_get_next, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 0, n_drain))
+            record("drain", "batches of 100, 4 workers", "jobs/s", bench_drain(args.dsn, 4, 100, n_drain * 5 if not quick else n_drain))
+        if "latency" in only:
+            lat = bench_latency(args.dsn, n_lat)
+            for k, v in lat.items():
+                record("latency", f"idle enqueue->claim {k}", "ms", v)
+        if "webhooks" in only:
+            hooks = bench_webhooks(args.dsn, args.sink_port, n_hooks)
+            record("webhooks", "delivered per second", "jobs/s", hooks["per_s"])
+            extra.setdefault("webhook_burst", []).append(hooks)
+            beside = bench_webhooks_beside_slow(args.dsn, args.sink_port, n_hooks)
+            record("webhooks", "delivered/s beside a 5 s endpoint", "jobs/s", beside["per_s"])
+            paced = bench_webhooks(args.dsn, args.sink_port, 200 if not quick else 20, paced=True)
+            for k in ("p50_ms", "p99_ms"):
+                record("webhooks", f"idle enqueue->request {k}", "ms", paced[k])
+    if not quick and "floor" in only:
         floor = pgbench_floor(args.port, 4, 10)
         extra["floor"] = floor
         for k, v in floor.items():

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs the benchmark on a throwaway cluster (queue_ext preloaded, default durability:
 # synchronous_commit on, fsync on) with a local webhook sink. Pass --quick for the smoke test.
-#   bash bench/run.sh [--quick] [--reps N]
+#   bash bench/run.sh [--quick] [--reps N] [--only enqueue,drain,latency,webhooks,floor]
+# QE_BENCH_DIR / QE_BENCH_PORT move the throwaway cluster (and the sink, on PORT+1).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-dir=/tmp/queue_ext_bench
-port=55450
-sink_port=55451
+dir=${QE_BENCH_DIR:-/tmp/queue_ext_bench}
+port=${QE_BENCH_PORT:-55450}
+sink_port=$((port + 1))
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
 rm -rf "$dir"
 "$root/scripts/cluster.sh" start "$dir" "$port" "queue_ext.http_allowlist = '127.0.0.1'" "queue_ext.max_in_flight = 512"
