@@ -3,20 +3,24 @@
 Workloads (fixed job counts, tiny JSON payloads, no-op work), each cell repeated and
 interleaved, reported as median and range:
   enqueue      one job per call from 1 and 4 connections; batches of 1,000
-  drain        claim+complete one job per call with 1, 4 and 8 workers; batches of 100;
-               the unbatched drain with row level security off, to show what RLS costs
+  drain        claim+complete one job per call with 1, 4 and 8 workers; complete_and_get_next;
+               batches of 100; the unbatched drain with row level security off, to show what
+               RLS costs a claim. Drain workers log in as an ordinary queue_ext_worker role.
   latency      an idle worker woken by LISTEN queue_ext_events; enqueue -> claim p50/p95/p99
   webhooks     jobs delivered by the background dispatcher to a local sink: delivered/s,
                enqueue -> request p50/p99, lost and duplicated counted at the sink
-  floor        raw SQL with pgbench (INSERT; UPDATE ... SKIP LOCKED; DELETE), what Postgres
-               itself allows on this machine
+  floor        raw SQL with pgbench on a plain table (INSERT; UPDATE ... SKIP LOCKED; DELETE),
+               1 and 4 clients, fixed transaction counts: what Postgres itself allows on this
+               machine; the queue's cells are then printed as a % of it
 Every drain checks that each job was processed exactly once. --quick: small counts, one
-repetition, correctness only (the test suite's smoke test)."""
+repetition, correctness only (the test suite's smoke test): exits 1 if any check fails,
+never asserts on speed."""
 import argparse
 import json
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_mod
 import statistics
 import subprocess
 import sys
@@ -28,6 +32,7 @@ from pathlib import Path
 import psycopg
 
 HERE = Path(__file__).resolve().parent
+PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 
 
 @dataclass
@@ -42,12 +47,45 @@ class Cell:
         return statistics.median(v), v[0], v[-1]
 
 
+@dataclass
+class Counts:
+    """Jobs per cell, by workload."""
+    enqueue: int          # one per call, shared among the connections
+    enqueue_batch: int
+    enqueue_batched: int
+    drain: int            # pre-filled, then claimed and completed one at a time
+    drain_batched: int    # the same, 100 per claim
+    latency: int
+    webhooks: int
+    webhooks_paced: int
+    floor: int            # pgbench transactions per script, shared among the clients
+
+    @staticmethod
+    def full():
+        return Counts(5_000, 1_000, 50_000, 5_000, 30_000, 500, 10_000, 200, 4_000)
+
+    @staticmethod
+    def quick():
+        return Counts(200, 100, 1_000, 400, 1_000, 30, 300, 20, 200)
+
+
 class Failure(Exception):
     pass
 
 
 def connect(dsn):
     return psycopg.connect(dsn, autocommit=True)
+
+
+WORKER_ROLE = "bench_worker"
+
+
+def as_worker(dsn):
+    """The DSN of an ordinary worker: a login role with queue_ext_worker, not a superuser."""
+    with connect(dsn) as c:
+        if not c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [WORKER_ROLE]).fetchone():
+            c.execute(f"CREATE ROLE {WORKER_ROLE} LOGIN IN ROLE queue_ext_worker")
+    return f"{dsn} user={WORKER_ROLE}"
 
 
 def fresh_queue(dsn, name, **settings):
@@ -70,9 +108,9 @@ def prefill(dsn, queue, n):
 
 # --- workers (separate processes, so the client is not the bottleneck)
 
-def enqueue_worker(dsn, queue, n, batch, start_evt):
+def enqueue_worker(dsn, queue, n, batch, start):
     with connect(dsn) as c:
-        start_evt.wait()
+        start.wait(timeout=60)
         if batch == 1:
             for _ in range(n):
                 c.execute("SELECT queue_ext.enqueue_job(%s, '{\"n\":1}')", [queue], prepare=True)
@@ -82,10 +120,10 @@ def enqueue_worker(dsn, queue, n, batch, start_evt):
                           [queue, batch], prepare=True)
 
 
-def drain_worker(dsn, queue, batch, start_evt, out):
+def drain_worker(dsn, queue, batch, start, out):
     done = 0
     with connect(dsn) as c:
-        start_evt.wait()
+        start.wait(timeout=60)
         me = f"bench-{os.getpid()}"
         row = None
         while True:
@@ -116,21 +154,27 @@ def drain_worker(dsn, queue, batch, start_evt, out):
 
 
 def run_procs(target, args_list):
-    start_evt = mp.Event()
+    """Starts one process per args, waits until each has connected, then times them all."""
+    start = mp.Barrier(len(args_list) + 1)
     out = mp.Queue()
-    procs = [mp.Process(target=target, args=(*args, start_evt, out) if target is drain_worker else (*args, start_evt))
+    procs = [mp.Process(target=target, args=(*args, start, out) if target is drain_worker else (*args, start))
              for args in args_list]
     for p in procs:
         p.start()
-    time.sleep(0.3)  # connections established
+    start.wait(timeout=60)  # every worker is connected
     t0 = time.perf_counter()
-    start_evt.set()
+    counts = []
+    while target is drain_worker and len(counts) < len(procs):
+        try:
+            counts.append(out.get(timeout=1))  # before join: a process with queued output cannot exit
+        except queue_mod.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
     for p in procs:
         p.join()
     elapsed = time.perf_counter() - t0
     if any(p.exitcode != 0 for p in procs):
         raise Failure(f"{target.__name__} worker failed")
-    counts = [out.get() for _ in procs] if target is drain_worker else []
     return elapsed, counts
 
 
@@ -138,11 +182,13 @@ def check_exactly_once(dsn, queue, expected):
     with connect(dsn) as c:
         live = c.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s", [queue]).fetchone()[0]
         done, distinct = c.execute("SELECT count(*), count(DISTINCT id) FROM queue_ext.job_archive WHERE queue_name = %s AND status = 'completed'", [queue]).fetchone()
+        dead = c.execute("SELECT count(*) FROM queue_ext.job_dead_letter WHERE queue_name = %s", [queue]).fetchone()[0]
         twice = c.execute("""SELECT count(*) FROM (SELECT job_id FROM queue_ext.job_status_history
                              WHERE queue_name = %s AND to_status = 'completed' GROUP BY job_id HAVING count(*) > 1) d""",
                           [queue]).fetchone()[0]
-    if live or done != expected or distinct != expected or twice:
-        raise Failure(f"{queue}: {live} left, {done} completed ({distinct} distinct), {twice} completed twice; expected {expected}")
+    if live or dead or done != expected or distinct != expected or twice:
+        raise Failure(f"{queue}: {live} left, {dead} dead, {done} completed ({distinct} distinct), "
+                      f"{twice} completed twice; expected {expected}")
 
 
 def bench_enqueue(dsn, conns, batch, n):
@@ -164,7 +210,7 @@ def bench_drain(dsn, workers, batch, n, rls=True):
     with connect(dsn) as c:
         c.execute(f"ALTER TABLE queue_ext.job_queue {'ENABLE' if rls else 'DISABLE'} ROW LEVEL SECURITY")
     try:
-        elapsed, counts = run_procs(drain_worker, [(dsn, queue, batch)] * workers)
+        elapsed, counts = run_procs(drain_worker, [(as_worker(dsn), queue, batch)] * workers)
     finally:
         with connect(dsn) as c:
             c.execute("ALTER TABLE queue_ext.job_queue ENABLE ROW LEVEL SECURITY")
@@ -270,38 +316,85 @@ def bench_webhooks_beside_slow(dsn, sink_port, n):
             c.execute("SELECT queue_ext.pause_queue(%s)", [slow])
 
 
-def pgbench_floor(port, clients, seconds):
-    scripts = {
-        "insert": "INSERT INTO floor_q (payload) VALUES ('{\"n\":1}');",
-        "claim": "UPDATE floor_q SET status = 1 WHERE id = (SELECT id FROM floor_q WHERE status = 0 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id;",
-        "delete": "DELETE FROM floor_q WHERE id = (SELECT id FROM floor_q WHERE status = 1 ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED);",
-    }
+FLOOR_SCRIPTS = {
+    "insert": """INSERT INTO floor_q (payload) VALUES ('{"n":1}');""",
+    "claim": "UPDATE floor_q SET status = 1 WHERE id = (SELECT id FROM floor_q WHERE status = 0 ORDER BY id "
+             "LIMIT 1 FOR UPDATE SKIP LOCKED);",
+    "delete": "DELETE FROM floor_q WHERE id = (SELECT id FROM floor_q WHERE status = 1 ORDER BY id "
+              "LIMIT 1 FOR UPDATE SKIP LOCKED);",
+}
+
+
+def pgbench_floor(port, clients, per_client):
+    """Raw SQL on a plain table with pgbench: what Postgres itself allows on this machine.
+    A fixed number of transactions per client (not a duration), and each claim and delete
+    is checked to have found a row: an UPDATE/DELETE that matches nothing commits without
+    writing WAL and would inflate the figure."""
     env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": "postgres"}
-    psql = lambda sql: subprocess.run(["psql", "-q", "-c", sql, "postgres"], env=env, check=True, capture_output=True)
-    psql("DROP TABLE IF EXISTS floor_q; CREATE TABLE floor_q (id bigserial PRIMARY KEY, status int NOT NULL DEFAULT 0, payload jsonb)")
-    psql("CREATE INDEX ON floor_q (id) WHERE status = 0; CREATE INDEX ON floor_q (id) WHERE status = 1")
+
+    def psql(sql):
+        res = subprocess.run(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1", "-c", sql, "postgres"],
+                             env=env, check=True, capture_output=True, text=True)
+        return res.stdout.strip()
+
+    psql("DROP TABLE IF EXISTS floor_q")
+    psql("CREATE TABLE floor_q (id bigserial PRIMARY KEY, status int NOT NULL DEFAULT 0, payload jsonb)")
+    psql("CREATE INDEX ON floor_q (id) WHERE status = 0")
+    psql("CREATE INDEX ON floor_q (id) WHERE status = 1")
+    total = clients * per_client
     out = {}
     for name in ("insert", "claim", "delete"):
         f = Path(f"/tmp/queue_ext_floor_{name}.sql")
-        f.write_text(scripts[name])
+        f.write_text(FLOOR_SCRIPTS[name] + "\n")
         f.chmod(0o644)
-        res = subprocess.run(["/usr/lib/postgresql/15/bin/pgbench", "-n", "-c", str(clients), "-j", str(clients),
-                              "-T", str(seconds), "-f", str(f), "postgres"], env=env, capture_output=True, text=True, check=True)
-        tps = [float(l.split("=")[1].split()[0]) for l in res.stdout.splitlines() if l.startswith("tps")]
+        psql("VACUUM ANALYZE floor_q")
+        res = subprocess.run([PGBENCH, "-n", "-c", str(clients), "-j", str(clients), "-t", str(per_client),
+                              "-f", str(f), "postgres"], env=env, capture_output=True, text=True, check=True)
+        tps = [float(line.split("=")[1].split()[0]) for line in res.stdout.splitlines() if line.startswith("tps")]
         out[name] = tps[0]
+        # The inserts made `total` rows; the claims must have marked each, the deletes removed each.
+        queued, claimed = map(int, psql("SELECT count(*) FILTER (WHERE status = 0), "
+                                        "count(*) FILTER (WHERE status = 1) FROM floor_q").split("|"))
+        want = {"insert": (total, 0), "claim": (0, total), "delete": (0, 0)}[name]
+        if (queued, claimed) != want:
+            raise Failure(f"floor {name}: {queued} queued, {claimed} claimed rows; expected {want}")
     # One job's life is one of each; the floor for a full cycle is their harmonic combination.
     out["cycle"] = 1 / sum(1 / out[k] for k in ("insert", "claim", "delete"))
     out["claim_plus_delete"] = 1 / (1 / out["claim"] + 1 / out["delete"])
     return out
 
 
+def print_vs_floor(cells):
+    """The queue's figures as a share of the raw-SQL floor with as many connections."""
+    def median(workload, variant):
+        cell = cells.get((workload, variant))
+        return cell.summary()[0] if cell else None
+
+    rows = []
+    for c in (1, 4):
+        floor_insert = median("floor", f"pgbench insert, {c} client(s)")
+        floor_drain = median("floor", f"pgbench claim_plus_delete, {c} client(s)")
+        pairs = [(f"enqueue, 1 per call, {c} connection(s)", median("enqueue", f"1 per call, {c} connection(s)"),
+                  "INSERT", floor_insert),
+                 (f"drain, claim+complete, {c} worker(s)", median("drain", f"claim+complete, {c} worker(s)"),
+                  "UPDATE SKIP LOCKED + DELETE", floor_drain),
+                 (f"drain, complete_and_get_next, {c} worker(s)", median("drain", f"complete_and_get_next, {c} worker(s)"),
+                  "UPDATE SKIP LOCKED + DELETE", floor_drain)]
+        rows += [(name, value, ref, floor) for name, value, ref, floor in pairs if value and floor]
+    if rows:
+        print("\n| queue_ext cell | jobs/s | raw SQL floor, same connections | ops/s | % of floor |\n|---|---:|---|---:|---:|")
+        for name, value, ref, floor in rows:
+            print(f"| {name} | {value:,.1f} | {ref} | {floor:,.1f} | {100 * value / floor:.0f}% |")
+
+
 def settings(dsn):
     with connect(dsn) as c:
-        rows = dict(c.execute("""SELECT name, setting || coalesce(unit, '') FROM pg_settings
-                                 WHERE name IN ('shared_buffers', 'synchronous_commit', 'max_connections', 'fsync', 'wal_level')""").fetchall())
+        names = ("shared_buffers", "synchronous_commit", "max_connections", "fsync", "wal_level")
+        rows = {n: c.execute("SELECT current_setting(%s)", [n]).fetchone()[0] for n in names}
         rows["server_version"] = c.execute("SHOW server_version").fetchone()[0]
         rows["queue_ext"] = c.execute("SELECT extversion FROM pg_extension WHERE extname = 'queue_ext'").fetchone()[0]
     rows["cpus"] = os.cpu_count()
+    rows["loadavg_1m_at_start"] = os.getloadavg()[0]  # other load on the machine skews every figure
     rows["machine"] = platform.machine()
     rows["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return rows
@@ -320,58 +413,66 @@ def main():
     only = set(args.only.split(","))
     quick = args.quick
     reps = 1 if quick else args.reps
-    n_enq, n_drain, n_lat, n_hooks = (400, 1_000, 50, 500) if quick else (20_000, 20_000, 1_000, 20_000)
+    # Fixed job counts per workload (each cell of a workload uses the same count).
+    n = Counts.quick() if quick else Counts.full()
 
     info = settings(args.dsn)
     print("# queue_ext benchmark")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    print(f"job counts: {asdict(n)}; {reps} round(s), cells interleaved", flush=True)
     cells: dict[tuple, Cell] = {}
 
     def record(workload, variant, unit, value):
         cells.setdefault((workload, variant), Cell(workload, variant, unit)).values.append(value)
-        print(f"  {workload:<10} {variant:<34} {value:>10.1f} {unit}", flush=True)
+        print(f"  {workload:<10} {variant:<44} {value:>10.1f} {unit}", flush=True)
 
     extra = {}
     for rep in range(reps):
         print(f"round {rep + 1}/{reps}")
         if "enqueue" in only:
-            record("enqueue", "1 per call, 1 connection", "jobs/s", bench_enqueue(args.dsn, 1, 1, n_enq // 2))
-            record("enqueue", "1 per call, 4 connections", "jobs/s", bench_enqueue(args.dsn, 4, 1, n_enq))
-            record("enqueue", "batches of 1,000", "jobs/s", bench_enqueue(args.dsn, 1, 1000 if not quick else 100, n_enq * 5))
+            for c in (1, 4):
+                record("enqueue", f"1 per call, {c} connection(s)", "jobs/s", bench_enqueue(args.dsn, c, 1, n.enqueue))
+            record("enqueue", f"batches of {n.enqueue_batch:,}", "jobs/s",
+                   bench_enqueue(args.dsn, 1, n.enqueue_batch, n.enqueue_batched))
         if "drain" in only:
             for w in (1, 4, 8):
-                record("drain", f"claim+complete, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 1, n_drain))
-            record("drain", "claim+complete, 4 workers, RLS off", "jobs/s", bench_drain(args.dsn, 4, 1, n_drain, rls=False))
+                record("drain", f"claim+complete, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 1, n.drain))
+            for w in (1, 4):  # the same drain with row level security off (what RLS costs a claim)
+                record("drain", f"claim+complete, {w} worker(s), RLS off", "jobs/s",
+                       bench_drain(args.dsn, w, 1, n.drain, rls=False))
             for w in (1, 4):
-                record("drain", f"complete_and_get_next, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 0, n_drain))
-            record("drain", "batches of 100, 4 workers", "jobs/s", bench_drain(args.dsn, 4, 100, n_drain * 5 if not quick else n_drain))
+                record("drain", f"complete_and_get_next, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 0, n.drain))
+            for w in (1, 4):
+                record("drain", f"batches of 100, {w} worker(s)", "jobs/s", bench_drain(args.dsn, w, 100, n.drain_batched))
         if "latency" in only:
-            lat = bench_latency(args.dsn, n_lat)
+            lat = bench_latency(args.dsn, n.latency)
             for k, v in lat.items():
                 record("latency", f"idle enqueue->claim {k}", "ms", v)
         if "webhooks" in only:
-            hooks = bench_webhooks(args.dsn, args.sink_port, n_hooks)
+            hooks = bench_webhooks(args.dsn, args.sink_port, n.webhooks)
             record("webhooks", "delivered per second", "jobs/s", hooks["per_s"])
             extra.setdefault("webhook_burst", []).append(hooks)
-            beside = bench_webhooks_beside_slow(args.dsn, args.sink_port, n_hooks)
+            beside = bench_webhooks_beside_slow(args.dsn, args.sink_port, n.webhooks)
             record("webhooks", "delivered/s beside a 5 s endpoint", "jobs/s", beside["per_s"])
-            paced = bench_webhooks(args.dsn, args.sink_port, 200 if not quick else 20, paced=True)
+            paced = bench_webhooks(args.dsn, args.sink_port, n.webhooks_paced, paced=True)
             for k in ("p50_ms", "p99_ms"):
                 record("webhooks", f"idle enqueue->request {k}", "ms", paced[k])
-    if not quick and "floor" in only:
-        floor = pgbench_floor(args.port, 4, 10)
-        extra["floor"] = floor
-        for k, v in floor.items():
-            record("floor", f"pgbench {k}, 4 clients", "ops/s", v)
+        if "floor" in only:
+            for c in (1, 4):
+                floor = pgbench_floor(args.port, c, n.floor // c)
+                extra.setdefault(f"floor_{c}", []).append(floor)
+                for k, v in floor.items():
+                    record("floor", f"pgbench {k}, {c} client(s)", "ops/s", v)
 
     print("\n| workload | variant | median | range | unit |\n|---|---|---:|---:|---|")
     for cell in cells.values():
         med, lo, hi = cell.summary()
         print(f"| {cell.workload} | {cell.variant} | {med:,.1f} | {lo:,.1f} – {hi:,.1f} | {cell.unit} |")
+    print_vs_floor(cells)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     out = results / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if quick else ''}.json"
-    out.write_text(json.dumps({"settings": info, "cells": [asdict(c) for c in cells.values()], "extra": extra}, indent=2))
+    out.write_text(json.dumps({"settings": info, "counts": asdict(n), "reps": reps, "cells": [asdict(c) for c in cells.values()], "extra": extra}, indent=2))
     print(f"\nwrote {out}")
     print("correctness: every drain processed each job exactly once; webhooks: none lost")
 

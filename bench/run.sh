@@ -9,6 +9,12 @@ root=$(dirname "$here")
 dir=${QE_BENCH_DIR:-/tmp/queue_ext_bench}
 port=${QE_BENCH_PORT:-55450}
 sink_port=$((port + 1))
+# Two runs on one directory would stop and delete each other's cluster mid-run: take turns.
+exec 9>"$dir.lock"
+if ! flock -n 9; then
+  echo "bench/run.sh: another run holds $dir.lock; waiting for it to finish" >&2
+  flock 9
+fi
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
 rm -rf "$dir"
 "$root/scripts/cluster.sh" start "$dir" "$port" "queue_ext.http_allowlist = '127.0.0.1'" "queue_ext.max_in_flight = 512"
