@@ -57,6 +57,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     d queue_ext.job_dead_letter;
+    initial queue_ext.job_state := 'queued';
 BEGIN
     DELETE FROM queue_ext.job_dead_letter WHERE id = retry_dead_job.job_id RETURNING * INTO d;
     IF NOT FOUND THEN
@@ -72,12 +73,16 @@ BEGIN
     IF (queue_ext._queue(d.queue_name)).is_webhook THEN  -- raises if the queue was dropped since
         PERFORM queue_ext._wake_dispatcher_at_commit();
     END IF;
+    PERFORM queue_ext._check_limit_keys(d.rate_limit_key, d.concurrency_key);
+    IF d.concurrency_key IS NOT NULL AND NOT queue_ext._take_slot(d.concurrency_key) THEN
+        initial := 'waiting';
+    END IF;
     INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, attempt, max_attempts,
-        last_error, errors, enqueued_by, created_at)
-    VALUES (d.id, d.queue_name, d.payload, d.priority, 'queued', now(), 0, d.max_attempts,
-        d.last_error, d.errors, d.enqueued_by, d.created_at);
+        last_error, errors, enqueued_by, created_at, rate_limit_key, concurrency_key)
+    VALUES (d.id, d.queue_name, d.payload, d.priority, initial, now(), 0, d.max_attempts,
+        d.last_error, d.errors, d.enqueued_by, d.created_at, d.rate_limit_key, d.concurrency_key);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by, error)
-    VALUES (d.id, d.queue_name, 'dead', 'queued', 0, d.enqueued_by, 'redriven from the dead letter queue');
+    VALUES (d.id, d.queue_name, 'dead', initial, 0, d.enqueued_by, 'redriven from the dead letter queue');
     RETURN d.id;
 END
 $$;

@@ -99,9 +99,11 @@ BEGIN
     DELETE FROM queue_ext.job_queue WHERE id = j.id;
     DELETE FROM queue_ext.job_dependencies WHERE job_id = j.id;
     INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
-        worker_id, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at)
+        worker_id, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+        rate_limit_key, concurrency_key)
     VALUES (j.id, j.queue_name, j.payload, j.priority, 'cancelled', j.attempt, j.max_attempts,
-        j.worker_id, why, j.errors, j.progress, j.progress_details, j.enqueued_by, j.created_at, j.run_at, j.started_at);
+        j.worker_id, why, j.errors, j.progress, j.progress_details, j.enqueued_by, j.created_at, j.run_at, j.started_at,
+        j.rate_limit_key, j.concurrency_key);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, j.status, 'cancelled', j.attempt, j.worker_id, why, j.enqueued_by);
     PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));

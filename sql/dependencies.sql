@@ -52,6 +52,7 @@ AS $$
 DECLARE
     dependents uuid[];
     dep uuid;
+    slot_key text;
     j queue_ext.job_queue;
 BEGIN
     WITH gone AS (
@@ -62,8 +63,18 @@ BEGIN
         RETURN;
     END IF;
     FOREACH dep IN ARRAY dependents LOOP
+        -- A job with a concurrency key needs a slot too: lock the key before the job, the
+        -- order every slot change takes (limits.sql), then let the key admit it in turn.
+        SELECT t.concurrency_key INTO slot_key FROM queue_ext.job_queue AS t WHERE t.id = dep;
+        IF slot_key IS NOT NULL THEN
+            PERFORM queue_ext._lock_key(slot_key);
+        END IF;
         PERFORM 1 FROM queue_ext.job_queue AS t WHERE t.id = dep FOR UPDATE;
         CONTINUE WHEN EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.job_id = dep);
+        IF slot_key IS NOT NULL THEN
+            PERFORM queue_ext._admit_waiting(slot_key);
+            CONTINUE;
+        END IF;
         UPDATE queue_ext.job_queue AS t SET status = 'queued', run_at = greatest(t.run_at, now())
         WHERE t.id = dep AND t.status = 'waiting'
         RETURNING * INTO j;
@@ -99,9 +110,9 @@ BEGIN
         CONTINUE WHEN NOT FOUND;
         DELETE FROM queue_ext.job_dependencies AS e WHERE e.job_id = dep;
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
-            last_error, errors, enqueued_by, created_at, run_at)
+            last_error, errors, enqueued_by, created_at, run_at, rate_limit_key, concurrency_key)
         VALUES (j.id, j.queue_name, j.payload, j.priority, 'cancelled', j.attempt, j.max_attempts,
-            reason, j.errors, j.enqueued_by, j.created_at, j.run_at);
+            reason, j.errors, j.enqueued_by, j.created_at, j.run_at, j.rate_limit_key, j.concurrency_key);
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, error, enqueued_by)
         VALUES (j.id, j.queue_name, 'waiting', 'cancelled', j.attempt, reason, j.enqueued_by);
         PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));

@@ -14,11 +14,12 @@ GRANT SELECT ON queue_ext.queues, queue_ext.job_queue, queue_ext.job_archive,
 GRANT SELECT ON queue_ext.webhook_deliveries, queue_ext.job_dependencies, queue_ext.job_processing_status
     TO queue_ext_worker, queue_ext_admin;
 GRANT SELECT ON queue_ext.webhook_targets TO queue_ext_admin;
+GRANT SELECT ON queue_ext.rate_limits, queue_ext.concurrency_limits TO queue_ext_worker, queue_ext_admin;
 
 -- Producers: enqueue, follow and cancel their own jobs, attach the enqueue trigger.
 GRANT EXECUTE ON FUNCTION
-    queue_ext.enqueue_job(text, jsonb, text, timestamptz, interval, integer, text, uuid[]),
-    queue_ext.enqueue_jobs(text, jsonb[], text, timestamptz, interval, integer),
+    queue_ext.enqueue_job(text, jsonb, text, timestamptz, interval, integer, text, uuid[], text, text),
+    queue_ext.enqueue_jobs(text, jsonb[], text, timestamptz, interval, integer, text, text),
     queue_ext.job_status(uuid),
     queue_ext.cancel_job(uuid, text),
     queue_ext.list_queues(),
@@ -44,7 +45,8 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.worker_health(),
     queue_ext.health(),
     queue_ext.dispatcher_status(),
-    queue_ext.process_jobs(text, integer)
+    queue_ext.process_jobs(text, integer),
+    queue_ext.list_limits()
 TO queue_ext_worker;
 
 -- Admins: everything public (queues and webhook targets, dead letters, retention,
@@ -62,5 +64,8 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.purge_dead_letter(interval, text),
     queue_ext.purge_jobs(interval, text),
     queue_ext.schedule_job(text, text, text, jsonb),
-    queue_ext.unschedule_job(text)
+    queue_ext.unschedule_job(text),
+    queue_ext.set_rate_limit(text, integer, interval, integer),
+    queue_ext.remove_rate_limit(text),
+    queue_ext.set_concurrency_limit(text, integer)
 TO queue_ext_admin;

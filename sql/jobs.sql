@@ -14,14 +14,16 @@ CREATE TYPE queue_ext.claimed_job AS (
 );
 
 CREATE FUNCTION queue_ext.enqueue_job(
-    queue_name   text,
-    payload      jsonb,
-    priority     text        DEFAULT 'normal',
-    run_at       timestamptz DEFAULT NULL,
-    delay        interval    DEFAULT NULL,
-    max_attempts integer     DEFAULT NULL,
-    dedupe_key   text        DEFAULT NULL,
-    depends_on   uuid[]      DEFAULT NULL
+    queue_name      text,
+    payload         jsonb,
+    priority        text        DEFAULT 'normal',
+    run_at          timestamptz DEFAULT NULL,
+    delay           interval    DEFAULT NULL,
+    max_attempts    integer     DEFAULT NULL,
+    dedupe_key      text        DEFAULT NULL,
+    depends_on      uuid[]      DEFAULT NULL,
+    rate_limit_key  text        DEFAULT NULL,
+    concurrency_key text        DEFAULT NULL
 ) RETURNS uuid
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -35,42 +37,60 @@ DECLARE
     existing uuid;
     initial queue_ext.job_state := 'queued';
     blocked_by uuid;
+    took_slot boolean := false;
 BEGIN
     PERFORM queue_ext._check_payload(enqueue_job.payload);
     PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
+    PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
     IF enqueue_job.depends_on IS NOT NULL AND cardinality(enqueue_job.depends_on) > 0 THEN
         SELECT w.state, w.blocked_by INTO initial, blocked_by
         FROM queue_ext._dependency_state(new_id, enqueue_job.depends_on) AS w;
         IF initial = 'cancelled' THEN
             -- A dependency is already dead or cancelled: this job can never run.
             INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
-                last_error, enqueued_by, created_at, run_at)
+                last_error, enqueued_by, created_at, run_at, rate_limit_key, concurrency_key)
             VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), 'cancelled',
                 0, coalesce(enqueue_job.max_attempts, q.max_attempts),
-                format('dependency %s is dead or cancelled', blocked_by), who, now(), start);
+                format('dependency %s is dead or cancelled', blocked_by), who, now(), start,
+                enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
             INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, error, enqueued_by)
             VALUES (new_id, q.queue_name, 'cancelled', 0, format('dependency %s is dead or cancelled', blocked_by), who);
             RETURN new_id;
         END IF;
     END IF;
+    IF enqueue_job.concurrency_key IS NOT NULL AND initial = 'queued' THEN
+        -- No free slot: wait for one (admitted in enqueue order, limits.sql).
+        took_slot := queue_ext._take_slot(enqueue_job.concurrency_key);
+        IF NOT took_slot THEN
+            initial := 'waiting';
+        END IF;
+    END IF;
     IF enqueue_job.dedupe_key IS NULL THEN
-        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by)
+        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
+                                         rate_limit_key, concurrency_key)
         VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial, start,
-                coalesce(enqueue_job.max_attempts, q.max_attempts), who);
+                coalesce(enqueue_job.max_attempts, q.max_attempts), who,
+                enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
     ELSE
         -- Race-free: a concurrent enqueue with the same key makes us wait for its commit,
         -- then we see its job instead of inserting our own.
         LOOP
             INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts,
-                                             enqueued_by, dedupe_key)
+                                             enqueued_by, dedupe_key, rate_limit_key, concurrency_key)
             VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial,
-                    start, coalesce(enqueue_job.max_attempts, q.max_attempts), who, enqueue_job.dedupe_key)
+                    start, coalesce(enqueue_job.max_attempts, q.max_attempts), who, enqueue_job.dedupe_key,
+                    enqueue_job.rate_limit_key, enqueue_job.concurrency_key)
             ON CONFLICT (queue_name, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
             EXIT WHEN FOUND;
             SELECT id INTO existing FROM queue_ext.job_queue
             WHERE queue_name = q.queue_name AND dedupe_key = enqueue_job.dedupe_key;
             IF FOUND THEN
                 DELETE FROM queue_ext.job_dependencies WHERE job_id = new_id;
+                IF took_slot THEN
+                    -- We hold the key's lock, so nothing was admitted meanwhile: give it back.
+                    UPDATE queue_ext.concurrency_limits AS l SET active = l.active - 1
+                    WHERE l.key = enqueue_job.concurrency_key;
+                END IF;
                 RETURN existing;
             END IF;
             -- The other job finished between the two statements: try again.
@@ -87,12 +107,14 @@ $$;
 
 -- Many jobs in one call and one statement; ids come back in payload order.
 CREATE FUNCTION queue_ext.enqueue_jobs(
-    queue_name   text,
-    payloads     jsonb[],
-    priority     text        DEFAULT 'normal',
-    run_at       timestamptz DEFAULT NULL,
-    delay        interval    DEFAULT NULL,
-    max_attempts integer     DEFAULT NULL
+    queue_name      text,
+    payloads        jsonb[],
+    priority        text        DEFAULT 'normal',
+    run_at          timestamptz DEFAULT NULL,
+    delay           interval    DEFAULT NULL,
+    max_attempts    integer     DEFAULT NULL,
+    rate_limit_key  text        DEFAULT NULL,
+    concurrency_key text        DEFAULT NULL
 ) RETURNS SETOF uuid
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -103,30 +125,42 @@ DECLARE
     who name := queue_ext._invoker();
     start timestamptz := queue_ext._start_time(enqueue_jobs.run_at, enqueue_jobs.delay);
     prio queue_ext.job_priority := queue_ext._priority(enqueue_jobs.priority);
-    bad record;
+    slots queue_ext.concurrency_limits;
+    free integer;  -- how many of the batch get a slot now; NULL: all
 BEGIN
     PERFORM queue_ext._check_max_attempts(enqueue_jobs.max_attempts);
+    PERFORM queue_ext._check_limit_keys(enqueue_jobs.rate_limit_key, enqueue_jobs.concurrency_key);
     IF enqueue_jobs.payloads IS NULL THEN
         RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
     END IF;
     -- Validate all before inserting any, so an error names the first bad payload.
     PERFORM queue_ext._check_payload(p, i::integer)
     FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i);
+    IF enqueue_jobs.concurrency_key IS NOT NULL THEN
+        slots := queue_ext._lock_key(enqueue_jobs.concurrency_key);
+        free := CASE WHEN slots.max_running IS NOT NULL THEN greatest(slots.max_running - slots.active, 0) END;
+        UPDATE queue_ext.concurrency_limits AS l
+        SET active = l.active + least(coalesce(free, cardinality(enqueue_jobs.payloads)), cardinality(enqueue_jobs.payloads))
+        WHERE l.key = enqueue_jobs.concurrency_key;
+    END IF;
 
     IF q.is_webhook THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
     END IF;
     RETURN QUERY
     WITH new_jobs AS (
-        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, run_at, max_attempts, enqueued_by)
-        SELECT queue_ext.uuid_generate_v7(), q.queue_name, p, prio, start,
-               coalesce(enqueue_jobs.max_attempts, q.max_attempts), who
+        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
+                                         rate_limit_key, concurrency_key)
+        SELECT queue_ext.uuid_generate_v7(), q.queue_name, p, prio,
+               CASE WHEN free IS NULL OR i <= free THEN 'queued' ELSE 'waiting' END::queue_ext.job_state,
+               start, coalesce(enqueue_jobs.max_attempts, q.max_attempts), who,
+               enqueue_jobs.rate_limit_key, enqueue_jobs.concurrency_key
         FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i)
         ORDER BY i
-        RETURNING id
+        RETURNING id, status
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
-        SELECT id, q.queue_name, 'queued', 0, who FROM new_jobs
+        SELECT id, q.queue_name, status, 0, who FROM new_jobs
     )
     -- v7 ids generated in insertion order sort in payload order.
     SELECT id FROM new_jobs ORDER BY id;
@@ -159,11 +193,17 @@ BEGIN
     IF q.paused THEN
         RETURN;
     END IF;
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits) THEN
+        RETURN QUERY SELECT * FROM queue_ext._claim_limited(ARRAY[q.queue_name], get_next_jobs.n,
+                                                            get_next_jobs.worker_id, lease_for);
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH next AS (
         SELECT id, status AS old_status
         FROM queue_ext.job_queue
-        WHERE queue_name = q.queue_name AND status IN ('queued', 'retrying') AND run_at <= now()
+        WHERE queue_name = q.queue_name AND status IN ('queued', 'retrying') AND rate_limit_key IS NULL
+          AND run_at <= now()
         ORDER BY priority DESC, run_at, id
         LIMIT get_next_jobs.n
         FOR UPDATE SKIP LOCKED
@@ -217,6 +257,11 @@ BEGIN
     IF FOUND THEN
         PERFORM queue_ext._queue(unknown);
     END IF;
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits) THEN
+        RETURN QUERY SELECT * FROM queue_ext._claim_limited(get_next_jobs.queue_names, get_next_jobs.n,
+                                                            get_next_jobs.worker_id, get_next_jobs.lease);
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH candidates AS (
         SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.lease_duration
@@ -224,7 +269,8 @@ BEGIN
         CROSS JOIN LATERAL (
             SELECT id, status, priority, run_at
             FROM queue_ext.job_queue AS j
-            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
+            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+              AND j.run_at <= now()
             ORDER BY j.priority DESC, j.run_at, j.id
             LIMIT get_next_jobs.n
             FOR UPDATE SKIP LOCKED
@@ -243,6 +289,77 @@ BEGIN
             started_at = coalesce(j.started_at, now())
         FROM next
         WHERE j.id = next.id
+        RETURNING j.*, next.old_status
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+    )
+    SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
+    FROM claimed
+    ORDER BY priority DESC, run_at, id;
+END
+$$;
+
+-- The claim when rate limits exist: as above, plus the jobs of every rate-limited key that
+-- has tokens (at most as many as it has), and one token spent per job claimed. The bucket
+-- update re-checks the tokens on the newest row version, so concurrent claimers cannot
+-- overspend: a key whose tokens went meanwhile has none of its jobs claimed this time.
+-- queue_names NULL means every queue; lease NULL means each queue's own.
+CREATE FUNCTION queue_ext._claim_limited(queue_names text[], n integer, worker_id text, lease interval)
+RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH open_queues AS (
+        SELECT q.queue_name, q.lease_duration FROM queue_ext.queues AS q
+        WHERE NOT q.paused AND (_claim_limited.queue_names IS NULL OR q.queue_name = ANY (_claim_limited.queue_names))
+    ), unlimited AS (
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, NULL::text AS rate_key
+        FROM open_queues AS q
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+              AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT _claim_limited.n
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+    ), limited AS (
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, b.key AS rate_key
+        FROM (SELECT r.key, floor(queue_ext._tokens(r))::integer AS tokens FROM queue_ext.rate_limits AS r) AS b
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
+            WHERE j.rate_limit_key = b.key AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
+              AND j.queue_name IN (SELECT o.queue_name FROM open_queues AS o)
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT least(_claim_limited.n, b.tokens)
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+        WHERE b.tokens >= 1
+    ), next AS (
+        SELECT * FROM (SELECT * FROM unlimited UNION ALL SELECT * FROM limited) AS u
+        ORDER BY priority DESC, run_at, id
+        LIMIT _claim_limited.n
+    ), spent AS (
+        UPDATE queue_ext.rate_limits AS r
+        SET tokens = queue_ext._tokens(r) - u.used, refilled_at = greatest(r.refilled_at, now())
+        FROM (SELECT rate_key, count(*) AS used FROM next WHERE rate_key IS NOT NULL GROUP BY rate_key) AS u
+        WHERE r.key = u.rate_key AND queue_ext._tokens(r) >= u.used
+        RETURNING r.key
+    ), claimed AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'running',
+            attempt = j.attempt + 1,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + coalesce(_claim_limited.lease, o.lease_duration),
+            worker_id = _claim_limited.worker_id,
+            started_at = coalesce(j.started_at, now())
+        FROM next, open_queues AS o
+        WHERE j.id = next.id AND o.queue_name = j.queue_name
+          AND (next.rate_key IS NULL OR next.rate_key IN (SELECT s.key FROM spent AS s))
         RETURNING j.*, next.old_status
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
@@ -289,11 +406,12 @@ BEGIN
     END IF;
     final := CASE WHEN j.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END;
     INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
-        worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at)
+        worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+        rate_limit_key, concurrency_key)
     VALUES (j.id, j.queue_name, j.payload, j.priority, final, j.attempt, j.max_attempts,
         j.worker_id, _complete.result, coalesce(j.cancel_requested, j.last_error), j.errors,
         CASE WHEN final = 'completed' THEN 100 ELSE j.progress END, j.progress_details,
-        j.enqueued_by, j.created_at, j.run_at, j.started_at);
+        j.enqueued_by, j.created_at, j.run_at, j.started_at, j.rate_limit_key, j.concurrency_key);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
     IF final = 'completed' THEN
@@ -334,9 +452,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     INSERT INTO queue_ext.job_dead_letter (id, queue_name, payload, priority, attempt, max_attempts,
-        worker_id, last_error, errors, reason, enqueued_by, created_at, started_at)
+        worker_id, last_error, errors, reason, enqueued_by, created_at, started_at, rate_limit_key, concurrency_key)
     VALUES (j.id, j.queue_name, j.payload, j.priority, j.attempt, j.max_attempts,
-        j.worker_id, j.last_error, j.errors, reason, j.enqueued_by, j.created_at, j.started_at);
+        j.worker_id, j.last_error, j.errors, reason, j.enqueued_by, j.created_at, j.started_at,
+        j.rate_limit_key, j.concurrency_key);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, j.status, 'dead', j.attempt, j.worker_id, error, j.enqueued_by);
     PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s is dead', j.id));

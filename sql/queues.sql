@@ -147,9 +147,9 @@ BEGIN
         DELETE FROM queue_ext.job_queue WHERE queue_name = drop_queue.queue_name RETURNING *
     ), archived AS (
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
-            worker_id, last_error, errors, enqueued_by, created_at, run_at, started_at)
+            worker_id, last_error, errors, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key)
         SELECT id, queue_name, payload, priority, 'cancelled', attempt, max_attempts,
-            worker_id, 'queue dropped', errors, enqueued_by, created_at, run_at, started_at
+            worker_id, 'queue dropped', errors, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
         FROM gone
     )
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)

@@ -7,7 +7,7 @@
 -- A job id is in exactly one of the three at any time. job_status_history records every move.
 
 CREATE TYPE queue_ext.job_state AS ENUM (
-    'waiting',    -- held until its dependencies complete
+    'waiting',    -- held until its dependencies complete, or a slot of its concurrency key frees
     'queued',     -- runnable at run_at
     'retrying',   -- failed; runnable again at run_at (after backoff)
     'running',    -- claimed by a worker, under a lease
@@ -64,13 +64,22 @@ CREATE TABLE queue_ext.job_queue (
     progress_details jsonb,
     cancel_requested text,       -- the reason, once cancel_job() was called on the running job
     dedupe_key       text,
+    rate_limit_key   text,       -- claimed no faster than queue_ext.rate_limits allows (limits.sql)
+    concurrency_key  text,       -- at most max_running of the key hold a slot at once (limits.sql)
     CONSTRAINT running_has_lease CHECK (status <> 'running' OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL))
 );
 COMMENT ON TABLE queue_ext.job_queue IS 'Live jobs only; finished jobs move to job_archive or job_dead_letter.';
 
--- The claim index: only runnable rows are in it, in claim order.
+-- The claim index: only runnable rows are in it, in claim order. Rate-limited jobs have
+-- their own, so that a key out of tokens is never scanned past: claims visit only keys
+-- with tokens (limits.sql).
 CREATE INDEX job_queue_claim_idx ON queue_ext.job_queue (queue_name, priority DESC, run_at, id)
-    WHERE status IN ('queued', 'retrying');
+    WHERE status IN ('queued', 'retrying') AND rate_limit_key IS NULL;
+CREATE INDEX job_queue_rate_claim_idx ON queue_ext.job_queue (rate_limit_key, queue_name, priority DESC, run_at, id)
+    WHERE status IN ('queued', 'retrying') AND rate_limit_key IS NOT NULL;
+-- Jobs held for a slot of their concurrency key, in the order they are admitted.
+CREATE INDEX job_queue_key_waiting_idx ON queue_ext.job_queue (concurrency_key, id)
+    WHERE status = 'waiting' AND concurrency_key IS NOT NULL;
 -- Deduplication: at most one unfinished job per (queue, dedupe_key). job_queue holds only
 -- unfinished jobs, so a plain unique index is exactly the rule.
 CREATE UNIQUE INDEX job_queue_dedupe_idx ON queue_ext.job_queue (queue_name, dedupe_key)
@@ -97,7 +106,9 @@ CREATE TABLE queue_ext.job_archive (
     created_at       timestamptz NOT NULL,
     run_at           timestamptz NOT NULL,
     started_at       timestamptz,
-    finished_at      timestamptz NOT NULL DEFAULT now()
+    finished_at      timestamptz NOT NULL DEFAULT now(),
+    rate_limit_key   text,
+    concurrency_key  text
 );
 COMMENT ON TABLE queue_ext.job_archive IS 'Finished jobs (completed or cancelled); purge_jobs() applies retention.';
 CREATE INDEX job_archive_finished_idx ON queue_ext.job_archive (finished_at);
@@ -116,7 +127,9 @@ CREATE TABLE queue_ext.job_dead_letter (
     enqueued_by      name        NOT NULL,
     created_at       timestamptz NOT NULL,
     started_at       timestamptz,
-    died_at          timestamptz NOT NULL DEFAULT now()
+    died_at          timestamptz NOT NULL DEFAULT now(),
+    rate_limit_key   text,
+    concurrency_key  text
 );
 COMMENT ON TABLE queue_ext.job_dead_letter IS 'Jobs that exhausted their attempts or failed permanently; retry_dead_job() redrives one.';
 CREATE INDEX job_dead_letter_died_idx ON queue_ext.job_dead_letter (died_at);

@@ -262,11 +262,13 @@ BEGIN
         RETURNING j.*, o.e
     ), archived AS (
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
-            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at)
+            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+            rate_limit_key, concurrency_key)
         SELECT id, queue_name, payload, priority, 'completed', attempt, max_attempts, worker_id,
                jsonb_build_object('status', (e ->> 'status_code')::integer, 'headers', e -> 'response_headers',
                                   'body', e ->> 'response_body', 'duration_ms', (e ->> 'duration_ms')::float8),
-               last_error, errors, 100, progress_details, enqueued_by, created_at, run_at, started_at
+               last_error, errors, 100, progress_details, enqueued_by, created_at, run_at, started_at,
+               rate_limit_key, concurrency_key
         FROM done
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)

@@ -53,6 +53,22 @@ pub fn claim(
     Ok(items.into_iter().filter_map(parse_claimed).collect())
 }
 
+/// How long until a rate-limited webhook job may be claimed, if one is held back.
+/// (None while the database still runs queue_ext 0.1.0, which has no rate limits.)
+pub fn rate_limit_wait() -> Result<Option<std::time::Duration>, pgrx::spi::Error> {
+    let has_limits =
+        Spi::get_one::<bool>("SELECT to_regprocedure('queue_ext._rate_limit_wait()') IS NOT NULL")?;
+    if has_limits != Some(true) {
+        return Ok(None);
+    }
+    let ms = Spi::get_one::<f64>(
+        "SELECT extract(epoch FROM queue_ext._rate_limit_wait())::float8 * 1000",
+    )?;
+    Ok(ms
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| std::time::Duration::from_micros((ms * 1000.0) as u64)))
+}
+
 fn parse_claimed(item: serde_json::Value) -> Option<Claimed> {
     match serde_json::from_value::<Delivery>(item.clone()) {
         Ok(d) => Some(Claimed::Send(d)),

@@ -93,6 +93,8 @@ struct Dispatcher {
     installed: bool,
     last_sweep: Instant,
     last_purge: Instant,
+    /// When the next token of a rate limit holding back a webhook job comes: sleep no longer.
+    next_token_in: Option<Duration>,
 }
 
 impl Dispatcher {
@@ -137,6 +139,7 @@ impl Dispatcher {
             installed: false,
             last_sweep: stale,
             last_purge: stale,
+            next_token_in: None,
         })
     }
 
@@ -164,7 +167,11 @@ impl Dispatcher {
                     .store(self.in_flight.len() as u32, Ordering::Relaxed);
             }
             if !more_work {
-                self.wait(gucs::poll_interval().min(SWEEP_EVERY));
+                let mut timeout = gucs::poll_interval().min(SWEEP_EVERY);
+                if let Some(t) = self.next_token_in {
+                    timeout = timeout.min(t.max(Duration::from_millis(1)));
+                }
+                self.wait(timeout);
             }
         }
     }
@@ -258,9 +265,19 @@ impl Dispatcher {
             return false;
         }
         let claimed = match BackgroundWorker::transaction(|| {
-            delivery::claim(WORKER_ID, room, &self.busy, None)
+            let claimed = delivery::claim(WORKER_ID, room, &self.busy, None)?;
+            // Short of work: is some of it only waiting for a rate limit's next token?
+            let next_token_in = if claimed.len() < room {
+                delivery::rate_limit_wait()?
+            } else {
+                None
+            };
+            Ok::<_, pgrx::spi::Error>((claimed, next_token_in))
         }) {
-            Ok(c) => c,
+            Ok((c, next_token_in)) => {
+                self.next_token_in = next_token_in;
+                c
+            }
             Err(e) => {
                 pgrx::warning!("queue_ext dispatcher: claiming failed: {e}");
                 return false;

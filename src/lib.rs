@@ -37,9 +37,14 @@ extension_sql_file!(
     requires = ["jobs"]
 );
 extension_sql_file!(
+    "../sql/limits.sql",
+    name = "limits",
+    requires = ["dependencies", wakeup::_wake_dispatcher_at_commit]
+);
+extension_sql_file!(
     "../sql/control.sql",
     name = "control",
-    requires = ["dependencies"]
+    requires = ["limits"]
 );
 extension_sql_file!("../sql/admin.sql", name = "admin", requires = ["control"]);
 extension_sql_file!(
