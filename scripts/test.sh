@@ -5,7 +5,8 @@
 #   1. formatting and lints
 #   2. cargo pgrx test: pure-Rust unit tests and the #[pg_test] tests inside Postgres
 #   3. install the extension into the system Postgres 15
-#   4. pg_regress golden-output SQL tests (pg_test/) against a real cluster
+#   4. pg_regress golden-output SQL tests (pg_test/) against a real cluster, and the upgrade
+#      test: every released version, ALTER EXTENSION UPDATE, compared with a fresh install
 #   5. pytest: concurrency, the webhook dispatcher over real HTTP, crashes, pg_cron (tests/)
 #   6. the benchmark in --quick mode, as a correctness smoke test
 set -euo pipefail
@@ -26,8 +27,9 @@ cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
 step "3/6 cargo pgrx install"
 cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config
 
-step "4/6 pg_regress (pg_test/)"
+step "4/6 pg_regress and the upgrade test (pg_test/)"
 bash pg_test/run.sh
+bash pg_test/upgrade.sh
 
 step "5/6 pytest (tests/)"
 python3 -m pytest -q tests
