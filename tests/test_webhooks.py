@@ -403,3 +403,23 @@ def test_sigterm_drains_or_requeues_in_flight_work(cluster, sink):
     with cluster.connect() as conn:
         log = cluster.log_tail(200)
     assert "stopped" in log or "released" in log
+
+
+def test_rate_limited_webhooks_are_paced_by_the_dispatcher(conn, sink):
+    # The dispatcher sleeps until the next token, not until its next poll (200 ms here).
+    conn.execute("SELECT queue_ext.set_rate_limit('hook-rate', 20, '1 second')")
+    queue, path = new_queue(conn, sink.url)
+    try:
+        conn.execute("SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[40]), rate_limit_key => 'hook-rate')",
+                     [queue])
+        wait_for(lambda: len(sink.to(path)) == 40, 15, what="40 paced deliveries")
+        times = sorted(r.at for r in sink.to(path))
+        span = times[-1] - times[0]
+        worst = max(sum(1 for t in times[i:] if t < s + 1.0) for i, s in enumerate(times))
+        # 40 at 20/s take about 2 s; polling every 200 ms would allow 5/s, 8 s.
+        assert 1.7 <= span <= 3.5, span
+        assert worst <= 22, f"{worst} deliveries within one second, limit 20/s"
+    finally:
+        wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s",
+                                      [queue]).fetchone()[0] == 0, 15)
+        conn.execute("SELECT queue_ext.remove_rate_limit('hook-rate')")

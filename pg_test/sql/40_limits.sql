@@ -51,3 +51,27 @@ SELECT queue_ext.set_concurrency_limit('tenant:2', 2);
 SELECT count(*) FROM queue_ext.enqueue_jobs('limited', ARRAY['{"b": 1}', '{"b": 2}', '{"b": 3}']::jsonb[],
                                             concurrency_key => 'tenant:2');
 SELECT payload, status FROM queue_ext.job_queue WHERE concurrency_key = 'tenant:2' ORDER BY id;
+-- A duplicate enqueue returns the existing job and gives its slot back.
+SELECT queue_ext.set_concurrency_limit('tenant:3', 1);
+SELECT queue_ext.enqueue_job('limited', '{"d": 1}', dedupe_key => 'same', concurrency_key => 'tenant:3') AS dup1 \gset
+SELECT queue_ext.enqueue_job('limited', '{"d": 2}', dedupe_key => 'same', concurrency_key => 'tenant:3') = :'dup1' AS same_job;
+SELECT active FROM queue_ext.concurrency_limits WHERE key = 'tenant:3';
+-- Cancelling the queued job frees its slot for the next one.
+SELECT queue_ext.enqueue_job('limited', '{"d": 3}', concurrency_key => 'tenant:3') IS NOT NULL;
+SELECT queue_ext.cancel_job(:'dup1', 'not needed');
+SELECT payload, status FROM queue_ext.job_queue WHERE concurrency_key = 'tenant:3' ORDER BY id;
+-- A job that waits for a dependency holds no slot; once released it takes its turn.
+SELECT queue_ext.create_queue('chain');
+SELECT queue_ext.set_concurrency_limit('tenant:4', 1);
+SELECT queue_ext.enqueue_job('chain', '{"parent": true}') AS parent \gset
+SELECT queue_ext.enqueue_job('chain', '{"child": true}', depends_on => ARRAY[:'parent']::uuid[],
+                             concurrency_key => 'tenant:4') IS NOT NULL;
+SELECT queue_ext.enqueue_job('chain', '{"other": true}', concurrency_key => 'tenant:4') IS NOT NULL;
+SELECT payload, status FROM queue_ext.job_queue WHERE queue_name = 'chain' ORDER BY id;
+-- Claim both runnable jobs, complete the parent: the child is released but must wait for
+-- the slot that "other" holds.
+SELECT count(*) FROM queue_ext.get_next_jobs('chain', 10);
+SELECT queue_ext.complete_job(:'parent');
+SELECT payload, status FROM queue_ext.job_queue WHERE queue_name = 'chain' ORDER BY id;
+SELECT queue_ext.complete_job(id) FROM queue_ext.job_queue WHERE queue_name = 'chain' AND status = 'running';
+SELECT payload, status FROM queue_ext.job_queue WHERE queue_name = 'chain' ORDER BY id;
