@@ -193,7 +193,10 @@ BEGIN
     IF q.paused THEN
         RETURN;
     END IF;
-    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits) THEN
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                   WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
+                     AND j.rate_limit_key IS NOT NULL) THEN
         RETURN QUERY SELECT * FROM queue_ext._claim_limited(ARRAY[q.queue_name], get_next_jobs.n,
                                                             get_next_jobs.worker_id, lease_for);
         RETURN;
@@ -257,7 +260,10 @@ BEGIN
     IF FOUND THEN
         PERFORM queue_ext._queue(unknown);
     END IF;
-    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits) THEN
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                   WHERE (get_next_jobs.queue_names IS NULL OR j.queue_name = ANY (get_next_jobs.queue_names))
+                     AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NOT NULL) THEN
         RETURN QUERY SELECT * FROM queue_ext._claim_limited(get_next_jobs.queue_names, get_next_jobs.n,
                                                             get_next_jobs.worker_id, get_next_jobs.lease);
         RETURN;
@@ -332,8 +338,8 @@ BEGIN
         FROM (SELECT r.key, floor(queue_ext._tokens(r))::integer AS tokens FROM queue_ext.rate_limits AS r) AS b
         CROSS JOIN LATERAL (
             SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
-            WHERE j.rate_limit_key = b.key AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
-              AND j.queue_name IN (SELECT o.queue_name FROM open_queues AS o)
+            WHERE j.queue_name IN (SELECT o.queue_name FROM open_queues AS o) AND j.rate_limit_key = b.key
+              AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
             ORDER BY j.priority DESC, j.run_at, j.id
             LIMIT least(_claim_limited.n, b.tokens)
             FOR UPDATE OF j SKIP LOCKED

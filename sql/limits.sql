@@ -162,11 +162,18 @@ CREATE FUNCTION queue_ext._slot_freed() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    c queue_ext.concurrency_limits;
 BEGIN
-    PERFORM queue_ext._lock_key(OLD.concurrency_key);
-    UPDATE queue_ext.concurrency_limits AS l SET active = greatest(l.active - 1, 0)
-    WHERE l.key = OLD.concurrency_key;
-    PERFORM queue_ext._admit_waiting(OLD.concurrency_key);
+    -- The UPDATE takes the key's lock (the row exists: the job took a slot from it).
+    UPDATE queue_ext.concurrency_limits AS l SET active = greatest(l.active - 1, 0), updated_at = now()
+    WHERE l.key = OLD.concurrency_key
+    RETURNING * INTO c;
+    IF (c.max_running IS NULL OR c.active < c.max_running)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS t
+                   WHERE t.concurrency_key = OLD.concurrency_key AND t.status = 'waiting') THEN
+        PERFORM queue_ext._admit_waiting(OLD.concurrency_key);
+    END IF;
     RETURN NULL;
 END
 $$;

@@ -13,7 +13,7 @@ ALTER TABLE queue_ext.job_dead_letter ADD COLUMN rate_limit_key text, ADD COLUMN
 DROP INDEX queue_ext.job_queue_claim_idx;
 CREATE INDEX job_queue_claim_idx ON queue_ext.job_queue (queue_name, priority DESC, run_at, id)
     WHERE status IN ('queued', 'retrying') AND rate_limit_key IS NULL;
-CREATE INDEX job_queue_rate_claim_idx ON queue_ext.job_queue (rate_limit_key, queue_name, priority DESC, run_at, id)
+CREATE INDEX job_queue_rate_claim_idx ON queue_ext.job_queue (queue_name, rate_limit_key, priority DESC, run_at, id)
     WHERE status IN ('queued', 'retrying') AND rate_limit_key IS NOT NULL;
 -- Jobs held for a slot of their concurrency key, in the order they are admitted.
 CREATE INDEX job_queue_key_waiting_idx ON queue_ext.job_queue (concurrency_key, id)
@@ -184,11 +184,18 @@ CREATE FUNCTION queue_ext._slot_freed() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    c queue_ext.concurrency_limits;
 BEGIN
-    PERFORM queue_ext._lock_key(OLD.concurrency_key);
-    UPDATE queue_ext.concurrency_limits AS l SET active = greatest(l.active - 1, 0)
-    WHERE l.key = OLD.concurrency_key;
-    PERFORM queue_ext._admit_waiting(OLD.concurrency_key);
+    -- The UPDATE takes the key's lock (the row exists: the job took a slot from it).
+    UPDATE queue_ext.concurrency_limits AS l SET active = greatest(l.active - 1, 0), updated_at = now()
+    WHERE l.key = OLD.concurrency_key
+    RETURNING * INTO c;
+    IF (c.max_running IS NULL OR c.active < c.max_running)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS t
+                   WHERE t.concurrency_key = OLD.concurrency_key AND t.status = 'waiting') THEN
+        PERFORM queue_ext._admit_waiting(OLD.concurrency_key);
+    END IF;
     RETURN NULL;
 END
 $$;
@@ -495,7 +502,10 @@ BEGIN
     IF q.paused THEN
         RETURN;
     END IF;
-    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits) THEN
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                   WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
+                     AND j.rate_limit_key IS NOT NULL) THEN
         RETURN QUERY SELECT * FROM queue_ext._claim_limited(ARRAY[q.queue_name], get_next_jobs.n,
                                                             get_next_jobs.worker_id, lease_for);
         RETURN;
@@ -560,7 +570,10 @@ BEGIN
     IF FOUND THEN
         PERFORM queue_ext._queue(unknown);
     END IF;
-    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits) THEN
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                   WHERE (get_next_jobs.queue_names IS NULL OR j.queue_name = ANY (get_next_jobs.queue_names))
+                     AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NOT NULL) THEN
         RETURN QUERY SELECT * FROM queue_ext._claim_limited(get_next_jobs.queue_names, get_next_jobs.n,
                                                             get_next_jobs.worker_id, get_next_jobs.lease);
         RETURN;
@@ -636,8 +649,8 @@ BEGIN
         FROM (SELECT r.key, floor(queue_ext._tokens(r))::integer AS tokens FROM queue_ext.rate_limits AS r) AS b
         CROSS JOIN LATERAL (
             SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
-            WHERE j.rate_limit_key = b.key AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
-              AND j.queue_name IN (SELECT o.queue_name FROM open_queues AS o)
+            WHERE j.queue_name IN (SELECT o.queue_name FROM open_queues AS o) AND j.rate_limit_key = b.key
+              AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
             ORDER BY j.priority DESC, j.run_at, j.id
             LIMIT least(_claim_limited.n, b.tokens)
             FOR UPDATE OF j SKIP LOCKED

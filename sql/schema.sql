@@ -72,10 +72,10 @@ COMMENT ON TABLE queue_ext.job_queue IS 'Live jobs only; finished jobs move to j
 
 -- The claim index: only runnable rows are in it, in claim order. Rate-limited jobs have
 -- their own, so that a key out of tokens is never scanned past: claims visit only keys
--- with tokens (limits.sql).
+-- with tokens (limits.sql), and only in queues that hold rate-limited jobs at all.
 CREATE INDEX job_queue_claim_idx ON queue_ext.job_queue (queue_name, priority DESC, run_at, id)
     WHERE status IN ('queued', 'retrying') AND rate_limit_key IS NULL;
-CREATE INDEX job_queue_rate_claim_idx ON queue_ext.job_queue (rate_limit_key, queue_name, priority DESC, run_at, id)
+CREATE INDEX job_queue_rate_claim_idx ON queue_ext.job_queue (queue_name, rate_limit_key, priority DESC, run_at, id)
     WHERE status IN ('queued', 'retrying') AND rate_limit_key IS NOT NULL;
 -- Jobs held for a slot of their concurrency key, in the order they are admitted.
 CREATE INDEX job_queue_key_waiting_idx ON queue_ext.job_queue (concurrency_key, id)
