@@ -13,7 +13,6 @@
 CREATE FUNCTION queue_ext._dependency_state(new_job uuid, depends_on uuid[],
                                             OUT state queue_ext.job_state, OUT blocked_by uuid)
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     missing uuid;
@@ -47,7 +46,6 @@ $$;
 -- A job completed: drop its edges and queue every dependent left with none.
 CREATE FUNCTION queue_ext._release_dependents(completed uuid) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     dependents uuid[];
@@ -91,7 +89,6 @@ $$;
 -- A job ended dead or cancelled: cancel everything waiting on it, and on those, and so on.
 CREATE FUNCTION queue_ext._cancel_dependents(failed uuid, reason text) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     dependents uuid[];

@@ -8,7 +8,6 @@
 CREATE FUNCTION queue_ext._notify(job_id uuid, queue_name text, status text, attempt integer,
                                   progress real, error text) RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT pg_notify('queue_ext_events', json_build_object(
         'id', job_id, 'queue', queue_name, 'status', status, 'attempt', attempt,
@@ -17,7 +16,6 @@ $$;
 
 CREATE FUNCTION queue_ext._publish_transitions() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM queue_ext._notify(t.job_id, t.queue_name, t.to_status::text, t.attempt, NULL, t.error)

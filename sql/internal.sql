@@ -1,12 +1,17 @@
 -- Internal helpers. Not granted to any role: the SECURITY DEFINER API calls them as the
 -- extension owner. Each raises the SQLSTATE a caller can act on, with a message naming the
 -- bad value.
+--
+-- search_path: every entry point (the SECURITY DEFINER API, and the helpers the dispatcher
+-- calls directly: _dispatch_*, _return_running, _purge_deliveries, _rate_limit_wait) pins
+-- it. Helpers reached only through those run under the pinned path already, so they carry
+-- no SET clause of their own: a SET costs a configuration switch on every call (measured
+-- 5-10 us each, a third of an enqueue's CPU time) and keeps SQL helpers from being inlined.
 
 -- The role that called us. Inside a SECURITY DEFINER function current_user is the owner,
 -- so we read the session's active role instead (SET ROLE, as PostgREST does, included).
 CREATE FUNCTION queue_ext._invoker() RETURNS name
 LANGUAGE sql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE WHEN current_setting('role') = 'none' THEN session_user
                 ELSE current_setting('role')::name END
@@ -30,7 +35,6 @@ $$;
 
 CREATE FUNCTION queue_ext._queue(queue_name text) RETURNS queue_ext.queues
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     q queue_ext.queues;
@@ -49,7 +53,6 @@ $$;
 
 CREATE FUNCTION queue_ext._priority(priority text) RETURNS queue_ext.job_priority
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF priority IS NULL OR priority NOT IN ('low', 'normal', 'high', 'critical') THEN
@@ -63,7 +66,6 @@ $$;
 -- Checks one payload; position names it in a batch error.
 CREATE FUNCTION queue_ext._check_payload(payload jsonb, item integer DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     limit_bytes integer := queue_ext.max_payload_bytes();
@@ -87,7 +89,6 @@ $$;
 -- When a job should start, from the enqueue options.
 CREATE FUNCTION queue_ext._start_time(run_at timestamptz, delay interval) RETURNS timestamptz
 LANGUAGE plpgsql STABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF run_at IS NOT NULL AND delay IS NOT NULL THEN
@@ -102,7 +103,6 @@ $$;
 
 CREATE FUNCTION queue_ext._check_max_attempts(max_attempts integer) RETURNS void
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF max_attempts IS NOT NULL AND (max_attempts < 1 OR max_attempts > 1000) THEN
@@ -115,7 +115,6 @@ $$;
 -- its upper half, so that jobs failing together do not come back together.
 CREATE FUNCTION queue_ext._backoff(base interval, cap interval, attempt integer) RETURNS interval
 LANGUAGE sql VOLATILE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT d * (0.5 + random() * 0.5)
     FROM (SELECT least(base * power(2, least(greatest(attempt, 1) - 1, 40)), cap) AS d) AS s

@@ -40,8 +40,12 @@ DECLARE
     took_slot boolean := false;
 BEGIN
     PERFORM queue_ext._check_payload(enqueue_job.payload);
-    PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
-    PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+    IF enqueue_job.max_attempts IS NOT NULL THEN
+        PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
+    END IF;
+    IF enqueue_job.rate_limit_key IS NOT NULL OR enqueue_job.concurrency_key IS NOT NULL THEN
+        PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+    END IF;
     IF enqueue_job.depends_on IS NOT NULL AND cardinality(enqueue_job.depends_on) > 0 THEN
         SELECT w.state, w.blocked_by INTO initial, blocked_by
         FROM queue_ext._dependency_state(new_id, enqueue_job.depends_on) AS w;
@@ -314,7 +318,6 @@ $$;
 CREATE FUNCTION queue_ext._claim_limited(queue_names text[], n integer, worker_id text, lease interval)
 RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -377,16 +380,16 @@ BEGIN
 END
 $$;
 
+-- One job. Plain SQL wrappers without a SET clause of their own (get_next_jobs pins the
+-- path), so that they cost no more than a call to get_next_jobs.
 CREATE FUNCTION queue_ext.get_next_job(queue_name text, worker_id text DEFAULT NULL, lease interval DEFAULT NULL)
 RETURNS SETOF queue_ext.claimed_job
 LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_name, 1, worker_id, lease) $$;
 
 CREATE FUNCTION queue_ext.get_next_job(queue_names text[], worker_id text DEFAULT NULL, lease interval DEFAULT NULL)
 RETURNS SETOF queue_ext.claimed_job
 LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_names, 1, worker_id, lease) $$;
 
 -- Completes a running job if the lease allows. Returns its new state ('completed', or
@@ -395,7 +398,6 @@ AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_names, 1, worker_id, lease) $$
 -- raised); complete_job raises instead.
 CREATE FUNCTION queue_ext._complete(job_id uuid, result jsonb, lease_token uuid) RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -421,7 +423,11 @@ BEGIN
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
     IF final = 'completed' THEN
-        PERFORM queue_ext._release_dependents(j.id);
+        -- Most jobs have no dependents: one index probe instead of a call. (An enqueue that
+        -- adds a dependent holds a lock on this job's row, which our DELETE waited for.)
+        IF EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = j.id) THEN
+            PERFORM queue_ext._release_dependents(j.id);
+        END IF;
     ELSE
         PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));
     END IF;
@@ -454,7 +460,6 @@ $$;
 -- Moves a job (already deleted from job_queue by the caller) into the dead letter queue.
 CREATE FUNCTION queue_ext._bury(j queue_ext.job_queue, reason text, error text) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     INSERT INTO queue_ext.job_dead_letter (id, queue_name, payload, priority, attempt, max_attempts,
@@ -483,7 +488,6 @@ CREATE FUNCTION queue_ext._fail(
     retry_in    interval
 ) RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -629,8 +633,11 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM queue_ext.complete_job(complete_and_get_next.job_id, complete_and_get_next.result,
-                                   complete_and_get_next.lease_token);
+    IF queue_ext._complete(complete_and_get_next.job_id, complete_and_get_next.result,
+                           complete_and_get_next.lease_token) IS NULL THEN
+        PERFORM queue_ext._raise_not_running(complete_and_get_next.job_id, complete_and_get_next.lease_token,
+                                             'complete');
+    END IF;
     RETURN QUERY SELECT * FROM queue_ext.get_next_jobs(complete_and_get_next.queue_name, 1,
                                                        complete_and_get_next.worker_id, complete_and_get_next.lease);
 END

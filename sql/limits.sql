@@ -46,7 +46,6 @@ SELECT pg_catalog.pg_extension_config_dump('queue_ext.concurrency_limits', '');
 -- due does not push every later token back, so busy workers sustain the full rate.
 CREATE FUNCTION queue_ext._tokens(r queue_ext.rate_limits) RETURNS double precision
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT least(r.burst + 0.999,
                  r.tokens + greatest(0, extract(epoch FROM now() - r.refilled_at))
@@ -55,7 +54,6 @@ $$;
 
 CREATE FUNCTION queue_ext._check_key(what text, key text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF key IS NOT NULL AND (key = '' OR length(key) > 200) THEN
@@ -67,7 +65,6 @@ $$;
 -- Validates the limit keys of a new job; a rate limit must exist before jobs name it.
 CREATE FUNCTION queue_ext._check_limit_keys(rate_limit_key text, concurrency_key text) RETURNS void
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM queue_ext._check_key('rate_limit_key', rate_limit_key);
@@ -83,7 +80,6 @@ $$;
 -- Locks a key's slot row (creating it on first use) and returns it as it is now.
 CREATE FUNCTION queue_ext._lock_key(key text) RETURNS queue_ext.concurrency_limits
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     c queue_ext.concurrency_limits;
@@ -101,7 +97,6 @@ $$;
 -- job then waits). Keeps the key locked until the transaction ends.
 CREATE FUNCTION queue_ext._take_slot(key text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     c queue_ext.concurrency_limits := queue_ext._lock_key(key);
@@ -118,7 +113,6 @@ $$;
 -- The caller holds the key's lock. Returns how many it admitted.
 CREATE FUNCTION queue_ext._admit_waiting(key text) RETURNS integer
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     c queue_ext.concurrency_limits;
@@ -160,7 +154,6 @@ $$;
 -- and admit the next waiting job of the key, in the same transaction.
 CREATE FUNCTION queue_ext._slot_freed() RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     c queue_ext.concurrency_limits;

@@ -144,7 +144,6 @@ $$;
 -- {"type": "job.completed", "job_id": ..., "queue": ..., "status": ..., "attempt": ..., "result": ...}.
 CREATE FUNCTION queue_ext._emit_callback(j queue_ext.job_queue, event text, result jsonb) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     new_id uuid := queue_ext.uuid_generate_v7();
