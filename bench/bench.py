@@ -147,7 +147,7 @@ def drain_worker(dsn, queue, batch, start, out):
                                      [queue, batch, me], prepare=True).fetchall()
                     if not rows:
                         break
-                    c.execute("SELECT count(queue_ext.complete_job(j, NULL, t)) FROM unnest(%s::uuid[], %s::uuid[]) AS u(j, t)",
+                    c.execute("SELECT count(*) FROM queue_ext.complete_jobs(%s::uuid[], %s::uuid[])",
                               [[r[0] for r in rows], [r[1] for r in rows]], prepare=True)
                 done += len(rows)
     out.put(done)

@@ -34,6 +34,7 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.get_next_jobs(text, integer, text, interval),
     queue_ext.get_next_jobs(text[], integer, text, interval),
     queue_ext.complete_job(uuid, jsonb, uuid),
+    queue_ext.complete_jobs(uuid[], uuid[], jsonb[]),
     queue_ext.complete_and_get_next(uuid, text, jsonb, uuid, text, interval),
     queue_ext.fail_job(uuid, text, uuid, boolean, interval),
     queue_ext.heartbeat(uuid, uuid, interval),
