@@ -265,3 +265,28 @@ def test_state_changes_are_published_with_notify(cluster, conn):
     assert [(e["status"], e.get("progress")) for e in events] == [
         ("queued", None), ("running", None), ("progress", 40), ("completed", None)], events
     assert all(e["id"] == str(job) and e["queue"] == queue for e in events)
+
+
+def test_eight_workers_batch_claim_and_complete_jobs_exactly_once(cluster, conn):
+    queue = new_queue(conn)
+    ids = fill(conn, queue, 20_000)
+
+    def worker(i):
+        got = []
+        with cluster.connect() as c:
+            while True:
+                rows = c.execute("SELECT job_id, lease_token FROM queue_ext.get_next_jobs(%s, 100, %s)",
+                                 [queue, f"w{i}"]).fetchall()
+                if not rows:
+                    return got
+                states = c.execute("SELECT job_id, status::text FROM queue_ext.complete_jobs(%s::uuid[], %s::uuid[])",
+                                   [[r[0] for r in rows], [r[1] for r in rows]]).fetchall()
+                assert [s for _, s in states] == ["completed"] * len(rows)
+                got += [j for j, _ in states]
+
+    claimed = run_threads(8, worker)
+    flat = [j for per in claimed for j in per]
+    assert len(flat) == len(set(flat)) == 20_000, "no job completed twice"
+    assert set(flat) == set(ids), "no job lost"
+    assert conn.execute("SELECT count(*) FROM queue_ext.job_archive WHERE queue_name = %s AND status = 'completed'",
+                        [queue]).fetchone()[0] == 20_000
