@@ -17,8 +17,19 @@ if ! flock -n 9; then
 fi
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
 rm -rf "$dir"
-"$root/scripts/cluster.sh" start "$dir" "$port" "queue_ext.http_allowlist = '127.0.0.1'" "queue_ext.max_in_flight = 512"
-python3 "$here/sink.py" "$sink_port" &
+# QE_BENCH_SETTING adds one postgresql.conf line, e.g. "queue_ext.dispatcher_synchronous_commit = off".
+"$root/scripts/cluster.sh" start "$dir" "$port" "queue_ext.http_allowlist = '127.0.0.1'" "queue_ext.max_in_flight = 512" \
+  ${QE_BENCH_SETTING:+"$QE_BENCH_SETTING"}
+# The sink is compiled (std-only Rust, builds in seconds) so that the benchmark measures the
+# dispatcher, not a Python HTTP server; bench/sink.py is the same sink in Python.
+# QE_BENCH_SINK=python uses that one instead.
+if [ "${QE_BENCH_SINK:-rust}" = python ]; then
+  python3 "$here/sink.py" "$sink_port" &
+else
+  sink_target=${CARGO_TARGET_DIR:-$root/target}/bench-sink
+  cargo build -q --release --manifest-path "$here/sink-rs/Cargo.toml" --target-dir "$sink_target"
+  "$sink_target/release/queue_ext_bench_sink" "$sink_port" &
+fi
 sink_pid=$!
 trap 'kill $sink_pid 2>/dev/null || true; "$root/scripts/cluster.sh" stop "$dir"' EXIT
 psql -q -h 127.0.0.1 -p "$port" -U postgres -c "CREATE EXTENSION queue_ext" postgres

@@ -157,8 +157,7 @@ impl Dispatcher {
             }
             let mut more_work = false;
             if self.ensure_installed() {
-                self.record_finished();
-                more_work = self.claim_and_send();
+                more_work = self.record_and_claim();
                 self.maintain();
             }
             if let Some(slot) = self.slot {
@@ -228,12 +227,65 @@ impl Dispatcher {
         true
     }
 
-    /// Records every finished request in one transaction.
-    fn record_finished(&mut self) {
-        let outcomes: Vec<Outcome> = self.done_rx.try_iter().collect();
-        if outcomes.is_empty() {
-            return;
+    /// Records every finished request and claims what there is room for, in one transaction
+    /// (one commit per turn of the loop, however busy), then starts the new requests. True
+    /// when it filled every free slot, so there may be more to claim at once.
+    fn record_and_claim(&mut self) -> bool {
+        let outcomes = self.take_finished();
+        let room = gucs::max_in_flight().saturating_sub(self.in_flight.len());
+        if outcomes.is_empty() && room == 0 {
+            return false;
         }
+        let turn = BackgroundWorker::transaction(|| {
+            if !gucs::dispatcher_synchronous_commit() {
+                Spi::run("SET LOCAL synchronous_commit = off")?;
+            }
+            if !outcomes.is_empty() {
+                delivery::record(&outcomes)?;
+            }
+            if room == 0 {
+                return Ok::<_, pgrx::spi::Error>(Vec::new());
+            }
+            delivery::claim(WORKER_ID, room, &self.busy, None)
+        });
+        let claimed = match turn {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                // The leases stay; the sweep returns these jobs for another attempt.
+                pgrx::warning!(
+                    "queue_ext dispatcher: recording {} outcomes and claiming failed: {e}",
+                    outcomes.len()
+                );
+                return false;
+            }
+        };
+        let full = room > 0 && claimed.len() >= room;
+        let short = room > 0 && claimed.len() < room;
+        let mut unusable = Vec::new();
+        for c in claimed {
+            match c {
+                Claimed::Send(d) => self.send(d),
+                Claimed::Unusable(o) => unusable.push(o),
+            }
+        }
+        if !unusable.is_empty() {
+            if let Err(e) = BackgroundWorker::transaction(|| delivery::record(&unusable)) {
+                pgrx::warning!("queue_ext dispatcher: recording unusable deliveries failed: {e}");
+            }
+        }
+        // Short of work: is some of it only waiting for a rate limit's next token? (Asked
+        // after the requests are on their way, in a read-only transaction of its own.)
+        self.next_token_in = if short {
+            BackgroundWorker::transaction(delivery::rate_limit_wait).unwrap_or(None)
+        } else {
+            None
+        };
+        full
+    }
+
+    /// Takes the finished requests off the in-flight books (their outcomes still to record).
+    fn take_finished(&mut self) -> Vec<Outcome> {
+        let outcomes: Vec<Outcome> = self.done_rx.try_iter().collect();
         for o in &outcomes {
             self.in_flight.remove(&o.job_id);
             if let Some(n) = self.busy.get_mut(&o.queue_name) {
@@ -248,55 +300,21 @@ impl Dispatcher {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         }
+        outcomes
+    }
+
+    /// Records finished requests on their own (at shutdown, when nothing more is claimed).
+    fn record_finished(&mut self) {
+        let outcomes = self.take_finished();
+        if outcomes.is_empty() {
+            return;
+        }
         if let Err(e) = BackgroundWorker::transaction(|| delivery::record(&outcomes)) {
-            // The leases stay; the sweep returns these jobs for another attempt.
             pgrx::warning!(
                 "queue_ext dispatcher: recording {} outcomes failed: {e}",
                 outcomes.len()
             );
         }
-    }
-
-    /// Claims what there is room for and starts the requests. True when it filled every
-    /// free slot, so there may be more to claim at once.
-    fn claim_and_send(&mut self) -> bool {
-        let room = gucs::max_in_flight().saturating_sub(self.in_flight.len());
-        if room == 0 {
-            return false;
-        }
-        let claimed = match BackgroundWorker::transaction(|| {
-            let claimed = delivery::claim(WORKER_ID, room, &self.busy, None)?;
-            // Short of work: is some of it only waiting for a rate limit's next token?
-            let next_token_in = if claimed.len() < room {
-                delivery::rate_limit_wait()?
-            } else {
-                None
-            };
-            Ok::<_, pgrx::spi::Error>((claimed, next_token_in))
-        }) {
-            Ok((c, next_token_in)) => {
-                self.next_token_in = next_token_in;
-                c
-            }
-            Err(e) => {
-                pgrx::warning!("queue_ext dispatcher: claiming failed: {e}");
-                return false;
-            }
-        };
-        let full = claimed.len() >= room;
-        let mut unusable = Vec::new();
-        for c in claimed {
-            match c {
-                Claimed::Send(d) => self.send(d),
-                Claimed::Unusable(o) => unusable.push(o),
-            }
-        }
-        if !unusable.is_empty() {
-            if let Err(e) = BackgroundWorker::transaction(|| delivery::record(&unusable)) {
-                pgrx::warning!("queue_ext dispatcher: recording unusable deliveries failed: {e}");
-            }
-        }
-        full
     }
 
     fn send(&mut self, d: Delivery) {
