@@ -315,9 +315,12 @@ $$;
 -- update re-checks the tokens on the newest row version, so concurrent claimers cannot
 -- overspend: a key whose tokens went meanwhile has none of its jobs claimed this time.
 -- queue_names NULL means every queue; lease NULL means each queue's own.
+-- jit = off: the planner cannot know how few rows the per-key LIMITs yield, overestimates
+-- the statement's cost and JIT-compiles it on every call (measured: 66 ms of a 70 ms claim).
 CREATE FUNCTION queue_ext._claim_limited(queue_names text[], n integer, worker_id text, lease interval)
 RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE
+SET jit = off
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -337,11 +340,13 @@ BEGIN
             FOR UPDATE OF j SKIP LOCKED
         ) AS c
     ), limited AS (
-        SELECT c.id, c.status AS old_status, c.priority, c.run_at, b.key AS rate_key
-        FROM (SELECT r.key, floor(queue_ext._tokens(r))::integer AS tokens FROM queue_ext.rate_limits AS r) AS b
+        -- Per queue and key, so that the index hands over rows in claim order.
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, b.key AS rate_key, b.tokens
+        FROM open_queues AS o
+        CROSS JOIN (SELECT r.key, floor(queue_ext._tokens(r))::integer AS tokens FROM queue_ext.rate_limits AS r) AS b
         CROSS JOIN LATERAL (
             SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
-            WHERE j.queue_name IN (SELECT o.queue_name FROM open_queues AS o) AND j.rate_limit_key = b.key
+            WHERE j.queue_name = o.queue_name AND j.rate_limit_key = b.key
               AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
             ORDER BY j.priority DESC, j.run_at, j.id
             LIMIT least(_claim_limited.n, b.tokens)
@@ -349,7 +354,13 @@ BEGIN
         ) AS c
         WHERE b.tokens >= 1
     ), next AS (
-        SELECT * FROM (SELECT * FROM unlimited UNION ALL SELECT * FROM limited) AS u
+        -- The best n, taking no more of a key than it has tokens (its jobs may come from
+        -- several queues).
+        SELECT id, old_status, priority, run_at, rate_key FROM (
+            SELECT u.*, row_number() OVER (PARTITION BY u.rate_key ORDER BY u.priority DESC, u.run_at, u.id) AS nth
+            FROM (SELECT *, NULL::integer AS tokens FROM unlimited UNION ALL SELECT * FROM limited) AS u
+        ) AS ranked
+        WHERE rate_key IS NULL OR nth <= tokens
         ORDER BY priority DESC, run_at, id
         LIMIT _claim_limited.n
     ), spent AS (
