@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
-# Throughput with 0 and with 5 million finished jobs retained (bench/history.py), on a
-# throwaway cluster.   bash bench/history.sh [--retained N] [--reps R]
+# Claim+complete throughput (4 workers, one job per call) with an empty history and with
+# 5,000,000 finished jobs retained: the history cell of bench/run.sh on its own.
+#   bash bench/history.sh [--retained N] [--reps R]
+# QE_HISTORY_DIR / QE_HISTORY_PORT move its throwaway cluster (and the webhook sink, on PORT+1).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(dirname "$here")
-dir=${QE_HISTORY_DIR:-/tmp/queue_ext_bench_history}
-port=${QE_HISTORY_PORT:-55482}
-"$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
-rm -rf "$dir"
-"$root/scripts/cluster.sh" start "$dir" "$port" "shared_buffers = '256MB'" "max_wal_size = '4GB'" >/dev/null
-trap '"$root/scripts/cluster.sh" stop "$dir" >/dev/null' EXIT
-psql -X -q -h 127.0.0.1 -p "$port" -U postgres -c "CREATE EXTENSION queue_ext" postgres
-cd "$here" && python3 history.py --dsn "host=127.0.0.1 port=$port user=postgres dbname=postgres" "$@"
+export QE_BENCH_DIR=${QE_HISTORY_DIR:-/tmp/queue_ext_bench_history}
+export QE_BENCH_PORT=${QE_HISTORY_PORT:-55482}
+exec bash "$here/run.sh" --only history "$@"

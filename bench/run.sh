@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Runs the benchmark on a throwaway cluster (queue_ext preloaded, default durability:
-# synchronous_commit on, fsync on) with a local webhook sink. Pass --quick for the smoke test.
-#   bash bench/run.sh [--quick] [--reps N] [--only enqueue,drain,latency,webhooks,floor]
+# synchronous_commit on, fsync on) with a local webhook sink, and its peers (pgmq, graphile-worker)
+# side by side on the same cluster, each in its own database. Pass --quick for the smoke test.
+#   bash bench/run.sh [--quick] [--reps N] [--retained N]
+#                     [--only enqueue,drain,latency,webhooks,floor,history,pgmq,graphile,peers]
+# The default runs everything (history: 5 million finished jobs retained; it takes minutes).
+# --quick runs queue_ext's workloads but history, no peers, and needs no network; peers or
+# history named in --only run small. Peers missing on this machine are fetched first from their
+# registries (bench/peers/setup.sh: the pgmq crate via cargo, graphile-worker via npm ci).
 # QE_BENCH_DIR / QE_BENCH_PORT move the throwaway cluster (and the sink, on PORT+1).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -14,6 +20,13 @@ exec 9>"$dir.lock"
 if ! flock -n 9; then
   echo "bench/run.sh: another run holds $dir.lock; waiting for it to finish" >&2
   flock 9
+fi
+# The peers this run compares with, fetched before the cluster starts when missing.
+peers=$(python3 "$here/bench.py" --plan "$@")
+pgmq_sql=
+if [ -n "$peers" ]; then
+  # shellcheck disable=SC2086
+  pgmq_sql=$(bash "$here/peers/setup.sh" $peers | tail -n 1)
 fi
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
 rm -rf "$dir"
@@ -33,5 +46,18 @@ fi
 sink_pid=$!
 trap 'kill $sink_pid 2>/dev/null || true; "$root/scripts/cluster.sh" stop "$dir"' EXIT
 psql -q -h 127.0.0.1 -p "$port" -U postgres -c "CREATE EXTENSION queue_ext" postgres
+q() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
+for peer in $peers; do
+  case "$peer" in
+    pgmq)
+      q -c "CREATE DATABASE pgmq_bench" postgres
+      q -f "$pgmq_sql" pgmq_bench >/dev/null
+      ;;
+    graphile)
+      q -c "CREATE DATABASE graphile_bench" postgres
+      node "$here/peers/graphile.mjs" migrate "postgres://postgres@127.0.0.1:$port/graphile_bench" >/dev/null
+      ;;
+  esac
+done
 python3 "$here/bench.py" --dsn "host=127.0.0.1 port=$port user=postgres dbname=postgres" \
   --port "$port" --sink-port "$sink_port" "$@"
