@@ -54,9 +54,9 @@ TO queue_ext_worker;
 -- schedules). Admin is also a member of producer and worker (schema.sql).
 GRANT EXECUTE ON FUNCTION
     queue_ext.create_queue(text, integer, interval, interval, interval, boolean, boolean,
-                           text, text, jsonb, interval, integer, text, text, boolean),
+                           text, text, jsonb, interval, integer, text, text, boolean, boolean),
     queue_ext.alter_queue(text, integer, interval, interval, interval, boolean,
-                          text, text, jsonb, interval, integer, text, text, boolean),
+                          text, text, jsonb, interval, integer, text, text, boolean, boolean),
     queue_ext.drop_queue(text, boolean),
     queue_ext.pause_queue(text),
     queue_ext.resume_queue(text),

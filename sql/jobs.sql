@@ -100,8 +100,13 @@ BEGIN
             -- The other job finished between the two statements: try again.
         END LOOP;
     END IF;
-    INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
-    VALUES (new_id, q.queue_name, initial, 0, who);
+    IF q.keep_history THEN
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
+        VALUES (new_id, q.queue_name, initial, 0, who);
+    ELSIF q.notify THEN
+        -- No history row to publish it: say so directly, so that LISTENing workers wake up.
+        PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL, NULL);
+    END IF;
     IF q.is_webhook AND initial = 'queued' THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
     END IF;
@@ -131,6 +136,7 @@ DECLARE
     prio queue_ext.job_priority := queue_ext._priority(enqueue_jobs.priority);
     slots queue_ext.concurrency_limits;
     free integer;  -- how many of the batch get a slot now; NULL: all
+    ids uuid[];
 BEGIN
     PERFORM queue_ext._check_max_attempts(enqueue_jobs.max_attempts);
     PERFORM queue_ext._check_limit_keys(enqueue_jobs.rate_limit_key, enqueue_jobs.concurrency_key);
@@ -151,7 +157,6 @@ BEGIN
     IF q.is_webhook THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
     END IF;
-    RETURN QUERY
     WITH new_jobs AS (
         INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
                                          rate_limit_key, concurrency_key)
@@ -164,10 +169,15 @@ BEGIN
         RETURNING id, status
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
-        SELECT id, q.queue_name, status, 0, who FROM new_jobs
+        SELECT id, q.queue_name, status, 0, who FROM new_jobs WHERE q.keep_history
+    ), events AS (
+        -- Without history rows to publish them (see enqueue_job).
+        SELECT queue_ext._notify(id, q.queue_name, status::text, 0, NULL, NULL) FROM new_jobs
+        WHERE NOT q.keep_history AND q.notify
     )
     -- v7 ids generated in insertion order sort in payload order.
-    SELECT id FROM new_jobs ORDER BY id;
+    SELECT array_agg(id ORDER BY id) INTO ids FROM new_jobs WHERE (SELECT count(*) FROM events) >= 0;
+    RETURN QUERY SELECT unnest(ids);
 END
 $$;
 
@@ -228,6 +238,7 @@ BEGIN
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
         SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+        WHERE q.keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -274,7 +285,7 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH candidates AS (
-        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.lease_duration
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.lease_duration, q.keep_history
         FROM queue_ext.queues AS q
         CROSS JOIN LATERAL (
             SELECT id, status, priority, run_at
@@ -299,10 +310,11 @@ BEGIN
             started_at = coalesce(j.started_at, now())
         FROM next
         WHERE j.id = next.id
-        RETURNING j.*, next.old_status
+        RETURNING j.*, next.old_status, next.keep_history
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
         SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+        WHERE keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -326,7 +338,7 @@ AS $$
 BEGIN
     RETURN QUERY
     WITH open_queues AS (
-        SELECT q.queue_name, q.lease_duration FROM queue_ext.queues AS q
+        SELECT q.queue_name, q.lease_duration, q.keep_history FROM queue_ext.queues AS q
         WHERE NOT q.paused AND (_claim_limited.queue_names IS NULL OR q.queue_name = ANY (_claim_limited.queue_names))
     ), unlimited AS (
         SELECT c.id, c.status AS old_status, c.priority, c.run_at, NULL::text AS rate_key
@@ -380,10 +392,11 @@ BEGIN
         FROM next, open_queues AS o
         WHERE j.id = next.id AND o.queue_name = j.queue_name
           AND (next.rate_key IS NULL OR next.rate_key IN (SELECT s.key FROM spent AS s))
-        RETURNING j.*, next.old_status
+        RETURNING j.*, next.old_status, o.keep_history
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
         SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+        WHERE keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -413,6 +426,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     j queue_ext.job_queue;
+    q queue_ext.queues;
     final queue_ext.job_state;
 BEGIN
     DELETE FROM queue_ext.job_queue
@@ -423,16 +437,20 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
+    SELECT * INTO q FROM queue_ext.queues AS t WHERE t.queue_name = j.queue_name;
     final := CASE WHEN j.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END;
-    INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
-        worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
-        rate_limit_key, concurrency_key)
-    VALUES (j.id, j.queue_name, j.payload, j.priority, final, j.attempt, j.max_attempts,
-        j.worker_id, _complete.result, coalesce(j.cancel_requested, j.last_error), j.errors,
-        CASE WHEN final = 'completed' THEN 100 ELSE j.progress END, j.progress_details,
-        j.enqueued_by, j.created_at, j.run_at, j.started_at, j.rate_limit_key, j.concurrency_key);
-    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
-    VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
+    -- A queue without history deletes its completed jobs (cancelled ones are still kept).
+    IF q.keep_history OR final = 'cancelled' THEN
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+            rate_limit_key, concurrency_key)
+        VALUES (j.id, j.queue_name, j.payload, j.priority, final, j.attempt, j.max_attempts,
+            j.worker_id, _complete.result, coalesce(j.cancel_requested, j.last_error), j.errors,
+            CASE WHEN final = 'completed' THEN 100 ELSE j.progress END, j.progress_details,
+            j.enqueued_by, j.created_at, j.run_at, j.started_at, j.rate_limit_key, j.concurrency_key);
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
+    END IF;
     IF final = 'completed' THEN
         -- Most jobs have no dependents: one index probe instead of a call. (An enqueue that
         -- adds a dependent holds a lock on this job's row, which our DELETE waited for.)
@@ -442,7 +460,7 @@ BEGIN
     ELSE
         PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));
     END IF;
-    IF (SELECT has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+    IF q.has_callback THEN
         PERFORM queue_ext._emit_callback(j, CASE final WHEN 'completed' THEN 'job.completed' ELSE 'job.cancelled' END,
                                          _complete.result);
     END IF;
@@ -505,6 +523,10 @@ BEGIN
           AND (i.token IS NULL OR (t.lease_token = i.token AND t.lease_expires_at > now()))
         RETURNING t AS job, t.*, i.result AS new_result,
                   CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final
+    ), kept AS (
+        -- What the archive and the history keep (queues.keep_history: all, or the cancelled).
+        SELECT d.* FROM done AS d JOIN queue_ext.queues AS q ON q.queue_name = d.queue_name
+        WHERE q.keep_history OR d.final = 'cancelled'
     ), archived AS (
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
             worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
@@ -512,10 +534,10 @@ BEGIN
         SELECT id, queue_name, payload, priority, final, attempt, max_attempts, worker_id, new_result,
                coalesce(cancel_requested, last_error), errors, CASE WHEN final = 'completed' THEN 100 ELSE progress END,
                progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
-        FROM done
+        FROM kept
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
-        SELECT id, queue_name, 'running', final, attempt, worker_id, cancel_requested, enqueued_by FROM done
+        SELECT id, queue_name, 'running', final, attempt, worker_id, cancel_requested, enqueued_by FROM kept
     ), flagged AS (
         SELECT d.*, q.has_callback,
                d.final = 'cancelled' OR q.has_callback

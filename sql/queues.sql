@@ -15,7 +15,8 @@ CREATE FUNCTION queue_ext.create_queue(
     webhook_max_in_flight    integer  DEFAULT NULL,
     webhook_secret           text     DEFAULT NULL,
     callback_url             text     DEFAULT NULL,
-    webhook_follow_redirects boolean  DEFAULT NULL
+    webhook_follow_redirects boolean  DEFAULT NULL,
+    keep_history             boolean  DEFAULT true
 ) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -34,9 +35,11 @@ BEGIN
         RAISE EXCEPTION 'lease_duration must be positive (got %)', coalesce(create_queue.lease_duration::text, 'NULL')
             USING ERRCODE = '22023';
     END IF;
-    INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration, notify)
+    INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration, notify,
+                                  keep_history)
     VALUES (create_queue.queue_name, create_queue.max_attempts, create_queue.backoff_base,
-            create_queue.backoff_cap, create_queue.lease_duration, coalesce(create_queue.notify_events, true))
+            create_queue.backoff_cap, create_queue.lease_duration, coalesce(create_queue.notify_events, true),
+            coalesce(create_queue.keep_history, true))
     ON CONFLICT (queue_name) DO NOTHING;
     IF NOT FOUND THEN
         IF create_queue.if_not_exists THEN
@@ -67,7 +70,8 @@ CREATE FUNCTION queue_ext.alter_queue(
     webhook_max_in_flight    integer  DEFAULT NULL,
     webhook_secret           text     DEFAULT NULL,
     callback_url             text     DEFAULT NULL,
-    webhook_follow_redirects boolean  DEFAULT NULL
+    webhook_follow_redirects boolean  DEFAULT NULL,
+    keep_history             boolean  DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -88,6 +92,7 @@ BEGIN
         backoff_cap    = coalesce(alter_queue.backoff_cap, backoff_cap),
         lease_duration = coalesce(alter_queue.lease_duration, lease_duration),
         notify         = coalesce(alter_queue.notify_events, notify),
+        keep_history   = coalesce(alter_queue.keep_history, keep_history),
         updated_at     = now()
     WHERE queue_name = alter_queue.queue_name;
     PERFORM queue_ext._set_webhook(alter_queue.queue_name, alter_queue.webhook_url, alter_queue.webhook_method,
@@ -170,11 +175,12 @@ RETURNS TABLE (
     is_webhook     boolean,
     has_callback   boolean,
     notify_events  boolean,
-    created_at     timestamptz
+    created_at     timestamptz,
+    keep_history   boolean
 )
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT queue_name, paused, max_attempts, backoff_base, backoff_cap, lease_duration, is_webhook, has_callback, notify, created_at
+    SELECT queue_name, paused, max_attempts, backoff_base, backoff_cap, lease_duration, is_webhook, has_callback, notify, created_at, keep_history
     FROM queue_ext.queues ORDER BY queue_name
 $$;

@@ -34,6 +34,11 @@ CREATE TABLE queue_ext.queues (
     notify           boolean     NOT NULL DEFAULT true,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
+    -- false: the three routine records of every job (its enqueue, claim and completion rows
+    -- in job_status_history, and its job_archive row once completed) are not written, for
+    -- high-volume queues that do not need them; failures, retries, dead letters,
+    -- cancellations and admin actions are still recorded. (Last: upgrades add it here.)
+    keep_history     boolean     NOT NULL DEFAULT true,
     CONSTRAINT queue_name_format CHECK (queue_name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$')
 );
 COMMENT ON TABLE queue_ext.queues IS 'One row per queue: its defaults for retries, backoff and leases.';

@@ -241,6 +241,7 @@ AS $$
 DECLARE
     o jsonb;
     fast uuid[];
+    unlogged uuid[];  -- delivered jobs of queues without history: no archive or log row
     applied uuid[] := '{}';
     ok boolean;
     response jsonb;
@@ -258,7 +259,7 @@ BEGIN
         WHERE j.id = o.id AND j.status = 'running' AND j.lease_token = o.token AND j.lease_expires_at > now()
           AND j.cancel_requested IS NULL
           AND NOT (SELECT q.has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
-        RETURNING j.*, o.e
+        RETURNING j.*, o.e, (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) AS keep
     ), archived AS (
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
             worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
@@ -268,12 +269,13 @@ BEGIN
                                   'body', e ->> 'response_body', 'duration_ms', (e ->> 'duration_ms')::float8),
                last_error, errors, 100, progress_details, enqueued_by, created_at, run_at, started_at,
                rate_limit_key, concurrency_key
-        FROM done
+        FROM done WHERE keep
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT id, queue_name, 'running', 'completed', attempt, worker_id, enqueued_by FROM done
+        SELECT id, queue_name, 'running', 'completed', attempt, worker_id, enqueued_by FROM done WHERE keep
     )
-    SELECT coalesce(array_agg(id), '{}') INTO fast FROM done;
+    SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE NOT keep), '{}')
+    INTO fast, unlogged FROM done;
     PERFORM queue_ext._release_dependents(d) FROM unnest(fast) AS d
     WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);
 
@@ -301,7 +303,8 @@ BEGIN
            CASE WHEN (e ->> 'job_id')::uuid = ANY (fast || applied) THEN e ->> 'outcome' ELSE 'stale' END,
            (e ->> 'status_code')::integer, e ->> 'error', (e ->> 'duration_ms')::float8,
            e -> 'response_headers', e ->> 'response_body'
-    FROM jsonb_array_elements(outcomes) AS e;
+    FROM jsonb_array_elements(outcomes) AS e
+    WHERE cardinality(unlogged) = 0 OR NOT ((e ->> 'job_id')::uuid = ANY (unlogged));
     RETURN cardinality(fast) + cardinality(applied);
 END
 $$;

@@ -1,0 +1,778 @@
+-- queue_ext 0.2.0 -> 0.3.0: queues without routine history (create_queue(..., keep_history
+-- => false)) for high-volume work.
+--
+-- Written once for this release and not changed afterwards; the tests check that a database
+-- upgraded with it matches a fresh 0.3.0 install object for object (pg_test/upgrade.sh).
+\echo Use "ALTER EXTENSION queue_ext UPDATE TO '0.3.0'" to load this file. \quit
+
+-- New columns go last, where a fresh install also puts them.
+ALTER TABLE queue_ext.queues ADD COLUMN keep_history boolean NOT NULL DEFAULT true;
+
+-- create_queue and alter_queue take keep_history, list_queues shows it: new signatures.
+DROP FUNCTION queue_ext.create_queue(text, integer, interval, interval, interval, boolean, boolean,
+                                     text, text, jsonb, interval, integer, text, text, boolean);
+DROP FUNCTION queue_ext.alter_queue(text, integer, interval, interval, interval, boolean,
+                                    text, text, jsonb, interval, integer, text, text, boolean);
+DROP FUNCTION queue_ext.list_queues();
+
+-- Every function whose definition changed, as in sql/.
+-- from sql/queues.sql
+-- Queue management: create, alter, pause, resume, drop, list.
+CREATE FUNCTION queue_ext.create_queue(
+    queue_name     text,
+    max_attempts   integer  DEFAULT 5,
+    backoff_base   interval DEFAULT '1 second',
+    backoff_cap    interval DEFAULT '1 hour',
+    lease_duration interval DEFAULT '5 minutes',
+    if_not_exists  boolean  DEFAULT false,
+    notify_events  boolean  DEFAULT true,
+    webhook_url              text     DEFAULT NULL,
+    webhook_method           text     DEFAULT NULL,
+    webhook_headers          jsonb    DEFAULT NULL,
+    webhook_timeout          interval DEFAULT NULL,
+    webhook_max_in_flight    integer  DEFAULT NULL,
+    webhook_secret           text     DEFAULT NULL,
+    callback_url             text     DEFAULT NULL,
+    webhook_follow_redirects boolean  DEFAULT NULL,
+    keep_history             boolean  DEFAULT true
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._check_queue_name(create_queue.queue_name);
+    IF create_queue.queue_name LIKE 'queue\_ext.%' THEN
+        RAISE EXCEPTION 'queue names starting with "queue_ext." are reserved' USING ERRCODE = '42939';
+    END IF;
+    PERFORM queue_ext._check_max_attempts(coalesce(create_queue.max_attempts, 0));
+    IF create_queue.backoff_base < interval '0' OR create_queue.backoff_cap < interval '0' THEN
+        RAISE EXCEPTION 'backoff_base and backoff_cap must not be negative' USING ERRCODE = '22023';
+    END IF;
+    IF create_queue.lease_duration IS NULL OR create_queue.lease_duration <= interval '0' THEN
+        RAISE EXCEPTION 'lease_duration must be positive (got %)', coalesce(create_queue.lease_duration::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration, notify,
+                                  keep_history)
+    VALUES (create_queue.queue_name, create_queue.max_attempts, create_queue.backoff_base,
+            create_queue.backoff_cap, create_queue.lease_duration, coalesce(create_queue.notify_events, true),
+            coalesce(create_queue.keep_history, true))
+    ON CONFLICT (queue_name) DO NOTHING;
+    IF NOT FOUND THEN
+        IF create_queue.if_not_exists THEN
+            RETURN;
+        END IF;
+        RAISE EXCEPTION 'queue "%" already exists', create_queue.queue_name USING ERRCODE = '42710';
+    END IF;
+    PERFORM queue_ext._set_webhook(create_queue.queue_name, create_queue.webhook_url, create_queue.webhook_method,
+        create_queue.webhook_headers, create_queue.webhook_timeout, create_queue.webhook_max_in_flight,
+        create_queue.webhook_secret, create_queue.callback_url, create_queue.webhook_follow_redirects);
+END
+$$;
+
+-- from sql/queues.sql
+-- Changes only the settings given; the others keep their values ('' removes webhook_url,
+-- webhook_secret or callback_url). New values apply to jobs
+-- enqueued (max_attempts) or failing (backoff) or claimed (lease) from now on.
+CREATE FUNCTION queue_ext.alter_queue(
+    queue_name     text,
+    max_attempts   integer  DEFAULT NULL,
+    backoff_base   interval DEFAULT NULL,
+    backoff_cap    interval DEFAULT NULL,
+    lease_duration interval DEFAULT NULL,
+    notify_events  boolean  DEFAULT NULL,
+    webhook_url              text     DEFAULT NULL,
+    webhook_method           text     DEFAULT NULL,
+    webhook_headers          jsonb    DEFAULT NULL,
+    webhook_timeout          interval DEFAULT NULL,
+    webhook_max_in_flight    integer  DEFAULT NULL,
+    webhook_secret           text     DEFAULT NULL,
+    callback_url             text     DEFAULT NULL,
+    webhook_follow_redirects boolean  DEFAULT NULL,
+    keep_history             boolean  DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._queue(alter_queue.queue_name);
+    PERFORM queue_ext._check_max_attempts(alter_queue.max_attempts);
+    IF alter_queue.backoff_base < interval '0' OR alter_queue.backoff_cap < interval '0' THEN
+        RAISE EXCEPTION 'backoff_base and backoff_cap must not be negative' USING ERRCODE = '22023';
+    END IF;
+    IF alter_queue.lease_duration <= interval '0' THEN
+        RAISE EXCEPTION 'lease_duration must be positive (got %)', alter_queue.lease_duration USING ERRCODE = '22023';
+    END IF;
+    UPDATE queue_ext.queues SET
+        max_attempts   = coalesce(alter_queue.max_attempts, max_attempts),
+        backoff_base   = coalesce(alter_queue.backoff_base, backoff_base),
+        backoff_cap    = coalesce(alter_queue.backoff_cap, backoff_cap),
+        lease_duration = coalesce(alter_queue.lease_duration, lease_duration),
+        notify         = coalesce(alter_queue.notify_events, notify),
+        keep_history   = coalesce(alter_queue.keep_history, keep_history),
+        updated_at     = now()
+    WHERE queue_name = alter_queue.queue_name;
+    PERFORM queue_ext._set_webhook(alter_queue.queue_name, alter_queue.webhook_url, alter_queue.webhook_method,
+        alter_queue.webhook_headers, alter_queue.webhook_timeout, alter_queue.webhook_max_in_flight,
+        alter_queue.webhook_secret, alter_queue.callback_url, alter_queue.webhook_follow_redirects);
+    IF alter_queue.webhook_url IS NOT NULL THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    END IF;
+END
+$$;
+
+-- from sql/queues.sql
+CREATE FUNCTION queue_ext.list_queues()
+RETURNS TABLE (
+    queue_name     text,
+    paused         boolean,
+    max_attempts   integer,
+    backoff_base   interval,
+    backoff_cap    interval,
+    lease_duration interval,
+    is_webhook     boolean,
+    has_callback   boolean,
+    notify_events  boolean,
+    created_at     timestamptz,
+    keep_history   boolean
+)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT queue_name, paused, max_attempts, backoff_base, backoff_cap, lease_duration, is_webhook, has_callback, notify, created_at, keep_history
+    FROM queue_ext.queues ORDER BY queue_name
+$$;
+
+-- from sql/jobs.sql
+CREATE OR REPLACE FUNCTION queue_ext.enqueue_job(
+    queue_name      text,
+    payload         jsonb,
+    priority        text        DEFAULT 'normal',
+    run_at          timestamptz DEFAULT NULL,
+    delay           interval    DEFAULT NULL,
+    max_attempts    integer     DEFAULT NULL,
+    dedupe_key      text        DEFAULT NULL,
+    depends_on      uuid[]      DEFAULT NULL,
+    rate_limit_key  text        DEFAULT NULL,
+    concurrency_key text        DEFAULT NULL
+) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(enqueue_job.queue_name);
+    new_id uuid := queue_ext.uuid_generate_v7();
+    who name := queue_ext._invoker();
+    start timestamptz := queue_ext._start_time(enqueue_job.run_at, enqueue_job.delay);
+    existing uuid;
+    initial queue_ext.job_state := 'queued';
+    blocked_by uuid;
+    took_slot boolean := false;
+BEGIN
+    PERFORM queue_ext._check_payload(enqueue_job.payload);
+    IF enqueue_job.max_attempts IS NOT NULL THEN
+        PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
+    END IF;
+    IF enqueue_job.rate_limit_key IS NOT NULL OR enqueue_job.concurrency_key IS NOT NULL THEN
+        PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+    END IF;
+    IF enqueue_job.depends_on IS NOT NULL AND cardinality(enqueue_job.depends_on) > 0 THEN
+        SELECT w.state, w.blocked_by INTO initial, blocked_by
+        FROM queue_ext._dependency_state(new_id, enqueue_job.depends_on) AS w;
+        IF initial = 'cancelled' THEN
+            -- A dependency is already dead or cancelled: this job can never run.
+            INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+                last_error, enqueued_by, created_at, run_at, rate_limit_key, concurrency_key)
+            VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), 'cancelled',
+                0, coalesce(enqueue_job.max_attempts, q.max_attempts),
+                format('dependency %s is dead or cancelled', blocked_by), who, now(), start,
+                enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+            INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, error, enqueued_by)
+            VALUES (new_id, q.queue_name, 'cancelled', 0, format('dependency %s is dead or cancelled', blocked_by), who);
+            RETURN new_id;
+        END IF;
+    END IF;
+    IF enqueue_job.concurrency_key IS NOT NULL AND initial = 'queued' THEN
+        -- No free slot: wait for one (admitted in enqueue order, limits.sql).
+        took_slot := queue_ext._take_slot(enqueue_job.concurrency_key);
+        IF NOT took_slot THEN
+            initial := 'waiting';
+        END IF;
+    END IF;
+    IF enqueue_job.dedupe_key IS NULL THEN
+        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
+                                         rate_limit_key, concurrency_key)
+        VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial, start,
+                coalesce(enqueue_job.max_attempts, q.max_attempts), who,
+                enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+    ELSE
+        -- Race-free: a concurrent enqueue with the same key makes us wait for its commit,
+        -- then we see its job instead of inserting our own.
+        LOOP
+            INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts,
+                                             enqueued_by, dedupe_key, rate_limit_key, concurrency_key)
+            VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial,
+                    start, coalesce(enqueue_job.max_attempts, q.max_attempts), who, enqueue_job.dedupe_key,
+                    enqueue_job.rate_limit_key, enqueue_job.concurrency_key)
+            ON CONFLICT (queue_name, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
+            EXIT WHEN FOUND;
+            SELECT id INTO existing FROM queue_ext.job_queue
+            WHERE queue_name = q.queue_name AND dedupe_key = enqueue_job.dedupe_key;
+            IF FOUND THEN
+                DELETE FROM queue_ext.job_dependencies WHERE job_id = new_id;
+                IF took_slot THEN
+                    -- We hold the key's lock, so nothing was admitted meanwhile: give it back.
+                    UPDATE queue_ext.concurrency_limits AS l SET active = l.active - 1
+                    WHERE l.key = enqueue_job.concurrency_key;
+                END IF;
+                RETURN existing;
+            END IF;
+            -- The other job finished between the two statements: try again.
+        END LOOP;
+    END IF;
+    IF q.keep_history THEN
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
+        VALUES (new_id, q.queue_name, initial, 0, who);
+    ELSIF q.notify THEN
+        -- No history row to publish it: say so directly, so that LISTENing workers wake up.
+        PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL, NULL);
+    END IF;
+    IF q.is_webhook AND initial = 'queued' THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    END IF;
+    RETURN new_id;
+END
+$$;
+
+-- from sql/jobs.sql
+-- Many jobs in one call and one statement; ids come back in payload order.
+CREATE OR REPLACE FUNCTION queue_ext.enqueue_jobs(
+    queue_name      text,
+    payloads        jsonb[],
+    priority        text        DEFAULT 'normal',
+    run_at          timestamptz DEFAULT NULL,
+    delay           interval    DEFAULT NULL,
+    max_attempts    integer     DEFAULT NULL,
+    rate_limit_key  text        DEFAULT NULL,
+    concurrency_key text        DEFAULT NULL
+) RETURNS SETOF uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(enqueue_jobs.queue_name);
+    who name := queue_ext._invoker();
+    start timestamptz := queue_ext._start_time(enqueue_jobs.run_at, enqueue_jobs.delay);
+    prio queue_ext.job_priority := queue_ext._priority(enqueue_jobs.priority);
+    slots queue_ext.concurrency_limits;
+    free integer;  -- how many of the batch get a slot now; NULL: all
+    ids uuid[];
+BEGIN
+    PERFORM queue_ext._check_max_attempts(enqueue_jobs.max_attempts);
+    PERFORM queue_ext._check_limit_keys(enqueue_jobs.rate_limit_key, enqueue_jobs.concurrency_key);
+    IF enqueue_jobs.payloads IS NULL THEN
+        RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- Validate all before inserting any, so an error names the first bad payload.
+    PERFORM queue_ext._check_payload(p, i::integer)
+    FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i);
+    IF enqueue_jobs.concurrency_key IS NOT NULL THEN
+        slots := queue_ext._lock_key(enqueue_jobs.concurrency_key);
+        free := CASE WHEN slots.max_running IS NOT NULL THEN greatest(slots.max_running - slots.active, 0) END;
+        UPDATE queue_ext.concurrency_limits AS l
+        SET active = l.active + least(coalesce(free, cardinality(enqueue_jobs.payloads)), cardinality(enqueue_jobs.payloads))
+        WHERE l.key = enqueue_jobs.concurrency_key;
+    END IF;
+
+    IF q.is_webhook THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    END IF;
+    WITH new_jobs AS (
+        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
+                                         rate_limit_key, concurrency_key)
+        SELECT queue_ext.uuid_generate_v7(), q.queue_name, p, prio,
+               CASE WHEN free IS NULL OR i <= free THEN 'queued' ELSE 'waiting' END::queue_ext.job_state,
+               start, coalesce(enqueue_jobs.max_attempts, q.max_attempts), who,
+               enqueue_jobs.rate_limit_key, enqueue_jobs.concurrency_key
+        FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i)
+        ORDER BY i
+        RETURNING id, status
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
+        SELECT id, q.queue_name, status, 0, who FROM new_jobs WHERE q.keep_history
+    ), events AS (
+        -- Without history rows to publish them (see enqueue_job).
+        SELECT queue_ext._notify(id, q.queue_name, status::text, 0, NULL, NULL) FROM new_jobs
+        WHERE NOT q.keep_history AND q.notify
+    )
+    -- v7 ids generated in insertion order sort in payload order.
+    SELECT array_agg(id ORDER BY id) INTO ids FROM new_jobs WHERE (SELECT count(*) FROM events) >= 0;
+    RETURN QUERY SELECT unnest(ids);
+END
+$$;
+
+-- from sql/jobs.sql
+-- Claims up to n runnable jobs from one queue: highest priority first, then the oldest
+-- run_at. SKIP LOCKED lets concurrent claimers pass each other's rows instead of waiting,
+-- and the row lock plus the status change mean no job is handed out twice.
+CREATE OR REPLACE FUNCTION queue_ext.get_next_jobs(
+    queue_name text,
+    n          integer,
+    worker_id  text     DEFAULT NULL,
+    lease      interval DEFAULT NULL
+) RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(get_next_jobs.queue_name);
+    lease_for interval := coalesce(get_next_jobs.lease, q.lease_duration);
+BEGIN
+    IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
+        RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF lease_for <= interval '0' THEN
+        RAISE EXCEPTION 'lease must be positive (got %)', lease_for USING ERRCODE = '22023';
+    END IF;
+    IF q.paused THEN
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                   WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
+                     AND j.rate_limit_key IS NOT NULL) THEN
+        RETURN QUERY SELECT * FROM queue_ext._claim_limited(ARRAY[q.queue_name], get_next_jobs.n,
+                                                            get_next_jobs.worker_id, lease_for);
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH next AS (
+        SELECT id, status AS old_status
+        FROM queue_ext.job_queue
+        WHERE queue_name = q.queue_name AND status IN ('queued', 'retrying') AND rate_limit_key IS NULL
+          AND run_at <= now()
+        ORDER BY priority DESC, run_at, id
+        LIMIT get_next_jobs.n
+        FOR UPDATE SKIP LOCKED
+    ), claimed AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'running',
+            attempt = j.attempt + 1,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + lease_for,
+            worker_id = get_next_jobs.worker_id,
+            started_at = coalesce(j.started_at, now())
+        FROM next
+        WHERE j.id = next.id
+        RETURNING j.*, next.old_status
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+        WHERE q.keep_history
+    )
+    SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
+    FROM claimed
+    ORDER BY priority DESC, run_at, id;
+END
+$$;
+
+-- from sql/jobs.sql
+-- Claims from several queues at once; queue_names NULL means every queue. Each queue
+-- contributes its best n candidates (through the claim index), then the best n overall win.
+-- Candidates not chosen stay locked only until the caller's transaction ends.
+CREATE OR REPLACE FUNCTION queue_ext.get_next_jobs(
+    queue_names text[],
+    n           integer,
+    worker_id   text     DEFAULT NULL,
+    lease       interval DEFAULT NULL
+) RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    unknown text;
+BEGIN
+    IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
+        RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF get_next_jobs.lease <= interval '0' THEN
+        RAISE EXCEPTION 'lease must be positive (got %)', get_next_jobs.lease USING ERRCODE = '22023';
+    END IF;
+    SELECT u.name INTO unknown
+    FROM unnest(get_next_jobs.queue_names) AS u(name)
+    WHERE NOT EXISTS (SELECT 1 FROM queue_ext.queues AS t WHERE t.queue_name = u.name)
+    LIMIT 1;
+    IF FOUND THEN
+        PERFORM queue_ext._queue(unknown);
+    END IF;
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                   WHERE (get_next_jobs.queue_names IS NULL OR j.queue_name = ANY (get_next_jobs.queue_names))
+                     AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NOT NULL) THEN
+        RETURN QUERY SELECT * FROM queue_ext._claim_limited(get_next_jobs.queue_names, get_next_jobs.n,
+                                                            get_next_jobs.worker_id, get_next_jobs.lease);
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH candidates AS (
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.lease_duration, q.keep_history
+        FROM queue_ext.queues AS q
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at
+            FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+              AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT get_next_jobs.n
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE NOT q.paused
+          AND (get_next_jobs.queue_names IS NULL OR q.queue_name = ANY (get_next_jobs.queue_names))
+    ), next AS (
+        SELECT * FROM candidates ORDER BY priority DESC, run_at, id LIMIT get_next_jobs.n
+    ), claimed AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'running',
+            attempt = j.attempt + 1,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + coalesce(get_next_jobs.lease, next.lease_duration),
+            worker_id = get_next_jobs.worker_id,
+            started_at = coalesce(j.started_at, now())
+        FROM next
+        WHERE j.id = next.id
+        RETURNING j.*, next.old_status, next.keep_history
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+        WHERE keep_history
+    )
+    SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
+    FROM claimed
+    ORDER BY priority DESC, run_at, id;
+END
+$$;
+
+-- from sql/jobs.sql
+-- The claim when rate limits exist: as above, plus the jobs of every rate-limited key that
+-- has tokens (at most as many as it has), and one token spent per job claimed. The bucket
+-- update re-checks the tokens on the newest row version, so concurrent claimers cannot
+-- overspend: a key whose tokens went meanwhile has none of its jobs claimed this time.
+-- queue_names NULL means every queue; lease NULL means each queue's own.
+-- jit = off: the planner cannot know how few rows the per-key LIMITs yield, overestimates
+-- the statement's cost and JIT-compiles it on every call (measured: 66 ms of a 70 ms claim).
+CREATE OR REPLACE FUNCTION queue_ext._claim_limited(queue_names text[], n integer, worker_id text, lease interval)
+RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE
+SET jit = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH open_queues AS (
+        SELECT q.queue_name, q.lease_duration, q.keep_history FROM queue_ext.queues AS q
+        WHERE NOT q.paused AND (_claim_limited.queue_names IS NULL OR q.queue_name = ANY (_claim_limited.queue_names))
+    ), unlimited AS (
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, NULL::text AS rate_key
+        FROM open_queues AS q
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+              AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT _claim_limited.n
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+    ), limited AS (
+        -- Per queue and key, so that the index hands over rows in claim order.
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, b.key AS rate_key, b.tokens
+        FROM open_queues AS o
+        CROSS JOIN (SELECT r.key, floor(queue_ext._tokens(r))::integer AS tokens FROM queue_ext.rate_limits AS r) AS b
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = o.queue_name AND j.rate_limit_key = b.key
+              AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT least(_claim_limited.n, b.tokens)
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+        WHERE b.tokens >= 1
+    ), next AS (
+        -- The best n, taking no more of a key than it has tokens (its jobs may come from
+        -- several queues).
+        SELECT id, old_status, priority, run_at, rate_key FROM (
+            SELECT u.*, row_number() OVER (PARTITION BY u.rate_key ORDER BY u.priority DESC, u.run_at, u.id) AS nth
+            FROM (SELECT *, NULL::integer AS tokens FROM unlimited UNION ALL SELECT * FROM limited) AS u
+        ) AS ranked
+        WHERE rate_key IS NULL OR nth <= tokens
+        ORDER BY priority DESC, run_at, id
+        LIMIT _claim_limited.n
+    ), spent AS (
+        UPDATE queue_ext.rate_limits AS r
+        SET tokens = queue_ext._tokens(r) - u.used, refilled_at = greatest(r.refilled_at, now())
+        FROM (SELECT rate_key, count(*) AS used FROM next WHERE rate_key IS NOT NULL GROUP BY rate_key) AS u
+        WHERE r.key = u.rate_key AND queue_ext._tokens(r) >= u.used
+        RETURNING r.key
+    ), claimed AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'running',
+            attempt = j.attempt + 1,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + coalesce(_claim_limited.lease, o.lease_duration),
+            worker_id = _claim_limited.worker_id,
+            started_at = coalesce(j.started_at, now())
+        FROM next, open_queues AS o
+        WHERE j.id = next.id AND o.queue_name = j.queue_name
+          AND (next.rate_key IS NULL OR next.rate_key IN (SELECT s.key FROM spent AS s))
+        RETURNING j.*, next.old_status, o.keep_history
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+        WHERE keep_history
+    )
+    SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
+    FROM claimed
+    ORDER BY priority DESC, run_at, id;
+END
+$$;
+
+-- from sql/jobs.sql
+-- Completes a running job if the lease allows. Returns its new state ('completed', or
+-- 'cancelled' when cancel_job() was called while it ran), or NULL when it matched no
+-- running job. The dispatcher uses this directly (a refused result is logged, not
+-- raised); complete_job raises instead.
+CREATE OR REPLACE FUNCTION queue_ext._complete(job_id uuid, result jsonb, lease_token uuid) RETURNS queue_ext.job_state
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+DECLARE
+    j queue_ext.job_queue;
+    q queue_ext.queues;
+    final queue_ext.job_state;
+BEGIN
+    DELETE FROM queue_ext.job_queue
+    WHERE id = _complete.job_id AND status = 'running'
+      AND (_complete.lease_token IS NULL
+           OR (lease_token = _complete.lease_token AND lease_expires_at > now()))
+    RETURNING * INTO j;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO q FROM queue_ext.queues AS t WHERE t.queue_name = j.queue_name;
+    final := CASE WHEN j.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END;
+    -- A queue without history deletes its completed jobs (cancelled ones are still kept).
+    IF q.keep_history OR final = 'cancelled' THEN
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+            rate_limit_key, concurrency_key)
+        VALUES (j.id, j.queue_name, j.payload, j.priority, final, j.attempt, j.max_attempts,
+            j.worker_id, _complete.result, coalesce(j.cancel_requested, j.last_error), j.errors,
+            CASE WHEN final = 'completed' THEN 100 ELSE j.progress END, j.progress_details,
+            j.enqueued_by, j.created_at, j.run_at, j.started_at, j.rate_limit_key, j.concurrency_key);
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
+    END IF;
+    IF final = 'completed' THEN
+        -- Most jobs have no dependents: one index probe instead of a call. (An enqueue that
+        -- adds a dependent holds a lock on this job's row, which our DELETE waited for.)
+        IF EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = j.id) THEN
+            PERFORM queue_ext._release_dependents(j.id);
+        END IF;
+    ELSE
+        PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));
+    END IF;
+    IF q.has_callback THEN
+        PERFORM queue_ext._emit_callback(j, CASE final WHEN 'completed' THEN 'job.completed' ELSE 'job.cancelled' END,
+                                         _complete.result);
+    END IF;
+    RETURN final;
+END
+$$;
+
+-- from sql/jobs.sql
+-- Completes many jobs in one call, set-based: one statement per table for the whole batch
+-- instead of a call per job (what a worker that claims with get_next_jobs(q, 100) wants).
+-- lease_tokens and results, when given, pair with job_ids by position. Returns each job's
+-- new state, or NULL for a job that was not running under that lease (it is left alone;
+-- unlike complete_job, one stale lease does not undo the rest of the batch).
+CREATE OR REPLACE FUNCTION queue_ext.complete_jobs(job_ids uuid[], lease_tokens uuid[] DEFAULT NULL, results jsonb[] DEFAULT NULL)
+RETURNS TABLE (job_id uuid, status queue_ext.job_state)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    done_ids uuid[];
+    done_states queue_ext.job_state[];
+    follow queue_ext.job_queue[];        -- jobs that need more than the set-based part
+    follow_states queue_ext.job_state[];
+    follow_results jsonb[];
+    follow_callbacks boolean[];
+BEGIN
+    IF complete_jobs.job_ids IS NULL THEN
+        RAISE EXCEPTION 'job_ids must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF cardinality(complete_jobs.lease_tokens) <> cardinality(complete_jobs.job_ids)
+       OR cardinality(complete_jobs.results) <> cardinality(complete_jobs.job_ids) THEN
+        RAISE EXCEPTION 'lease_tokens and results must have one element per job id (% job ids)',
+            cardinality(complete_jobs.job_ids) USING ERRCODE = '22023';
+    END IF;
+    WITH input AS (
+        SELECT u.id, u.token, u.result
+        FROM unnest(complete_jobs.job_ids, complete_jobs.lease_tokens, complete_jobs.results) AS u(id, token, result)
+    ), done AS (
+        DELETE FROM queue_ext.job_queue AS t
+        USING input AS i
+        WHERE t.id = i.id AND t.status = 'running'
+          AND (i.token IS NULL OR (t.lease_token = i.token AND t.lease_expires_at > now()))
+        RETURNING t AS job, t.*, i.result AS new_result,
+                  CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final
+    ), kept AS (
+        -- What the archive and the history keep (queues.keep_history: all, or the cancelled).
+        SELECT d.* FROM done AS d JOIN queue_ext.queues AS q ON q.queue_name = d.queue_name
+        WHERE q.keep_history OR d.final = 'cancelled'
+    ), archived AS (
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+            rate_limit_key, concurrency_key)
+        SELECT id, queue_name, payload, priority, final, attempt, max_attempts, worker_id, new_result,
+               coalesce(cancel_requested, last_error), errors, CASE WHEN final = 'completed' THEN 100 ELSE progress END,
+               progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
+        FROM kept
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        SELECT id, queue_name, 'running', final, attempt, worker_id, cancel_requested, enqueued_by FROM kept
+    ), flagged AS (
+        SELECT d.*, q.has_callback,
+               d.final = 'cancelled' OR q.has_callback
+               OR EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d.id) AS needs_more
+        FROM done AS d JOIN queue_ext.queues AS q ON q.queue_name = d.queue_name
+    )
+    SELECT array_agg(id), array_agg(final),
+           array_agg(job) FILTER (WHERE needs_more), array_agg(final) FILTER (WHERE needs_more),
+           array_agg(new_result) FILTER (WHERE needs_more), array_agg(has_callback) FILTER (WHERE needs_more)
+    INTO done_ids, done_states, follow, follow_states, follow_results, follow_callbacks
+    FROM flagged;
+
+    -- The rest is per job, and rare: dependents to release or cancel, callbacks to send.
+    FOR k IN 1 .. coalesce(cardinality(follow), 0) LOOP
+        IF follow_states[k] = 'completed' THEN
+            PERFORM queue_ext._release_dependents(follow[k].id);
+        ELSE
+            PERFORM queue_ext._cancel_dependents(follow[k].id, format('dependency %s was cancelled', follow[k].id));
+        END IF;
+        IF follow_callbacks[k] THEN
+            PERFORM queue_ext._emit_callback(follow[k],
+                CASE follow_states[k] WHEN 'completed' THEN 'job.completed' ELSE 'job.cancelled' END, follow_results[k]);
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT u.id, f.state
+                 FROM unnest(complete_jobs.job_ids) WITH ORDINALITY AS u(id, i)
+                 LEFT JOIN unnest(done_ids, done_states) AS f(id, state) ON f.id = u.id
+                 ORDER BY u.i;
+END
+$$;
+
+-- from sql/webhooks.sql
+-- Records delivery outcomes, one JSON object per attempt:
+--   {job_id, lease_token, queue_name, attempt, url, outcome: delivered|retry|failed,
+--    status_code, error, duration_ms, response_headers, response_body, retry_after_ms}
+-- delivered completes the job (the response is its result); retry fails it for a retry
+-- (after Retry-After when given); failed fails it permanently. An outcome whose lease was
+-- lost meanwhile (cancelled, reclaimed) is logged as 'stale' and changes nothing.
+-- Returns how many outcomes were applied.
+CREATE OR REPLACE FUNCTION queue_ext._dispatch_record(outcomes jsonb) RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    o jsonb;
+    fast uuid[];
+    unlogged uuid[];  -- delivered jobs of queues without history: no archive or log row
+    applied uuid[] := '{}';
+    ok boolean;
+    response jsonb;
+BEGIN
+    -- The common case, set-based: successful deliveries of jobs with no cancel request in
+    -- queues without callbacks are archived and logged by one statement each, instead of a
+    -- function call per job (the dispatcher's throughput is bound here).
+    WITH o AS (
+        SELECT (e ->> 'job_id')::uuid AS id, (e ->> 'lease_token')::uuid AS token, e
+        FROM jsonb_array_elements(outcomes) AS e
+        WHERE e ->> 'outcome' = 'delivered'
+    ), done AS (
+        DELETE FROM queue_ext.job_queue AS j
+        USING o
+        WHERE j.id = o.id AND j.status = 'running' AND j.lease_token = o.token AND j.lease_expires_at > now()
+          AND j.cancel_requested IS NULL
+          AND NOT (SELECT q.has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
+        RETURNING j.*, o.e, (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) AS keep
+    ), archived AS (
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+            rate_limit_key, concurrency_key)
+        SELECT id, queue_name, payload, priority, 'completed', attempt, max_attempts, worker_id,
+               jsonb_build_object('status', (e ->> 'status_code')::integer, 'headers', e -> 'response_headers',
+                                  'body', e ->> 'response_body', 'duration_ms', (e ->> 'duration_ms')::float8),
+               last_error, errors, 100, progress_details, enqueued_by, created_at, run_at, started_at,
+               rate_limit_key, concurrency_key
+        FROM done WHERE keep
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT id, queue_name, 'running', 'completed', attempt, worker_id, enqueued_by FROM done WHERE keep
+    )
+    SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE NOT keep), '{}')
+    INTO fast, unlogged FROM done;
+    PERFORM queue_ext._release_dependents(d) FROM unnest(fast) AS d
+    WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);
+
+    -- Everything else, one at a time: failures, cancellations, callbacks, stale leases.
+    FOR o IN SELECT value FROM jsonb_array_elements(outcomes) WHERE NOT ((value ->> 'job_id')::uuid = ANY (fast)) LOOP
+        IF o ->> 'outcome' = 'delivered' THEN
+            response := jsonb_build_object('status', (o ->> 'status_code')::integer,
+                                           'headers', o -> 'response_headers',
+                                           'body', o ->> 'response_body',
+                                           'duration_ms', (o ->> 'duration_ms')::float8);
+            ok := queue_ext._complete((o ->> 'job_id')::uuid, response, (o ->> 'lease_token')::uuid) IS NOT NULL;
+        ELSE
+            ok := queue_ext._fail((o ->> 'job_id')::uuid, o ->> 'error', (o ->> 'lease_token')::uuid,
+                                  o ->> 'outcome' = 'failed',
+                                  make_interval(secs => (o ->> 'retry_after_ms')::float8 / 1000)) IS NOT NULL;
+        END IF;
+        IF ok THEN
+            applied := applied || (o ->> 'job_id')::uuid;
+        END IF;
+    END LOOP;
+
+    INSERT INTO queue_ext.webhook_deliveries (job_id, queue_name, attempt, url, outcome, status_code, error,
+                                              duration_ms, response_headers, response_body)
+    SELECT (e ->> 'job_id')::uuid, e ->> 'queue_name', (e ->> 'attempt')::integer, e ->> 'url',
+           CASE WHEN (e ->> 'job_id')::uuid = ANY (fast || applied) THEN e ->> 'outcome' ELSE 'stale' END,
+           (e ->> 'status_code')::integer, e ->> 'error', (e ->> 'duration_ms')::float8,
+           e -> 'response_headers', e ->> 'response_body'
+    FROM jsonb_array_elements(outcomes) AS e
+    WHERE cardinality(unlogged) = 0 OR NOT ((e ->> 'job_id')::uuid = ANY (unlogged));
+    RETURN cardinality(fast) + cardinality(applied);
+END
+$$;
+
+-- Privileges of the re-created functions, as in sql/grants.sql.
+REVOKE ALL ON FUNCTION
+    queue_ext.create_queue(text, integer, interval, interval, interval, boolean, boolean,
+                           text, text, jsonb, interval, integer, text, text, boolean, boolean),
+    queue_ext.alter_queue(text, integer, interval, interval, interval, boolean,
+                          text, text, jsonb, interval, integer, text, text, boolean, boolean),
+    queue_ext.list_queues()
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION queue_ext.list_queues() TO queue_ext_producer, queue_ext_worker;
+GRANT EXECUTE ON FUNCTION
+    queue_ext.create_queue(text, integer, interval, interval, interval, boolean, boolean,
+                           text, text, jsonb, interval, integer, text, text, boolean, boolean),
+    queue_ext.alter_queue(text, integer, interval, interval, interval, boolean,
+                          text, text, jsonb, interval, integer, text, text, boolean, boolean)
+TO queue_ext_admin;
