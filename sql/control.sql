@@ -8,6 +8,7 @@ CREATE FUNCTION queue_ext.heartbeat(job_id uuid, lease_token uuid DEFAULT NULL, 
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -38,6 +39,7 @@ CREATE FUNCTION queue_ext.update_progress(job_id uuid, percent real, details jso
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE

@@ -7,6 +7,13 @@
 -- it. Helpers reached only through those run under the pinned path already, so they carry
 -- no SET clause of their own: a SET costs a configuration switch on every call (measured
 -- 5-10 us each, a third of an enqueue's CPU time) and keeps SQL helpers from being inlined.
+--
+-- enable_seqscan = off: the entry points that find jobs by key (claims, completions, failures,
+-- heartbeats, the dispatcher's record) must always use an index on job_queue. A queue table
+-- swings from empty to millions of rows within a minute, and a session caches a generic plan
+-- made while it was empty: measured, the claim then hashed a sequential scan of the whole
+-- table and completions filtered it row by row, on every call until the next ANALYZE. The
+-- switch costs ~5 us a call.
 
 -- The role that called us. Inside a SECURITY DEFINER function current_user is the owner,
 -- so we read the session's active role instead (SET ROLE, as PostgREST does, included).

@@ -192,6 +192,7 @@ CREATE FUNCTION queue_ext.get_next_jobs(
 ) RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -232,12 +233,15 @@ BEGIN
             lease_expires_at = now() + lease_for,
             worker_id = get_next_jobs.worker_id,
             started_at = coalesce(j.started_at, now())
-        FROM next
-        WHERE j.id = next.id
-        RETURNING j.*, next.old_status
+        -- By primary key from an array, not joined to next: a join let a cached generic plan
+        -- (LIMIT unknown, guessed at 10% of the table) hash a sequential scan of the whole
+        -- job_queue on every claim, or rescan the index once per row.
+        WHERE j.id = ANY (ARRAY(SELECT id FROM next))
+        RETURNING j.*
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
+        FROM claimed AS c JOIN next AS n ON n.id = c.id
         WHERE q.keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
@@ -257,6 +261,7 @@ CREATE FUNCTION queue_ext.get_next_jobs(
 ) RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -305,16 +310,17 @@ BEGIN
         SET status = 'running',
             attempt = j.attempt + 1,
             lease_token = gen_random_uuid(),
-            lease_expires_at = now() + coalesce(get_next_jobs.lease, next.lease_duration),
+            lease_expires_at = now() + coalesce(get_next_jobs.lease,
+                (SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)),
             worker_id = get_next_jobs.worker_id,
             started_at = coalesce(j.started_at, now())
-        FROM next
-        WHERE j.id = next.id
-        RETURNING j.*, next.old_status, next.keep_history
+        WHERE j.id = ANY (ARRAY(SELECT id FROM next))  -- not a join: see get_next_jobs(text, ...)
+        RETURNING j.*
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
-        WHERE keep_history
+        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
+        FROM claimed AS c JOIN next AS n ON n.id = c.id
+        WHERE n.keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -333,6 +339,7 @@ CREATE FUNCTION queue_ext._claim_limited(queue_names text[], n integer, worker_i
 RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE
 SET jit = off
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -386,17 +393,19 @@ BEGIN
         SET status = 'running',
             attempt = j.attempt + 1,
             lease_token = gen_random_uuid(),
-            lease_expires_at = now() + coalesce(_claim_limited.lease, o.lease_duration),
+            lease_expires_at = now() + coalesce(_claim_limited.lease,
+                (SELECT o.lease_duration FROM open_queues AS o WHERE o.queue_name = j.queue_name)),
             worker_id = _claim_limited.worker_id,
             started_at = coalesce(j.started_at, now())
-        FROM next, open_queues AS o
-        WHERE j.id = next.id AND o.queue_name = j.queue_name
-          AND (next.rate_key IS NULL OR next.rate_key IN (SELECT s.key FROM spent AS s))
-        RETURNING j.*, next.old_status, o.keep_history
+        -- Not a join: see get_next_jobs(text, ...).
+        WHERE j.id = ANY (ARRAY(SELECT n.id FROM next AS n
+                                WHERE n.rate_key IS NULL OR n.rate_key IN (SELECT s.key FROM spent AS s)))
+        RETURNING j.*
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
-        WHERE keep_history
+        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
+        FROM claimed AS c JOIN next AS n ON n.id = c.id JOIN open_queues AS o ON o.queue_name = c.queue_name
+        WHERE o.keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -475,6 +484,7 @@ CREATE FUNCTION queue_ext.complete_job(job_id uuid, result jsonb DEFAULT NULL, l
 RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
     final queue_ext.job_state := queue_ext._complete(complete_job.job_id, complete_job.result, complete_job.lease_token);
@@ -495,6 +505,7 @@ CREATE FUNCTION queue_ext.complete_jobs(job_ids uuid[], lease_tokens uuid[] DEFA
 RETURNS TABLE (job_id uuid, status queue_ext.job_state)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -666,6 +677,7 @@ CREATE FUNCTION queue_ext.fail_job(
 ) RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
     outcome queue_ext.job_state;
@@ -743,6 +755,7 @@ CREATE FUNCTION queue_ext.complete_and_get_next(
 ) RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 BEGIN
     IF queue_ext._complete(complete_and_get_next.job_id, complete_and_get_next.result,

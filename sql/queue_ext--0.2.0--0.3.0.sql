@@ -327,6 +327,7 @@ CREATE OR REPLACE FUNCTION queue_ext.get_next_jobs(
 ) RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -367,12 +368,15 @@ BEGIN
             lease_expires_at = now() + lease_for,
             worker_id = get_next_jobs.worker_id,
             started_at = coalesce(j.started_at, now())
-        FROM next
-        WHERE j.id = next.id
-        RETURNING j.*, next.old_status
+        -- By primary key from an array, not joined to next: a join let a cached generic plan
+        -- (LIMIT unknown, guessed at 10% of the table) hash a sequential scan of the whole
+        -- job_queue on every claim, or rescan the index once per row.
+        WHERE j.id = ANY (ARRAY(SELECT id FROM next))
+        RETURNING j.*
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
+        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
+        FROM claimed AS c JOIN next AS n ON n.id = c.id
         WHERE q.keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
@@ -393,6 +397,7 @@ CREATE OR REPLACE FUNCTION queue_ext.get_next_jobs(
 ) RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -441,16 +446,17 @@ BEGIN
         SET status = 'running',
             attempt = j.attempt + 1,
             lease_token = gen_random_uuid(),
-            lease_expires_at = now() + coalesce(get_next_jobs.lease, next.lease_duration),
+            lease_expires_at = now() + coalesce(get_next_jobs.lease,
+                (SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)),
             worker_id = get_next_jobs.worker_id,
             started_at = coalesce(j.started_at, now())
-        FROM next
-        WHERE j.id = next.id
-        RETURNING j.*, next.old_status, next.keep_history
+        WHERE j.id = ANY (ARRAY(SELECT id FROM next))  -- not a join: see get_next_jobs(text, ...)
+        RETURNING j.*
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
-        WHERE keep_history
+        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
+        FROM claimed AS c JOIN next AS n ON n.id = c.id
+        WHERE n.keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -470,6 +476,7 @@ CREATE OR REPLACE FUNCTION queue_ext._claim_limited(queue_names text[], n intege
 RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE
 SET jit = off
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -523,17 +530,19 @@ BEGIN
         SET status = 'running',
             attempt = j.attempt + 1,
             lease_token = gen_random_uuid(),
-            lease_expires_at = now() + coalesce(_claim_limited.lease, o.lease_duration),
+            lease_expires_at = now() + coalesce(_claim_limited.lease,
+                (SELECT o.lease_duration FROM open_queues AS o WHERE o.queue_name = j.queue_name)),
             worker_id = _claim_limited.worker_id,
             started_at = coalesce(j.started_at, now())
-        FROM next, open_queues AS o
-        WHERE j.id = next.id AND o.queue_name = j.queue_name
-          AND (next.rate_key IS NULL OR next.rate_key IN (SELECT s.key FROM spent AS s))
-        RETURNING j.*, next.old_status, o.keep_history
+        -- Not a join: see get_next_jobs(text, ...).
+        WHERE j.id = ANY (ARRAY(SELECT n.id FROM next AS n
+                                WHERE n.rate_key IS NULL OR n.rate_key IN (SELECT s.key FROM spent AS s)))
+        RETURNING j.*
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT id, queue_name, old_status, 'running', attempt, worker_id, enqueued_by FROM claimed
-        WHERE keep_history
+        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
+        FROM claimed AS c JOIN next AS n ON n.id = c.id JOIN open_queues AS o ON o.queue_name = c.queue_name
+        WHERE o.keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -595,6 +604,26 @@ END
 $$;
 
 -- from sql/jobs.sql
+-- Records success and returns the job's final state: 'completed', or 'cancelled' if
+-- cancel_job() was called while it ran. With lease_token, only the holder of a live lease
+-- may complete; without it (an operator in psql) the current attempt is completed.
+CREATE OR REPLACE FUNCTION queue_ext.complete_job(job_id uuid, result jsonb DEFAULT NULL, lease_token uuid DEFAULT NULL)
+RETURNS queue_ext.job_state
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+DECLARE
+    final queue_ext.job_state := queue_ext._complete(complete_job.job_id, complete_job.result, complete_job.lease_token);
+BEGIN
+    IF final IS NULL THEN
+        PERFORM queue_ext._raise_not_running(complete_job.job_id, complete_job.lease_token, 'complete');
+    END IF;
+    RETURN final;
+END
+$$;
+
+-- from sql/jobs.sql
 -- Completes many jobs in one call, set-based: one statement per table for the whole batch
 -- instead of a call per job (what a worker that claims with get_next_jobs(q, 100) wants).
 -- lease_tokens and results, when given, pair with job_ids by position. Returns each job's
@@ -604,6 +633,7 @@ CREATE OR REPLACE FUNCTION queue_ext.complete_jobs(job_ids uuid[], lease_tokens 
 RETURNS TABLE (job_id uuid, status queue_ext.job_state)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -678,6 +708,129 @@ BEGIN
 END
 $$;
 
+-- from sql/jobs.sql
+CREATE OR REPLACE FUNCTION queue_ext.fail_job(
+    job_id      uuid,
+    error       text,
+    lease_token uuid     DEFAULT NULL,
+    permanent   boolean  DEFAULT false,
+    retry_in    interval DEFAULT NULL
+) RETURNS queue_ext.job_state
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+DECLARE
+    outcome queue_ext.job_state;
+BEGIN
+    IF fail_job.retry_in < interval '0' THEN
+        RAISE EXCEPTION 'retry_in must not be negative (got %)', fail_job.retry_in USING ERRCODE = '22023';
+    END IF;
+    outcome := queue_ext._fail(fail_job.job_id, fail_job.error, fail_job.lease_token,
+                               coalesce(fail_job.permanent, false), fail_job.retry_in);
+    IF outcome IS NULL THEN
+        PERFORM queue_ext._raise_not_running(fail_job.job_id, fail_job.lease_token, 'fail');
+    END IF;
+    RETURN outcome;
+END
+$$;
+
+-- from sql/jobs.sql
+-- Completes a job and claims the next one from `queue_name` in one call and one
+-- transaction: a busy worker pays one round trip and one commit per job instead of two.
+CREATE OR REPLACE FUNCTION queue_ext.complete_and_get_next(
+    job_id      uuid,
+    queue_name  text,
+    result      jsonb    DEFAULT NULL,
+    lease_token uuid     DEFAULT NULL,
+    worker_id   text     DEFAULT NULL,
+    lease       interval DEFAULT NULL
+) RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+BEGIN
+    IF queue_ext._complete(complete_and_get_next.job_id, complete_and_get_next.result,
+                           complete_and_get_next.lease_token) IS NULL THEN
+        PERFORM queue_ext._raise_not_running(complete_and_get_next.job_id, complete_and_get_next.lease_token,
+                                             'complete');
+    END IF;
+    RETURN QUERY SELECT * FROM queue_ext.get_next_jobs(complete_and_get_next.queue_name, 1,
+                                                       complete_and_get_next.worker_id, complete_and_get_next.lease);
+END
+$$;
+
+-- from sql/control.sql
+-- Extends the lease of a running job (by `extend`, default the queue's lease_duration) and
+-- returns true to carry on, or false when cancel_job() was called: stop, and report with
+-- complete_job/fail_job, which will record the job as cancelled.
+CREATE OR REPLACE FUNCTION queue_ext.heartbeat(job_id uuid, lease_token uuid DEFAULT NULL, extend interval DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    cancelled text;
+BEGIN
+    IF heartbeat.extend <= interval '0' THEN
+        RAISE EXCEPTION 'extend must be positive (got %)', heartbeat.extend USING ERRCODE = '22023';
+    END IF;
+    UPDATE queue_ext.job_queue AS j
+    SET lease_expires_at = now() + coalesce(heartbeat.extend,
+                                            (SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name),
+                                            interval '5 minutes'),
+        heartbeat_at = now()
+    WHERE j.id = heartbeat.job_id AND j.status = 'running'
+      AND (heartbeat.lease_token IS NULL OR (j.lease_token = heartbeat.lease_token AND j.lease_expires_at > now()))
+    RETURNING j.cancel_requested INTO cancelled;
+    IF NOT FOUND THEN
+        PERFORM queue_ext._raise_not_running(heartbeat.job_id, heartbeat.lease_token, 'heartbeat');
+    END IF;
+    RETURN cancelled IS NULL;
+END
+$$;
+
+-- from sql/control.sql
+-- Records progress (0..100 and any details), extends the lease like heartbeat, publishes a
+-- 'progress' event, and returns false when the job was cancelled.
+CREATE OR REPLACE FUNCTION queue_ext.update_progress(job_id uuid, percent real, details jsonb DEFAULT NULL,
+                                          lease_token uuid DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+DECLARE
+    j queue_ext.job_queue;
+BEGIN
+    IF update_progress.percent IS NULL OR update_progress.percent < 0 OR update_progress.percent > 100 THEN
+        RAISE EXCEPTION 'percent must be between 0 and 100 (got %)', coalesce(update_progress.percent::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    UPDATE queue_ext.job_queue AS t
+    SET progress = update_progress.percent,
+        progress_details = coalesce(update_progress.details, t.progress_details),
+        lease_expires_at = now() + coalesce((SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = t.queue_name),
+                                            interval '5 minutes'),
+        heartbeat_at = now()
+    WHERE t.id = update_progress.job_id AND t.status = 'running'
+      AND (update_progress.lease_token IS NULL
+           OR (t.lease_token = update_progress.lease_token AND t.lease_expires_at > now()))
+    RETURNING * INTO j;
+    IF NOT FOUND THEN
+        PERFORM queue_ext._raise_not_running(update_progress.job_id, update_progress.lease_token, 'update progress of');
+    END IF;
+    IF (SELECT q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+        PERFORM queue_ext._notify(j.id, j.queue_name, 'progress', j.attempt, j.progress, NULL);
+    END IF;
+    RETURN j.cancel_requested IS NULL;
+END
+$$;
+
 -- from sql/webhooks.sql
 -- Records delivery outcomes, one JSON object per attempt:
 --   {job_id, lease_token, queue_name, attempt, url, outcome: delivered|retry|failed,
@@ -689,6 +842,7 @@ $$;
 CREATE OR REPLACE FUNCTION queue_ext._dispatch_record(outcomes jsonb) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
     o jsonb;

@@ -371,7 +371,7 @@ impl Dispatcher {
                 pg_sys::MyLatch,
                 events as i32,
                 self.eventfd,
-                timeout.as_millis() as std::ffi::c_long,
+                timeout.as_micros().div_ceil(1000) as std::ffi::c_long,
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);

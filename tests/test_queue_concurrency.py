@@ -290,3 +290,60 @@ def test_eight_workers_batch_claim_and_complete_jobs_exactly_once(cluster, conn)
     assert set(flat) == set(ids), "no job lost"
     assert conn.execute("SELECT count(*) FROM queue_ext.job_archive WHERE queue_name = %s AND status = 'completed'",
                         [queue]).fetchone()[0] == 20_000
+
+
+def test_queue_without_history_drains_exactly_once_and_keeps_nothing(cluster, conn):
+    """keep_history => false: 8 workers, single and batch claims mixed, a job stays claimed by
+    one worker only, and once done nothing of it remains (no archive, no history rows)."""
+    queue = new_queue(conn, keep_history=False, notify_events=False)
+    ids = fill(conn, queue, 10_000)
+
+    def worker(i):
+        got = []
+        with cluster.connect() as c:
+            while True:
+                if i % 2:
+                    rows = c.execute("SELECT job_id, lease_token FROM queue_ext.get_next_jobs(%s, 50, %s)",
+                                     [queue, f"w{i}"]).fetchall()
+                    if not rows:
+                        return got
+                    states = c.execute("SELECT status::text FROM queue_ext.complete_jobs(%s::uuid[], %s::uuid[])",
+                                       [[r[0] for r in rows], [r[1] for r in rows]]).fetchall()
+                    assert [s for (s,) in states] == ["completed"] * len(rows)
+                    got += [r[0] for r in rows]
+                else:
+                    row = c.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job(%s, %s)",
+                                    [queue, f"w{i}"]).fetchone()
+                    if row is None:
+                        return got
+                    assert c.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", row).fetchone()[0] == "completed"
+                    got.append(row[0])
+
+    flat = [j for per in run_threads(8, worker) for j in per]
+    assert len(flat) == len(set(flat)) == 10_000, "no job completed twice"
+    assert set(flat) == set(ids), "no job lost"
+    left = conn.execute("""SELECT (SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %(q)s),
+                                  (SELECT count(*) FROM queue_ext.job_archive WHERE queue_name = %(q)s),
+                                  (SELECT count(*) FROM queue_ext.job_status_history WHERE queue_name = %(q)s)""",
+                        {"q": queue}).fetchone()
+    assert left == (0, 0, 0)
+
+
+def test_queue_without_history_still_publishes_queued_and_failures(cluster, conn):
+    """Its routine rows are not written, so LISTENers get the enqueue (to wake up on) and the
+    exceptional transitions, not running/completed."""
+    queue = new_queue(conn, keep_history=False, max_attempts=1)
+    with cluster.connect() as listener:
+        listener.execute("LISTEN queue_ext_events")
+        one = conn.execute("SELECT queue_ext.enqueue_job(%s, '{}')", [queue]).fetchone()[0]
+        batch = [r[0] for r in conn.execute("SELECT * FROM queue_ext.enqueue_jobs(%s, ARRAY['{}', '{}']::jsonb[])",
+                                            [queue])]
+        for _ in range(2):
+            job, token = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job(%s)", [queue]).fetchone()
+            conn.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [job, token])
+        job, token = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job(%s)", [queue]).fetchone()
+        conn.execute("SELECT queue_ext.fail_job(%s, 'boom', %s)", [job, token])
+        import json
+        events = [json.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=4)]
+    assert [(e["id"], e["status"]) for e in events] == [
+        (str(one), "queued"), (str(batch[0]), "queued"), (str(batch[1]), "queued"), (str(job), "dead")], events
