@@ -193,6 +193,7 @@ CREATE FUNCTION queue_ext.get_next_jobs(
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -262,6 +263,7 @@ CREATE FUNCTION queue_ext.get_next_jobs(
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -340,6 +342,7 @@ RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE
 SET jit = off
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -485,6 +488,7 @@ RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     final queue_ext.job_state := queue_ext._complete(complete_job.job_id, complete_job.result, complete_job.lease_token);
@@ -506,6 +510,7 @@ RETURNS TABLE (job_id uuid, status queue_ext.job_state)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -678,6 +683,7 @@ CREATE FUNCTION queue_ext.fail_job(
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     outcome queue_ext.job_state;
@@ -756,6 +762,7 @@ CREATE FUNCTION queue_ext.complete_and_get_next(
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     IF queue_ext._complete(complete_and_get_next.job_id, complete_and_get_next.result,

@@ -328,6 +328,7 @@ CREATE OR REPLACE FUNCTION queue_ext.get_next_jobs(
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -398,6 +399,7 @@ CREATE OR REPLACE FUNCTION queue_ext.get_next_jobs(
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -477,6 +479,7 @@ RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE
 SET jit = off
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN
@@ -612,6 +615,7 @@ RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     final queue_ext.job_state := queue_ext._complete(complete_job.job_id, complete_job.result, complete_job.lease_token);
@@ -634,6 +638,7 @@ RETURNS TABLE (job_id uuid, status queue_ext.job_state)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -719,6 +724,7 @@ CREATE OR REPLACE FUNCTION queue_ext.fail_job(
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     outcome queue_ext.job_state;
@@ -749,6 +755,7 @@ CREATE OR REPLACE FUNCTION queue_ext.complete_and_get_next(
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
     IF queue_ext._complete(complete_and_get_next.job_id, complete_and_get_next.result,
@@ -770,6 +777,7 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -802,6 +810,7 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -843,6 +852,7 @@ CREATE OR REPLACE FUNCTION queue_ext._dispatch_record(outcomes jsonb) RETURNS in
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     o jsonb;

@@ -238,6 +238,7 @@ CREATE FUNCTION queue_ext._dispatch_record(outcomes jsonb) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     o jsonb;
