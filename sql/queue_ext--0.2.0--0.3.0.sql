@@ -271,6 +271,7 @@ DECLARE
     slots queue_ext.concurrency_limits;
     free integer;  -- how many of the batch get a slot now; NULL: all
     ids uuid[];
+    states queue_ext.job_state[];
     limit_bytes integer := queue_ext.max_payload_bytes();
 BEGIN
     PERFORM queue_ext._check_max_attempts(enqueue_jobs.max_attempts);
@@ -310,13 +311,14 @@ BEGIN
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
         SELECT id, q.queue_name, status, 0, who FROM new_jobs WHERE q.keep_history
-    ), events AS (
-        -- Without history rows to publish them (see enqueue_job).
-        SELECT queue_ext._notify(id, q.queue_name, status::text, 0, NULL, NULL) FROM new_jobs
-        WHERE NOT q.keep_history AND q.notify
     )
     -- v7 ids generated in insertion order sort in payload order.
-    SELECT array_agg(id ORDER BY id) INTO ids FROM new_jobs WHERE (SELECT count(*) FROM events) >= 0;
+    SELECT array_agg(id ORDER BY id), array_agg(status ORDER BY id) INTO ids, states FROM new_jobs;
+    IF NOT q.keep_history AND q.notify THEN
+        -- No history rows to publish them (see enqueue_job).
+        PERFORM queue_ext._notify(u.id, q.queue_name, u.state::text, 0, NULL, NULL)
+        FROM unnest(ids, states) AS u(id, state);
+    END IF;
     RETURN QUERY SELECT unnest(ids);
 END
 $$;
@@ -434,7 +436,7 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH candidates AS (
-        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.lease_duration, q.keep_history
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.keep_history
         FROM queue_ext.queues AS q
         CROSS JOIN LATERAL (
             SELECT id, status, priority, run_at
