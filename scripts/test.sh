@@ -24,8 +24,8 @@ pgdata=/tmp/queue_ext_pgrx_test
 rm -rf "$pgdata"  # pgrx runs initdb itself (as postgres, in world-writable /tmp)
 cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
 
-step "3/6 cargo pgrx install"
-cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config
+step "3/6 install (scripts/install.sh: atomic, safe beside a running server)"
+bash scripts/install.sh
 
 step "4/6 pg_regress and the upgrade test (pg_test/)"
 bash pg_test/run.sh
