@@ -14,10 +14,12 @@ CLUSTER_SH = ROOT / "scripts" / "cluster.sh"
 
 
 class Cluster:
-    def __init__(self, name: str, port: int, settings: list[str]):
+    def __init__(self, name: str, port: int, settings: list[str], unset: tuple[str, ...] = ()):
         self.dir = Path(f"/tmp/queue_ext_{name}")
         self.port = port
         self.settings = settings
+        # Settings scripts/cluster.sh writes that this cluster must not have (commented out).
+        self.unset = unset
         self.dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
 
     def start(self, fresh: bool = False):
@@ -26,6 +28,17 @@ class Cluster:
             shutil.rmtree(self.dir, ignore_errors=True)
         subprocess.run(["bash", str(CLUSTER_SH), "start", str(self.dir), str(self.port), *self.settings],
                        check=True)
+        if self.unset and self._comment_out(self.unset):
+            subprocess.run(["bash", str(CLUSTER_SH), "restart", str(self.dir)], check=True)
+
+    def _comment_out(self, names) -> bool:
+        conf = self.dir / "data" / "postgresql.conf"
+        lines = conf.read_text().splitlines(True)
+        out = ["#" + l if l.split("=")[0].strip() in names else l for l in lines]
+        if out == lines:
+            return False
+        conf.write_text("".join(out))  # in place: keeps the file's owner (postgres)
+        return True
 
     def stop(self):
         subprocess.run(["bash", str(CLUSTER_SH), "stop", str(self.dir)], check=False)
@@ -81,7 +94,9 @@ def _alive(pid: int) -> bool:
 
 
 def dispatcher_pid(conn) -> int | None:
-    row = conn.execute("SELECT pid FROM queue_ext.dispatcher_status() WHERE running").fetchone()
+    # dispatcher_status() lists the dispatcher of every database: this one's is ours.
+    row = conn.execute("SELECT pid FROM queue_ext.dispatcher_status() "
+                       "WHERE running AND database = current_database()").fetchone()
     return row[0] if row else None
 
 
