@@ -29,6 +29,7 @@ bash scripts/install.sh
 
 step "4/6 pg_regress and the upgrade test (pg_test/)"
 bash pg_test/run.sh
+bash pg_test/isolation/run.sh
 bash pg_test/upgrade.sh
 
 step "5/6 pytest (tests/)"
