@@ -1,7 +1,8 @@
 -- Reading job state, the dead letter queue, retention and stats.
 
--- One job, wherever it is in its lifecycle. SECURITY INVOKER: row level security decides what
--- the caller may see, so a producer asking about someone else's job learns nothing.
+-- One job, wherever it is in its lifecycle. A producer sees only the jobs it enqueued
+-- (_may_see_job): about anyone else's, or an id that does not exist, it gets the same 42501
+-- and learns nothing. Workers and admins see every job (42704 when there is none).
 CREATE FUNCTION queue_ext.job_status(job_id uuid)
 RETURNS TABLE (
     id           uuid,
@@ -22,7 +23,7 @@ RETURNS TABLE (
     started_at   timestamptz,
     finished_at  timestamptz
 )
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
@@ -30,26 +31,33 @@ BEGIN
     IF job_status.job_id IS NULL THEN
         RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';
     END IF;
+    -- SECURITY DEFINER reads every row; the visibility rule is applied here instead.
     RETURN QUERY
     SELECT j.id, j.queue_name, j.status, j.priority, j.attempt, j.max_attempts, NULL::jsonb, j.last_error,
            j.errors, j.progress, j.progress_details, j.worker_id, j.enqueued_by, j.created_at, j.run_at, j.started_at, NULL::timestamptz
-    FROM queue_ext.job_queue AS j WHERE j.id = job_status.job_id
+    FROM queue_ext.job_queue AS j WHERE j.id = job_status.job_id AND queue_ext._may_see_job(j.enqueued_by)
     UNION ALL
     SELECT a.id, a.queue_name, a.status, a.priority, a.attempt, a.max_attempts, a.result, a.last_error,
            a.errors, a.progress, a.progress_details, a.worker_id, a.enqueued_by, a.created_at, a.run_at, a.started_at, a.finished_at
-    FROM queue_ext.job_archive AS a WHERE a.id = job_status.job_id
+    FROM queue_ext.job_archive AS a WHERE a.id = job_status.job_id AND queue_ext._may_see_job(a.enqueued_by)
     UNION ALL
     SELECT d.id, d.queue_name, 'dead'::queue_ext.job_state, d.priority, d.attempt, d.max_attempts, NULL, d.last_error,
            d.errors, NULL, NULL, d.worker_id, d.enqueued_by, d.created_at, NULL, d.started_at, d.died_at
-    FROM queue_ext.job_dead_letter AS d WHERE d.id = job_status.job_id
+    FROM queue_ext.job_dead_letter AS d WHERE d.id = job_status.job_id AND queue_ext._may_see_job(d.enqueued_by)
     LIMIT 1;
     IF NOT FOUND THEN
+        IF NOT queue_ext._may_see_job(NULL) THEN
+            PERFORM queue_ext._raise_hidden_job(job_status.job_id);
+        END IF;
         RAISE EXCEPTION 'job % does not exist', job_status.job_id USING ERRCODE = '42704';
     END IF;
 END
 $$;
 
 -- Redrive: puts a dead job back in its queue with fresh attempts. Its error history stays.
+-- Allowed for a dead callback (queue_ext.callbacks) too: its payload was written by the
+-- extension and is redriven unchanged, so this forges nothing, and it is how an admin
+-- resends an event whose receiver was down for longer than its attempts lasted.
 CREATE FUNCTION queue_ext.retry_dead_job(job_id uuid) RETURNS uuid
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -97,6 +105,7 @@ AS $$
 DECLARE
     purged bigint;
 BEGIN
+    PERFORM queue_ext._refuse_internal(purge_dead_letter.queue_name, 'purge');
     IF purge_dead_letter.older_than < interval '0' THEN
         RAISE EXCEPTION 'older_than must not be negative (got %)', purge_dead_letter.older_than USING ERRCODE = '22023';
     END IF;
@@ -124,6 +133,7 @@ AS $$
 DECLARE
     purged bigint;
 BEGIN
+    PERFORM queue_ext._refuse_internal(purge_jobs.queue_name, 'purge');
     IF purge_jobs.older_than IS NULL OR purge_jobs.older_than < interval '0' THEN
         RAISE EXCEPTION 'older_than must be a non-negative interval (got %)', coalesce(purge_jobs.older_than::text, 'NULL')
             USING ERRCODE = '22023';

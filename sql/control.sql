@@ -15,9 +15,7 @@ AS $$
 DECLARE
     cancelled text;
 BEGIN
-    IF heartbeat.extend <= interval '0' THEN
-        RAISE EXCEPTION 'extend must be positive (got %)', heartbeat.extend USING ERRCODE = '22023';
-    END IF;
+    PERFORM queue_ext._check_interval('extend', heartbeat.extend, '1 second', '7 days');
     UPDATE queue_ext.job_queue AS j
     SET lease_expires_at = now() + coalesce(heartbeat.extend,
                                             (SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name),
@@ -74,7 +72,9 @@ $$;
 -- Cancels a job. Waiting, queued or retrying: it never runs (its dependents are cancelled
 -- too). Running: it is marked, and its worker learns it from heartbeat/update_progress
 -- (false) or complete_job/fail_job (which then record it as cancelled). Producers may only
--- cancel their own jobs. Returns the job's state after the call.
+-- cancel their own jobs: for anyone else's they get the answer a job that does not exist
+-- gets (_may_see_job), learning neither that it exists nor its state. Returns the job's
+-- state after the call.
 CREATE FUNCTION queue_ext.cancel_job(job_id uuid, reason text DEFAULT 'cancelled')
 RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -87,10 +87,7 @@ DECLARE
     why text := coalesce(cancel_job.reason, 'cancelled');
 BEGIN
     SELECT * INTO j FROM queue_ext.job_queue AS t WHERE t.id = cancel_job.job_id FOR UPDATE;
-    IF NOT FOUND OR (j.enqueued_by <> who
-                     AND NOT pg_has_role(who, 'queue_ext_worker', 'MEMBER')
-                     AND NOT pg_has_role(who, 'queue_ext_admin', 'MEMBER')
-                     AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = who)) THEN
+    IF NOT FOUND OR (j.enqueued_by <> who AND NOT queue_ext._may_see_job(j.enqueued_by)) THEN
         PERFORM queue_ext._raise_not_running(cancel_job.job_id, NULL, 'cancel');
     END IF;
     IF j.status = 'running' THEN

@@ -9,7 +9,9 @@
 
 -- Classifies a new job's dependencies and records the edges to the live ones. Returns the
 -- job's initial state: 'queued' (all completed), 'waiting', or 'cancelled' (blocked_by is
--- dead or cancelled).
+-- dead or cancelled). A producer may depend only on jobs it may see (_may_see_job, its
+-- own): another role's job id gets the answer an id that does not exist gets, so that
+-- depends_on cannot tell a producer whether, or in which state, someone else's job exists.
 CREATE FUNCTION queue_ext._dependency_state(new_job uuid, depends_on uuid[],
                                             OUT state queue_ext.job_state, OUT blocked_by uuid)
 LANGUAGE plpgsql VOLATILE
@@ -19,12 +21,18 @@ DECLARE
 BEGIN
     PERFORM 1 FROM queue_ext.job_queue AS j WHERE j.id = ANY (depends_on) FOR KEY SHARE;
     SELECT d INTO missing FROM unnest(depends_on) AS d
-    WHERE d IS NULL
-       OR (NOT EXISTS (SELECT 1 FROM queue_ext.job_queue AS j WHERE j.id = d)
-           AND NOT EXISTS (SELECT 1 FROM queue_ext.job_archive AS a WHERE a.id = d)
-           AND NOT EXISTS (SELECT 1 FROM queue_ext.job_dead_letter AS x WHERE x.id = d))
+    LEFT JOIN LATERAL (
+        SELECT j.enqueued_by AS owner FROM queue_ext.job_queue AS j WHERE j.id = d
+        UNION ALL SELECT a.enqueued_by FROM queue_ext.job_archive AS a WHERE a.id = d
+        UNION ALL SELECT x.enqueued_by FROM queue_ext.job_dead_letter AS x WHERE x.id = d
+        LIMIT 1
+    ) AS o ON true
+    WHERE d IS NULL OR o.owner IS NULL OR NOT queue_ext._may_see_job(o.owner)
     LIMIT 1;
     IF FOUND THEN
+        IF missing IS NOT NULL AND NOT queue_ext._may_see_job(NULL) THEN
+            PERFORM queue_ext._raise_hidden_job(missing);
+        END IF;
         RAISE EXCEPTION 'dependency % does not exist', coalesce(missing::text, 'NULL')
             USING ERRCODE = '42704', HINT = 'depends_on takes ids returned by enqueue_job.';
     END IF;

@@ -99,6 +99,20 @@ BEGIN
 END
 $$;
 
+-- Raises 22023 naming the setting and its bounds when `value` lies outside low..high
+-- (inclusive; NULL passes: callers decide what NULL means). Every interval a caller gives is
+-- bounded so that what the worker computes from it (run_at, lease expiry, backoff) stays far
+-- inside the timestamp range: an unbounded one made every later claim or failure raise 22008.
+CREATE FUNCTION queue_ext._check_interval(what text, value interval, low text, high text) RETURNS void
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+BEGIN
+    IF value < low::interval OR value > high::interval THEN
+        RAISE EXCEPTION '% must be between % and % (got %)', what, low, high, value USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
 -- When a job should start, from the enqueue options.
 CREATE FUNCTION queue_ext._start_time(run_at timestamptz, delay interval) RETURNS timestamptz
 LANGUAGE plpgsql STABLE PARALLEL SAFE
@@ -107,10 +121,50 @@ BEGIN
     IF run_at IS NOT NULL AND delay IS NOT NULL THEN
         RAISE EXCEPTION 'give run_at or delay, not both' USING ERRCODE = '22023';
     END IF;
-    IF delay IS NOT NULL AND delay < interval '0' THEN
-        RAISE EXCEPTION 'delay must not be negative (got %)', delay USING ERRCODE = '22023';
+    IF run_at IS NOT NULL AND (NOT isfinite(run_at) OR run_at >= timestamptz '10000-01-01 00:00:00+00') THEN
+        RAISE EXCEPTION 'run_at must be finite and before the year 10000 (got %)', run_at USING ERRCODE = '22023';
     END IF;
+    PERFORM queue_ext._check_interval('delay', delay, '0', '100 years');
     RETURN coalesce(run_at, now() + delay, now());
+END
+$$;
+
+-- Queue names starting with "queue_ext." belong to the extension (queue_ext.callbacks carries
+-- signed completion events): only the extension itself writes their jobs or changes them. A
+-- job enqueued there by anyone else, admins included, would be POSTed to another queue's
+-- callback_url signed with that queue's secret, i.e. a forged callback.
+CREATE FUNCTION queue_ext._refuse_internal(queue_name text, action text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+BEGIN
+    IF queue_name LIKE 'queue\_ext.%' THEN
+        RAISE EXCEPTION 'cannot % queue "%": it is internal to queue_ext', action, queue_name
+            USING ERRCODE = '42501';
+    END IF;
+END
+$$;
+
+-- May the calling role see, and act on, a job enqueued by `owner`? Producers see only the
+-- jobs they enqueued; workers, admins and superusers see every job. owner NULL (no such
+-- job): true only for those who see every job, so that a producer is answered the same way
+-- whether a job id is someone else's or does not exist, and learns neither. The one rule
+-- every function taking a job id applies (with _raise_hidden_job for the answer).
+CREATE FUNCTION queue_ext._may_see_job(owner name) RETURNS boolean
+LANGUAGE sql STABLE
+AS $$
+    SELECT (owner IS NOT NULL AND owner = queue_ext._invoker())
+        OR pg_has_role(queue_ext._invoker(), 'queue_ext_worker', 'MEMBER')
+        OR pg_has_role(queue_ext._invoker(), 'queue_ext_admin', 'MEMBER')
+        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles AS r WHERE r.rolname = queue_ext._invoker()), false)
+$$;
+
+-- The answer to a job the caller may not see (_may_see_job), the same for a job that does
+-- not exist: it reveals neither the job's existence nor its state.
+CREATE FUNCTION queue_ext._raise_hidden_job(job_id uuid) RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    RAISE EXCEPTION 'job % does not exist or belongs to another role', job_id USING ERRCODE = '42501';
 END
 $$;
 
@@ -125,16 +179,21 @@ END
 $$;
 
 -- Exponential backoff with jitter: min(base * 2^(attempt-1), cap), then a random point in
--- its upper half, so that jobs failing together do not come back together.
+-- its upper half, so that jobs failing together do not come back together. Computed in
+-- seconds (float8) and clamped to the cap before an interval is built: interval arithmetic
+-- overflowed (22008) for a large base at high attempts. 2^999 days is still a finite float8.
 CREATE FUNCTION queue_ext._backoff(base interval, cap interval, attempt integer) RETURNS interval
 LANGUAGE sql VOLATILE PARALLEL SAFE
 AS $$
-    SELECT d * (0.5 + random() * 0.5)
-    FROM (SELECT least(base * power(2, least(greatest(attempt, 1) - 1, 40)), cap) AS d) AS s
+    SELECT make_interval(secs => d * (0.5 + random() * 0.5))
+    FROM (SELECT least(extract(epoch FROM base)::float8 * power(2::float8, least(greatest(attempt, 1) - 1, 1000)),
+                       extract(epoch FROM cap)::float8) AS d) AS s
 $$;
 
--- Called when a fenced call (complete, fail, heartbeat...) matched no running job: works out
--- why, and raises the error that says so.
+-- Called when a fenced call (complete, fail, heartbeat, cancel...) matched no running job:
+-- works out why, and raises the error that says so. A caller who may not see the job
+-- (_may_see_job: a producer, about another role's job or an id that does not exist) gets
+-- _raise_hidden_job's answer instead, which tells it nothing.
 CREATE FUNCTION queue_ext._raise_not_running(job_id uuid, lease_token uuid, action text) RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -142,12 +201,16 @@ AS $$
 DECLARE
     j queue_ext.job_queue;
     finished queue_ext.job_state;
+    owner name;
 BEGIN
     IF job_id IS NULL THEN
         RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';
     END IF;
     SELECT * INTO j FROM queue_ext.job_queue AS t WHERE t.id = _raise_not_running.job_id;
     IF FOUND THEN
+        IF NOT queue_ext._may_see_job(j.enqueued_by) THEN
+            PERFORM queue_ext._raise_hidden_job(job_id);
+        END IF;
         IF j.status = 'running' AND j.lease_token = _raise_not_running.lease_token THEN
             RAISE EXCEPTION 'cannot % job %: its lease expired at %', action, job_id, j.lease_expires_at
                 USING ERRCODE = '55000',
@@ -162,12 +225,14 @@ BEGIN
                 USING ERRCODE = '55000';
         END IF;
     END IF;
-    SELECT status INTO finished FROM queue_ext.job_archive AS t WHERE t.id = _raise_not_running.job_id;
+    SELECT t.status, t.enqueued_by INTO finished, owner FROM queue_ext.job_archive AS t
+    WHERE t.id = _raise_not_running.job_id;
     IF NOT FOUND THEN
-        PERFORM 1 FROM queue_ext.job_dead_letter AS t WHERE t.id = _raise_not_running.job_id;
-        IF FOUND THEN
-            finished := 'dead';
-        END IF;
+        SELECT 'dead', t.enqueued_by INTO finished, owner FROM queue_ext.job_dead_letter AS t
+        WHERE t.id = _raise_not_running.job_id;
+    END IF;
+    IF NOT queue_ext._may_see_job(owner) THEN
+        PERFORM queue_ext._raise_hidden_job(job_id);
     END IF;
     IF finished IS NOT NULL THEN
         RAISE EXCEPTION 'cannot % job %: it is already %', action, job_id, finished

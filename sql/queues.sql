@@ -1,4 +1,29 @@
 -- Queue management: create, alter, pause, resume, drop, list.
+--
+-- Settings are bounded (22023 outside, naming the setting and its bounds; the table's CHECK
+-- constraints say the same): max_attempts 1..1000, backoff_base 0..1 day, backoff_cap
+-- 0..30 days and at least backoff_base, lease_duration 1 second..7 days. Beyond them the
+-- worker's own arithmetic (run_at = now() + backoff, lease expiry) overflowed and every
+-- failure or claim of the queue raised 22008.
+-- The internal queue_ext.* queues are the extension's: pausing, resuming, altering or
+-- dropping them raises 42501 (_refuse_internal).
+
+-- Checks the queue settings given (NULL: not given) and that the cap is not below the base.
+CREATE FUNCTION queue_ext._check_queue_settings(max_attempts integer, backoff_base interval, backoff_cap interval,
+                                                lease_duration interval) RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    PERFORM queue_ext._check_max_attempts(max_attempts);
+    PERFORM queue_ext._check_interval('backoff_base', backoff_base, '0', '1 day');
+    PERFORM queue_ext._check_interval('backoff_cap', backoff_cap, '0', '30 days');
+    IF backoff_cap < backoff_base THEN
+        RAISE EXCEPTION 'backoff_cap (%) must not be less than backoff_base (%)', backoff_cap, backoff_base
+            USING ERRCODE = '22023';
+    END IF;
+    PERFORM queue_ext._check_interval('lease_duration', lease_duration, '1 second', '7 days');
+END
+$$;
 
 CREATE FUNCTION queue_ext.create_queue(
     queue_name     text,
@@ -27,14 +52,13 @@ BEGIN
     IF create_queue.queue_name LIKE 'queue\_ext.%' THEN
         RAISE EXCEPTION 'queue names starting with "queue_ext." are reserved' USING ERRCODE = '42939';
     END IF;
-    PERFORM queue_ext._check_max_attempts(coalesce(create_queue.max_attempts, 0));
-    IF create_queue.backoff_base < interval '0' OR create_queue.backoff_cap < interval '0' THEN
-        RAISE EXCEPTION 'backoff_base and backoff_cap must not be negative' USING ERRCODE = '22023';
+    IF create_queue.max_attempts IS NULL OR create_queue.backoff_base IS NULL OR create_queue.backoff_cap IS NULL
+       OR create_queue.lease_duration IS NULL THEN
+        RAISE EXCEPTION 'max_attempts, backoff_base, backoff_cap and lease_duration must not be null'
+            USING ERRCODE = '22004';
     END IF;
-    IF create_queue.lease_duration IS NULL OR create_queue.lease_duration <= interval '0' THEN
-        RAISE EXCEPTION 'lease_duration must be positive (got %)', coalesce(create_queue.lease_duration::text, 'NULL')
-            USING ERRCODE = '22023';
-    END IF;
+    PERFORM queue_ext._check_queue_settings(create_queue.max_attempts, create_queue.backoff_base,
+                                            create_queue.backoff_cap, create_queue.lease_duration);
     INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration, notify,
                                   keep_history)
     VALUES (create_queue.queue_name, create_queue.max_attempts, create_queue.backoff_base,
@@ -77,15 +101,14 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(alter_queue.queue_name);
 BEGIN
-    PERFORM queue_ext._queue(alter_queue.queue_name);
-    PERFORM queue_ext._check_max_attempts(alter_queue.max_attempts);
-    IF alter_queue.backoff_base < interval '0' OR alter_queue.backoff_cap < interval '0' THEN
-        RAISE EXCEPTION 'backoff_base and backoff_cap must not be negative' USING ERRCODE = '22023';
-    END IF;
-    IF alter_queue.lease_duration <= interval '0' THEN
-        RAISE EXCEPTION 'lease_duration must be positive (got %)', alter_queue.lease_duration USING ERRCODE = '22023';
-    END IF;
+    PERFORM queue_ext._refuse_internal(q.queue_name, 'alter');
+    -- The bounds, and the cap against the base as they will be after this call.
+    PERFORM queue_ext._check_queue_settings(alter_queue.max_attempts,
+        coalesce(alter_queue.backoff_base, q.backoff_base), coalesce(alter_queue.backoff_cap, q.backoff_cap),
+        alter_queue.lease_duration);
     UPDATE queue_ext.queues SET
         max_attempts   = coalesce(alter_queue.max_attempts, max_attempts),
         backoff_base   = coalesce(alter_queue.backoff_base, backoff_base),
@@ -111,6 +134,7 @@ AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM queue_ext._queue(pause_queue.queue_name);
+    PERFORM queue_ext._refuse_internal(pause_queue.queue_name, 'pause');
     UPDATE queue_ext.queues SET paused = true, updated_at = now() WHERE queue_name = pause_queue.queue_name;
 END
 $$;
@@ -122,13 +146,16 @@ AS $$
 #variable_conflict use_column
 BEGIN
     PERFORM queue_ext._queue(resume_queue.queue_name);
+    PERFORM queue_ext._refuse_internal(resume_queue.queue_name, 'resume');
     UPDATE queue_ext.queues SET paused = false, updated_at = now() WHERE queue_name = resume_queue.queue_name;
     PERFORM queue_ext._wake_dispatcher_at_commit();
 END
 $$;
 
 -- Refuses while the queue holds live jobs, unless force: then its live jobs are cancelled
--- into the archive (not silently deleted) and its dead letters stay for inspection.
+-- into the archive (not silently deleted) and its dead letters stay for inspection. Jobs of
+-- any queue that depend on a cancelled job are cancelled too, transitively, as cancel_job
+-- does: nothing is left waiting for a job that will never complete.
 CREATE FUNCTION queue_ext.drop_queue(queue_name text, force boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -136,11 +163,10 @@ AS $$
 #variable_conflict use_column
 DECLARE
     live bigint;
+    dropped uuid[];
 BEGIN
     PERFORM queue_ext._queue(drop_queue.queue_name);
-    IF drop_queue.queue_name LIKE 'queue\_ext.%' THEN
-        RAISE EXCEPTION 'queue "%" belongs to queue_ext and cannot be dropped', drop_queue.queue_name USING ERRCODE = '42939';
-    END IF;
+    PERFORM queue_ext._refuse_internal(drop_queue.queue_name, 'drop');
     -- Lock the queue row so concurrent enqueues that check it wait for us.
     PERFORM 1 FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name FOR UPDATE;
     SELECT count(*) INTO live FROM queue_ext.job_queue WHERE queue_name = drop_queue.queue_name;
@@ -156,9 +182,16 @@ BEGIN
         SELECT id, queue_name, payload, priority, 'cancelled', attempt, max_attempts,
             worker_id, 'queue dropped', errors, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
         FROM gone
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        SELECT id, queue_name, status, 'cancelled', attempt, worker_id, 'queue dropped', enqueued_by FROM gone
     )
-    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
-    SELECT id, queue_name, status, 'cancelled', attempt, worker_id, 'queue dropped', enqueued_by FROM gone;
+    SELECT array_agg(id) INTO dropped FROM gone;
+    -- Edges from the dropped jobs go with them; edges to them cancel their dependents.
+    DELETE FROM queue_ext.job_dependencies AS e WHERE e.job_id = ANY (dropped);
+    PERFORM queue_ext._cancel_dependents(d, format('dependency %s was cancelled', d))
+    FROM unnest(dropped) AS d
+    WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);
     DELETE FROM queue_ext.webhook_targets WHERE queue_name = drop_queue.queue_name;
     DELETE FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name;
 END

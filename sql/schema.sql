@@ -22,9 +22,11 @@ CREATE TYPE queue_ext.job_priority AS ENUM ('low', 'normal', 'high', 'critical')
 CREATE TABLE queue_ext.queues (
     queue_name       text PRIMARY KEY,
     max_attempts     integer     NOT NULL DEFAULT 5 CHECK (max_attempts BETWEEN 1 AND 1000),
-    backoff_base     interval    NOT NULL DEFAULT '1 second' CHECK (backoff_base >= interval '0'),
-    backoff_cap      interval    NOT NULL DEFAULT '1 hour' CHECK (backoff_cap >= interval '0'),
-    lease_duration   interval    NOT NULL DEFAULT '5 minutes' CHECK (lease_duration > interval '0'),
+    -- Bounds as create_queue/alter_queue check them (queues.sql says why).
+    backoff_base     interval    NOT NULL DEFAULT '1 second' CHECK (backoff_base BETWEEN interval '0' AND interval '1 day'),
+    backoff_cap      interval    NOT NULL DEFAULT '1 hour' CHECK (backoff_cap BETWEEN interval '0' AND interval '30 days'),
+    lease_duration   interval    NOT NULL DEFAULT '5 minutes'
+                     CHECK (lease_duration BETWEEN interval '1 second' AND interval '7 days'),
     paused           boolean     NOT NULL DEFAULT false,
     -- Both maintained by create_queue/alter_queue from queue_ext.webhook_targets, so the hot
     -- paths learn what they must do from the queue row they already read.
@@ -39,7 +41,8 @@ CREATE TABLE queue_ext.queues (
     -- high-volume queues that do not need them; failures, retries, dead letters,
     -- cancellations and admin actions are still recorded. (Last: upgrades add it here.)
     keep_history     boolean     NOT NULL DEFAULT true,
-    CONSTRAINT queue_name_format CHECK (queue_name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$')
+    CONSTRAINT queue_name_format CHECK (queue_name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
+    CONSTRAINT backoff_cap_not_below_base CHECK (backoff_cap >= backoff_base)
 );
 COMMENT ON TABLE queue_ext.queues IS 'One row per queue: its defaults for retries, backoff and leases.';
 
@@ -85,9 +88,10 @@ CREATE INDEX job_queue_rate_claim_idx ON queue_ext.job_queue (queue_name, rate_l
 -- Jobs held for a slot of their concurrency key, in the order they are admitted.
 CREATE INDEX job_queue_key_waiting_idx ON queue_ext.job_queue (concurrency_key, id)
     WHERE status = 'waiting' AND concurrency_key IS NOT NULL;
--- Deduplication: at most one unfinished job per (queue, dedupe_key). job_queue holds only
--- unfinished jobs, so a plain unique index is exactly the rule.
-CREATE UNIQUE INDEX job_queue_dedupe_idx ON queue_ext.job_queue (queue_name, dedupe_key)
+-- Deduplication: at most one unfinished job per (queue, producer, dedupe_key). job_queue
+-- holds only unfinished jobs, so a plain unique index is exactly the rule. The producer is
+-- part of the key so that one role's key never matches, and hands back, another role's job.
+CREATE UNIQUE INDEX job_queue_dedupe_idx ON queue_ext.job_queue (queue_name, enqueued_by, dedupe_key)
     WHERE dedupe_key IS NOT NULL;
 -- cleanup_stuck_jobs() finds expired leases without scanning queued work.
 CREATE INDEX job_queue_lease_idx ON queue_ext.job_queue (lease_expires_at)

@@ -171,7 +171,10 @@ $$;
 -- The dispatcher's claim: up to `capacity` jobs from webhook queues (one queue when
 -- only_queue is given), each queue capped by its max_in_flight minus what `busy` (queue ->
 -- requests in flight) says the dispatcher already holds. Returns a JSON array of deliveries,
--- each with its target; the lease covers the request timeout plus a margin.
+-- each with its target; the lease covers the request timeout plus a margin, so that a
+-- request still in flight is never reclaimed and sent a second time. Callbacks are sent with
+-- the timeout of the queue they report on (its webhook_timeout, or the default), and one
+-- claim takes a batch of them: their lease covers the longest of those timeouts.
 CREATE FUNCTION queue_ext._dispatch_claim(worker_id text, capacity integer, busy jsonb, only_queue text,
                                           default_timeout interval)
 RETURNS jsonb
@@ -184,6 +187,7 @@ DECLARE
     n integer;
     claimed jsonb := '[]';
     batch jsonb;
+    callback_lease interval;
 BEGIN
     FOR t IN
         SELECT q.queue_name, w.url, w.method, w.headers, coalesce(w.timeout, default_timeout) AS timeout,
@@ -201,6 +205,8 @@ BEGIN
         IF t.queue_name = 'queue_ext.callbacks' THEN
             -- Each event goes to the callback_url of the queue it reports on, signed with
             -- that queue's secret.
+            SELECT greatest(default_timeout, max(w.timeout)) + interval '30 seconds' INTO callback_lease
+            FROM queue_ext.webhook_targets AS w WHERE w.callback_url IS NOT NULL;
             SELECT coalesce(jsonb_agg(jsonb_build_object(
                        'job_id', c.job_id, 'lease_token', c.lease_token, 'attempt', c.attempt,
                        'max_attempts', c.max_attempts, 'queue_name', c.queue_name, 'body', c.payload::text,
@@ -208,7 +214,7 @@ BEGIN
                        'timeout_ms', (extract(epoch FROM coalesce(w.timeout, default_timeout)) * 1000)::bigint,
                        'secret', w.secret, 'follow_redirects', coalesce(w.follow_redirects, false))), '[]')
             INTO batch
-            FROM queue_ext.get_next_jobs(t.queue_name, n, worker_id, default_timeout + interval '30 seconds') AS c
+            FROM queue_ext.get_next_jobs(t.queue_name, n, worker_id, callback_lease) AS c
             LEFT JOIN queue_ext.webhook_targets AS w ON w.queue_name = c.payload ->> 'queue';
         ELSE
             SELECT coalesce(jsonb_agg(jsonb_build_object(

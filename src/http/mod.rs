@@ -1,20 +1,40 @@
 //! Webhook HTTP: one request per job attempt, run on a tokio runtime whose threads never
 //! touch Postgres. The caller (dispatcher or `process_jobs`) hands in a [`Delivery`] and
 //! gets back an [`Outcome`] that says what to record; nothing here panics on bad data.
+//!
+//! Whatever the endpoint does, the outcome is bounded and storable: the body is read up to
+//! `queue_ext.response_max_bytes` and no further, the whole exchange (body included) ends
+//! at the request's timeout, and text is made valid for `text`/`jsonb` ([`redact`]).
+//! Nothing recorded carries the URL's credentials or query values, a header or the secret
+//! ([`error`], [`redact_url`]).
 
+pub mod error;
+pub mod redact;
 pub mod signing;
 pub mod ssrf;
+
+#[cfg(test)]
+mod loopback;
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT,
+};
 use serde::{Deserialize, Serialize};
 
-use ssrf::{Allowlist, GuardedResolver, Refused};
+pub use error::DeliveryError;
+pub use redact::redact_url;
+use ssrf::{Allowlist, GuardedResolver};
+
+/// Redirects followed at most, for queues that follow them.
+pub const MAX_REDIRECTS: usize = 5;
+/// How long connecting may take (the request's own timeout still bounds it).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One webhook attempt, as `queue_ext._dispatch_claim` describes it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct Delivery {
     pub job_id: String,
     pub lease_token: String,
@@ -31,6 +51,31 @@ pub struct Delivery {
     pub follow_redirects: bool,
 }
 
+impl Delivery {
+    /// The timeout the request really gets: at least 1 ms, at most an hour.
+    pub fn effective_timeout_ms(&self) -> u64 {
+        self.timeout_ms.clamp(1, 3_600_000) as u64
+    }
+}
+
+/// Debug output ends up in logs: it shows the redacted URL and no secret or header value.
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("job_id", &self.job_id)
+            .field("lease_token", &self.lease_token)
+            .field("queue_name", &self.queue_name)
+            .field("attempt", &self.attempt)
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("method", &self.method)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("timeout_ms", &self.timeout_ms)
+            .field("secret", &self.secret.as_ref().map(|_| "REDACTED"))
+            .field("follow_redirects", &self.follow_redirects)
+            .finish_non_exhaustive()
+    }
+}
+
 /// What happened, in the shape `queue_ext._dispatch_record` takes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -38,6 +83,7 @@ pub struct Outcome {
     pub lease_token: String,
     pub queue_name: String,
     pub attempt: i32,
+    /// The target, redacted ([`redact_url`]): workers can read the delivery log.
     pub url: String,
     /// delivered | retry | failed
     pub outcome: &'static str,
@@ -61,7 +107,7 @@ impl Outcome {
             lease_token: d.lease_token.clone(),
             queue_name: d.queue_name.clone(),
             attempt: d.attempt,
-            url: d.url.clone().unwrap_or_default(),
+            url: d.url.as_deref().map(redact_url).unwrap_or_default(),
             outcome,
             status_code: None,
             error,
@@ -72,9 +118,22 @@ impl Outcome {
         }
     }
 
-    /// A permanent failure found before any request was made (bad URL, refused host...).
+    /// The outcome of an attempt that ended with `e`, through its one mapping.
+    pub fn from_error(d: &Delivery, e: &DeliveryError, started: Instant) -> Outcome {
+        let (kind, message) = e.verdict();
+        Outcome::new(d, kind, Some(message), started)
+    }
+
+    /// A permanent failure found before any request was made. `error` is stored as given
+    /// (made storable): it must not quote the URL, headers or secret; prefer
+    /// [`Outcome::from_error`] with a [`DeliveryError`].
     pub fn failed(d: &Delivery, error: String) -> Outcome {
-        Outcome::new(d, "failed", Some(error), Instant::now())
+        Outcome::new(
+            d,
+            "failed",
+            Some(error.replace('\0', "\u{FFFD}")),
+            Instant::now(),
+        )
     }
 }
 
@@ -123,47 +182,83 @@ pub struct HttpSettings {
     pub max_idle_per_host: usize,
 }
 
+/// Why the client could not be built (a setting is wrong); the previous client stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read queue_ext.http_ca_file {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("queue_ext.http_ca_file {path} holds no usable PEM certificates: {source}")]
+    CaPem {
+        path: String,
+        source: reqwest::Error,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Build(reqwest::Error),
+}
+
+/// Callers report these as text.
+impl From<ClientError> for String {
+    fn from(e: ClientError) -> String {
+        e.to_string()
+    }
+}
+
 impl HttpClient {
-    pub fn new(settings: &HttpSettings) -> Result<HttpClient, String> {
+    pub fn new(settings: &HttpSettings) -> Result<HttpClient, ClientError> {
         let allowlist = Arc::new(RwLock::new(Allowlist::parse(&settings.allowlist)));
         let mut roots = Vec::new();
         if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("cannot read queue_ext.http_ca_file {path}: {e}"))?;
-            roots = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("queue_ext.http_ca_file {path}: {e}"))?;
+            let pem = std::fs::read(path).map_err(|source| ClientError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+                ClientError::CaPem {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         }
         let build = |policy: reqwest::redirect::Policy| {
             let mut b = reqwest::Client::builder()
                 .use_rustls_tls()
+                // A proxy from HTTP_PROXY/HTTPS_PROXY/ALL_PROXY would be the address the
+                // guard checks instead of the target's: never use one.
+                .no_proxy()
                 .dns_resolver(Arc::new(GuardedResolver {
                     allowlist: allowlist.clone(),
                 }))
                 .redirect(policy)
+                // A Referer would carry the previous URL, query and all, to the next hop.
+                .referer(false)
                 .pool_max_idle_per_host(settings.max_idle_per_host.max(1))
                 .pool_idle_timeout(Duration::from_secs(90))
-                .connect_timeout(Duration::from_secs(10))
+                .connect_timeout(CONNECT_TIMEOUT)
+                // HTTP/1 heads are bounded by hyper (100 headers, ~400 KiB); bound HTTP/2's.
+                .http2_max_header_list_size(256 * 1024)
                 .tcp_nodelay(true);
             for cert in &roots {
                 b = b.add_root_certificate(cert.clone());
             }
-            b.build()
-                .map_err(|e| format!("cannot build the HTTP client: {e}"))
+            b.build().map_err(ClientError::Build)
         };
-        // Redirect targets that are IP literals skip the resolver, so check them here too.
+        // Each hop is checked: a host name by the resolver when it is connected to, an IP
+        // literal (which reqwest connects to without resolving) here.
         let guard = allowlist.clone();
         let following = build(reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() >= 5 {
-                return attempt.error("more than 5 redirects");
+            if attempt.previous().len() > MAX_REDIRECTS {
+                return attempt.error(error::RedirectRefused::TooMany(MAX_REDIRECTS));
+            }
+            if !matches!(attempt.url().scheme(), "http" | "https") {
+                return attempt.error(error::RedirectRefused::Scheme);
             }
             let list = guard.read().map(|l| l.clone()).unwrap_or_default();
-            match attempt
-                .url()
-                .host_str()
-                .map(|h| ssrf::check_literal(&list, h))
-            {
-                Some(Err(refused)) => attempt.error(refused),
-                _ => attempt.follow(),
+            match ssrf::check_url(&list, attempt.url()) {
+                Err(refused) => attempt.error(refused),
+                Ok(()) => attempt.follow(),
             }
         }))?;
         Ok(HttpClient {
@@ -180,34 +275,28 @@ impl HttpClient {
         let started = Instant::now();
         let request = match self.build_request(&d) {
             Ok(r) => r,
-            Err(e) => return Outcome::new(&d, "failed", Some(e), started),
+            Err(e) => return Outcome::from_error(&d, &e, started),
         };
         match request.send().await {
-            Ok(response) => self.classify_response(&d, response, started).await,
-            Err(e) => classify_error(&d, e, started),
+            Ok(response) => self.read_response(&d, response, started).await,
+            Err(e) => Outcome::from_error(&d, &DeliveryError::from_send(e, &d), started),
         }
     }
 
-    fn build_request(&self, d: &Delivery) -> Result<reqwest::RequestBuilder, String> {
-        let url_text = d
-            .url
-            .as_deref()
-            .ok_or("the queue has no webhook or callback URL any more")?;
+    fn build_request(&self, d: &Delivery) -> Result<reqwest::RequestBuilder, DeliveryError> {
+        let url_text = d.url.as_deref().ok_or(DeliveryError::NoUrl)?;
         let url =
-            reqwest::Url::parse(url_text).map_err(|e| format!("invalid URL {url_text:?}: {e}"))?;
+            reqwest::Url::parse(url_text).map_err(|e| DeliveryError::InvalidUrl(e.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!(
-                "URL scheme {:?} is not http or https",
-                url.scheme()
-            ));
+            return Err(DeliveryError::Scheme);
         }
-        let host = url
-            .host_str()
-            .ok_or_else(|| format!("URL {url_text:?} has no host"))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(DeliveryError::NoHost);
+        }
         let list = self.allowlist.read().map(|l| l.clone()).unwrap_or_default();
-        ssrf::check_literal(&list, host).map_err(|e| e.to_string())?;
-        let method = reqwest::Method::from_bytes(d.method.as_bytes())
-            .map_err(|_| format!("invalid method {:?}", d.method))?;
+        ssrf::check_url(&list, &url)?;
+        let method =
+            reqwest::Method::from_bytes(d.method.as_bytes()).map_err(|_| DeliveryError::Method)?;
 
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -215,14 +304,13 @@ impl HttpClient {
             USER_AGENT,
             HeaderValue::from_static(concat!("queue_ext/", env!("CARGO_PKG_VERSION"))),
         );
-        for (name, value) in &d.headers {
+        for (i, (name, value)) in d.headers.iter().enumerate() {
             let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| format!("invalid header name {name:?}"))?;
+                .map_err(|_| DeliveryError::HeaderName(i + 1))?;
             let value = value
                 .as_str()
-                .ok_or_else(|| format!("header {name} is not a string"))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|_| format!("invalid value for header {name}"))?;
+                .and_then(|v| HeaderValue::from_str(v).ok())
+                .ok_or_else(|| DeliveryError::HeaderValue(name.to_string()))?;
             headers.insert(name, value);
         }
         let body = if method == reqwest::Method::GET {
@@ -238,22 +326,24 @@ impl HttpClient {
         let msg_id = format!("msg_{}", d.job_id);
         headers.insert(
             "webhook-id",
-            HeaderValue::from_str(&msg_id).map_err(|_| "invalid job id")?,
+            HeaderValue::from_str(&msg_id).map_err(|_| DeliveryError::JobId)?,
         );
         headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
         if let Some(secret) = d.secret.as_deref().filter(|s| !s.is_empty()) {
             let signature = signing::sign(secret, &msg_id, timestamp, &body);
-            headers.insert(
-                "webhook-signature",
-                HeaderValue::from_str(&signature).map_err(|_| "bad signature")?,
-            );
+            // base64 after "v1,": always a valid header value.
+            if let Ok(value) = HeaderValue::from_str(&signature) {
+                headers.insert("webhook-signature", value);
+            }
         }
         let client = if d.follow_redirects {
             &self.following
         } else {
             &self.plain
         };
-        let timeout = Duration::from_millis(d.timeout_ms.clamp(1, 3_600_000) as u64);
+        // reqwest's timeout runs from connecting until the body has been read (it moves
+        // into the response body), so a body trickled byte by byte ends there too.
+        let timeout = Duration::from_millis(d.effective_timeout_ms());
         Ok(client
             .request(method, url)
             .headers(headers)
@@ -261,7 +351,7 @@ impl HttpClient {
             .body(body))
     }
 
-    async fn classify_response(
+    async fn read_response(
         &self,
         d: &Delivery,
         mut response: reqwest::Response,
@@ -273,110 +363,67 @@ impl HttpClient {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let location = response
+        let headers = redact::storable_headers(response.headers(), response.url());
+        // A Location that is not http(s) reaches us unfollowed when the redirect layer
+        // cannot even form a request for it (`file:///...`): name it as such.
+        let location_not_http = response
             .headers()
-            .get("location")
+            .get(LOCATION)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let headers: serde_json::Map<String, serde_json::Value> = response
-            .headers()
-            .iter()
-            .filter_map(|(k, v)| {
-                Some((
-                    k.to_string(),
-                    serde_json::Value::String(v.to_str().ok()?.to_string()),
-                ))
-            })
-            .collect();
-        // Read at most response_max_bytes; the rest is not worth holding up the slot for.
-        let mut body = Vec::new();
-        let mut truncated = false;
+            .and_then(|v| response.url().join(v).ok())
+            .is_some_and(|u| !matches!(u.scheme(), "http" | "https"));
+        // Read at most response_max_bytes and then stop: memory stays bounded whatever the
+        // endpoint sends (50 MB, or a body that never ends), and the rest is not worth
+        // holding the slot for. Dropping the response closes the connection.
+        let max = self.response_max_bytes;
+        let mut body = Vec::with_capacity(max.min(64 * 1024));
+        let mut cut = false;
+        let mut body_error = None;
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
-                    let room = self.response_max_bytes.saturating_sub(body.len());
+                    let room = max.saturating_sub(body.len());
                     body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                     if chunk.len() > room {
-                        truncated = true;
+                        cut = true;
                         break;
                     }
                 }
                 Ok(None) => break,
-                Err(_) => break, // a broken body after the status line does not change the verdict
+                Err(e) => {
+                    body_error = Some(DeliveryError::from_body(e, status, d));
+                    break;
+                }
             }
         }
-        let (kind, error) = match status.as_u16() {
-            200..=299 => ("delivered", None),
-            429 | 500..=599 => ("retry", Some(format!("HTTP {status}"))),
-            300..=399 => (
-                "failed",
-                Some(format!(
-                    "HTTP {status}: redirect to {} not followed (webhook_follow_redirects is off)",
-                    location.as_deref().unwrap_or("?")
-                )),
-            ),
-            400..=499 => ("failed", Some(format!("HTTP {status}"))),
-            _ => ("retry", Some(format!("unexpected HTTP {status}"))),
+        drop(response);
+        let cut = cut || body_error.is_some();
+        let error = match body_error {
+            Some(e) => Some(e),
+            None if status.is_success() => None,
+            None if status.is_redirection() && d.follow_redirects && location_not_http => {
+                Some(DeliveryError::Redirect(error::RedirectRefused::Scheme))
+            }
+            None if status.is_redirection() => Some(DeliveryError::Redirected {
+                status,
+                following: d.follow_redirects,
+            }),
+            None => Some(DeliveryError::Status(status)),
         };
-        let mut out = Outcome::new(d, kind, error, started);
+        let mut out = match &error {
+            Some(e) => Outcome::from_error(d, e, started),
+            None => Outcome::new(d, "delivered", None, started),
+        };
         out.status_code = Some(status.as_u16());
         out.response_headers = Some(serde_json::Value::Object(headers));
-        let mut text = String::from_utf8_lossy(&body).into_owned();
-        if truncated {
-            text.push_str("…[truncated]");
-        }
-        out.response_body = Some(text);
-        out.retry_after_ms = if kind == "retry" {
+        out.response_body = Some(redact::storable_text(&body, max, cut));
+        out.retry_after_ms = if out.outcome == "retry" {
             retry_after.map(|d| d.as_millis() as u64)
         } else {
             None
         };
         out
     }
-}
-
-fn classify_error(d: &Delivery, e: reqwest::Error, started: Instant) -> Outcome {
-    // The SSRF guard's refusal is permanent: retrying cannot make the address public.
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = source {
-        if let Some(refused) = err.downcast_ref::<Refused>() {
-            return Outcome::new(d, "failed", Some(refused.to_string()), started);
-        }
-        source = err.source();
-    }
-    let what = if e.is_timeout() {
-        format!("timed out after {} ms", d.timeout_ms)
-    } else if e.is_connect() {
-        format!("connection failed: {}", error_chain(&e))
-    } else if e.is_redirect() {
-        return Outcome::new(
-            d,
-            "failed",
-            Some(format!("redirect refused: {}", error_chain(&e))),
-            started,
-        );
-    } else if e.is_builder() {
-        return Outcome::new(
-            d,
-            "failed",
-            Some(format!("invalid request: {}", error_chain(&e))),
-            started,
-        );
-    } else {
-        format!("request failed: {}", error_chain(&e))
-    };
-    Outcome::new(d, "retry", Some(what), started)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// `Retry-After` is either delay-seconds or an HTTP date (RFC 9110 §10.2.3).
@@ -408,5 +455,77 @@ mod unit {
         let parsed = parse_retry_after(&later).unwrap();
         assert!(parsed > Duration::from_secs(100) && parsed <= Duration::from_secs(120));
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    fn delivery() -> Delivery {
+        serde_json::from_value(serde_json::json!({
+            "job_id": "j1", "lease_token": "l1", "queue_name": "q", "attempt": 1,
+            "body": "{}", "url": "https://alice:pa55@example.com/in?token=s3cr3t",
+            "method": "POST", "headers": {"Authorization": "Bearer t0k3n"},
+            "timeout_ms": 1000, "secret": "whsec_abc"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn outcomes_and_debug_output_hold_only_the_redacted_url() {
+        let d = delivery();
+        let debug = format!("{d:?}");
+        for secret in ["pa55", "s3cr3t", "t0k3n", "whsec_abc"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        let out = Outcome::failed(&d, "nope\0".into());
+        assert_eq!(out.url, "https://example.com/in?token=REDACTED");
+        assert_eq!(out.error.as_deref(), Some("nope\u{FFFD}"));
+        let out = Outcome::from_error(&d, &DeliveryError::NoUrl, Instant::now());
+        assert_eq!(out.outcome, "failed");
+        assert_eq!(out.url, "https://example.com/in?token=REDACTED");
+    }
+
+    #[tokio::test]
+    async fn requests_refused_before_sending_say_why_without_the_url() {
+        let client = HttpClient::new(&HttpSettings {
+            response_max_bytes: 1024,
+            ..Default::default()
+        })
+        .unwrap();
+        for (url, expected) in [
+            (None, "the queue has no webhook"),
+            (
+                Some("ftp://example.com/x?token=s3cr3t"),
+                "the webhook URL's scheme",
+            ),
+            (
+                Some("http://exa mple.com/?token=s3cr3t"),
+                "the webhook URL is invalid",
+            ),
+            (
+                Some("http://2130706433/?token=s3cr3t"),
+                "SSRF guard refused the target",
+            ),
+            (
+                Some("http://[::ffff:127.0.0.1]/?token=s3cr3t"),
+                "SSRF guard refused the target",
+            ),
+            (
+                Some("http://0/?token=s3cr3t"),
+                "SSRF guard refused the target",
+            ),
+        ] {
+            let mut d = delivery();
+            d.url = url.map(str::to_string);
+            let out = client.deliver(d).await;
+            assert_eq!(out.outcome, "failed", "{url:?}");
+            let error = out.error.unwrap();
+            assert!(error.starts_with(expected), "{url:?}: {error}");
+            assert!(
+                !error.contains("s3cr3t") && !out.url.contains("s3cr3t"),
+                "{error}"
+            );
+        }
+        let mut d = delivery();
+        d.headers = serde_json::from_str(r#"{"Authorization: Bearer t0k3n": "x"}"#).unwrap();
+        let error = client.deliver(d).await.error.unwrap();
+        assert_eq!(error, "webhook header number 1 has an invalid name");
     }
 }

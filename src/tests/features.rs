@@ -62,7 +62,7 @@ fn progress_and_heartbeat_extend_the_lease_and_are_fenced() {
     assert_eq!(one::<f32>(&format!("SELECT progress FROM queue_ext.job_status('{id}')")), 42.5);
     assert_error(&format!("SELECT queue_ext.heartbeat('{id}', gen_random_uuid())"), "55000", "is stale");
     assert_error(&format!("SELECT queue_ext.update_progress('{id}', 101)"), "22023", "percent must be between 0 and 100");
-    assert_error(&format!("SELECT queue_ext.heartbeat('{id}', extend => '-1 s')"), "22023", "extend must be positive");
+    assert_error(&format!("SELECT queue_ext.heartbeat('{id}', extend => '-1 s')"), "22023", "extend must be between 1 second and 7 days");
     run(&format!("SELECT queue_ext.complete_job('{id}')"));
     assert_error(&format!("SELECT queue_ext.heartbeat('{id}')"), "55000", "already completed");
     assert_eq!(one::<f32>(&format!("SELECT progress FROM queue_ext.job_status('{id}')")), 100.0);

@@ -55,7 +55,11 @@ fn producers_see_only_their_own_jobs() {
     enqueue("q", r#"{"who":"bob"}"#);
     assert_eq!(one::<i64>("SELECT count(*) FROM queue_ext.job_queue"), 1);
     assert_eq!(one::<String>("SELECT payload->>'who' FROM queue_ext.job_queue"), "bob");
-    assert_error(&format!("SELECT * FROM queue_ext.job_status('{alices}')"), "42704", "does not exist");
+    assert_error(
+        &format!("SELECT * FROM queue_ext.job_status('{alices}')"),
+        "42501",
+        "does not exist or belongs to another role",
+    );
     run("RESET ROLE");
     run("SET LOCAL ROLE qe_carol");
     assert_eq!(one::<i64>("SELECT count(*) FROM queue_ext.job_queue"), 2, "workers see all jobs");

@@ -1,0 +1,366 @@
+//! Why a delivery did not succeed, and the one place that turns that into what is recorded:
+//! an outcome kind (`retry` or `failed`) and a message. The message goes into the job's
+//! `last_error`, which its producer reads, so it never carries the URL (reqwest's errors
+//! print it unless told not to), its query, userinfo or host, a header or the secret.
+
+use reqwest::StatusCode;
+
+use super::ssrf::Refused;
+use super::Delivery;
+
+/// Messages are kept short: they are stored on every attempt.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// Why a redirect was not followed although the queue allows following them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RedirectRefused {
+    #[error("more than {0} redirects")]
+    TooMany(usize),
+    #[error("redirect to a URL whose scheme is not http or https")]
+    Scheme,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("the queue has no webhook or callback URL any more")]
+    NoUrl,
+    /// Holds `url::ParseError`'s text, which names the defect, never the input.
+    #[error("the webhook URL is invalid: {0}")]
+    InvalidUrl(String),
+    #[error("the webhook URL's scheme is not http or https")]
+    Scheme,
+    #[error("the webhook URL has no host")]
+    NoHost,
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("invalid HTTP method")]
+    Method,
+    /// The name may be anything an admin pasted (a whole `Authorization: ...` line): the
+    /// message counts instead of quoting it.
+    #[error("webhook header number {0} has an invalid name")]
+    HeaderName(usize),
+    #[error("webhook header {0} has a value that is not a string or not valid in HTTP")]
+    HeaderValue(String),
+    #[error("the job id cannot be sent as a webhook-id header")]
+    JobId,
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    #[error("timed out connecting after {} s", super::CONNECT_TIMEOUT.as_secs())]
+    ConnectTimeout,
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("redirect refused: {0}")]
+    Redirect(RedirectRefused),
+    #[error("redirect refused: {0}")]
+    RedirectOther(String),
+    #[error("invalid request: {0}")]
+    Request(String),
+    #[error("request failed: {0}")]
+    Transport(String),
+    #[error("HTTP {0}")]
+    Status(StatusCode),
+    /// A 3xx answer: not followed because the queue does not follow redirects, or (when it
+    /// does) because it had no usable Location. The Location is not quoted: it can echo
+    /// the query and it names a target; the redacted form is in the delivery's headers.
+    #[error("HTTP {status}: redirect not followed ({})", if *.following { "no usable Location header" } else { "the queue's webhook_follow_redirects is off" })]
+    Redirected { status: StatusCode, following: bool },
+    /// The status line arrived, then the body failed: the endpoint may or may not have
+    /// finished, so only a status that is final anyway stays final.
+    #[error("HTTP {status}, then reading the response body {cause}")]
+    Body {
+        status: StatusCode,
+        cause: BodyFailure,
+    },
+    /// The dispatcher could not use what the claim described (see [`DeliveryError::unusable`]).
+    #[allow(dead_code)]
+    #[error("unusable webhook settings: {0}")]
+    Unusable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyFailure {
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    #[error("failed: {0}")]
+    Broken(String),
+}
+
+/// What the outcome of a failed attempt is: retry later, or give up.
+pub fn status_kind(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "delivered",
+        429 | 500..=599 => "retry",
+        300..=499 => "failed",
+        _ => "retry",
+    }
+}
+
+impl DeliveryError {
+    /// The one mapping to what is recorded: (`retry` | `failed`, message).
+    pub fn verdict(&self) -> (&'static str, String) {
+        use DeliveryError::*;
+        let kind = match self {
+            Timeout(_) | ConnectTimeout | Connect(_) | Transport(_) => "retry",
+            Status(s) => status_kind(*s),
+            Body { status, .. } => match status_kind(*status) {
+                "failed" => "failed",
+                _ => "retry",
+            },
+            NoUrl
+            | InvalidUrl(_)
+            | Scheme
+            | NoHost
+            | Refused(_)
+            | Method
+            | HeaderName(_)
+            | HeaderValue(_)
+            | JobId
+            | Redirect(_)
+            | RedirectOther(_)
+            | Request(_)
+            | Redirected { .. }
+            | Unusable(_) => "failed",
+        };
+        let mut message = self.to_string().replace('\0', "\u{FFFD}");
+        if message.len() > MAX_MESSAGE_BYTES {
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        (kind, message)
+    }
+
+    /// Classifies an error from sending the request (before any status arrived).
+    pub fn from_send(e: reqwest::Error, d: &Delivery) -> DeliveryError {
+        // The guard's refusal is permanent: retrying cannot make the address public. It can
+        // come from the resolver (a connect error) or the redirect policy (a redirect error).
+        if let Some(refused) = find::<Refused>(&e) {
+            return DeliveryError::Refused(*refused);
+        }
+        if let Some(r) = find::<RedirectRefused>(&e) {
+            return DeliveryError::Redirect(*r);
+        }
+        let e = e.without_url();
+        if e.is_timeout() {
+            return if e.is_connect() {
+                DeliveryError::ConnectTimeout
+            } else {
+                DeliveryError::Timeout(d.effective_timeout_ms())
+            };
+        }
+        let detail = scrub(&source_chain(&e), d);
+        if e.is_connect() {
+            DeliveryError::Connect(detail)
+        } else if e.is_redirect() {
+            DeliveryError::RedirectOther(detail)
+        } else if e.is_builder() {
+            DeliveryError::Request(detail)
+        } else {
+            DeliveryError::Transport(detail)
+        }
+    }
+
+    /// Classifies an error while reading the body of a response with `status`.
+    pub fn from_body(e: reqwest::Error, status: StatusCode, d: &Delivery) -> DeliveryError {
+        let e = e.without_url();
+        let cause = if e.is_timeout() {
+            BodyFailure::Timeout(d.effective_timeout_ms())
+        } else {
+            BodyFailure::Broken(scrub(&source_chain(&e), d))
+        };
+        DeliveryError::Body { status, cause }
+    }
+
+    /// For a claim the dispatcher could not decode. serde's messages quote the offending
+    /// value (a header value, a secret...), so only the kinds that name a field are kept.
+    #[allow(dead_code)] // for the claim parser, which still formats serde's message itself
+    pub fn unusable(e: &serde_json::Error) -> DeliveryError {
+        let text = e.to_string();
+        let safe = ["missing field `", "unknown field `", "duplicate field `"]
+            .iter()
+            .any(|p| text.starts_with(p));
+        DeliveryError::Unusable(if safe {
+            text.split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            "a field has the wrong type or value".to_string()
+        })
+    }
+}
+
+fn find<T: std::error::Error + 'static>(e: &reqwest::Error) -> Option<&T> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// The texts of the error's causes, below reqwest's own (which is only its kind, once
+/// `without_url` took the URL out), e.g. "client error (Connect): tcp connect error:
+/// Connection refused (os error 111)".
+fn source_chain(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        // hyper repeats its cause in its own text sometimes: keep each once.
+        if !parts.iter().any(|p: &String| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    }
+}
+
+/// Removes what a lower layer might quote from the request: TLS names the host it
+/// expected, a resolver the name it looked up. The URL's parts, the secret and the header
+/// values are replaced wherever they appear.
+fn scrub(text: &str, d: &Delivery) -> String {
+    let mut secrets: Vec<String> = Vec::new();
+    if let Some(url_text) = d.url.as_deref() {
+        secrets.push(url_text.to_string());
+        if let Ok(url) = reqwest::Url::parse(url_text) {
+            secrets.push(url.as_str().to_string());
+            secrets.extend(url.host_str().map(str::to_string));
+            secrets.extend(url.domain().map(|h| h.trim_end_matches('.').to_string()));
+            secrets.push(url.username().to_string());
+            secrets.extend(url.password().map(str::to_string));
+            secrets.extend(url.query().map(str::to_string));
+            secrets.extend(url.query_pairs().map(|(_, v)| v.into_owned()));
+        }
+    }
+    secrets.extend(d.secret.clone());
+    secrets.extend(
+        d.headers
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string)),
+    );
+    // Longest first, so a whole URL goes before its host; very short strings would
+    // shred ordinary words and are not worth hiding.
+    secrets.retain(|s| s.len() >= 4);
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut text = text.to_string();
+    for s in &secrets {
+        text = text.replace(s.as_str(), "[redacted]");
+    }
+    text
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn delivery(url: &str) -> Delivery {
+        Delivery {
+            job_id: "j".into(),
+            lease_token: "l".into(),
+            queue_name: "q".into(),
+            attempt: 1,
+            body: "{}".into(),
+            url: Some(url.into()),
+            method: "POST".into(),
+            headers: serde_json::from_str(r#"{"Authorization": "Bearer t0k3n-value"}"#).unwrap(),
+            timeout_ms: 300,
+            secret: Some("whsec_c2VjcmV0LXNlY3JldA==".into()),
+            follow_redirects: false,
+        }
+    }
+
+    #[test]
+    fn every_error_maps_to_one_kind_and_message() {
+        use DeliveryError::*;
+        let s = |c: u16| StatusCode::from_u16(c).unwrap();
+        for (e, kind, message) in [
+            (Timeout(300), "retry", "timed out after 300 ms"),
+            (Status(s(503)), "retry", "HTTP 503 Service Unavailable"),
+            (Status(s(429)), "retry", "HTTP 429 Too Many Requests"),
+            (Status(s(400)), "failed", "HTTP 400 Bad Request"),
+            (Status(s(410)), "failed", "HTTP 410 Gone"),
+            (
+                Redirected { status: s(302), following: false },
+                "failed",
+                "HTTP 302 Found: redirect not followed (the queue's webhook_follow_redirects is off)",
+            ),
+            (
+                Body { status: s(200), cause: BodyFailure::Timeout(300) },
+                "retry",
+                "HTTP 200 OK, then reading the response body timed out after 300 ms",
+            ),
+            (
+                Body { status: s(404), cause: BodyFailure::Broken("reset".into()) },
+                "failed",
+                "HTTP 404 Not Found, then reading the response body failed: reset",
+            ),
+            (Refused(super::Refused::Address), "failed", "SSRF guard refused the target"),
+            (Redirect(RedirectRefused::Scheme), "failed", "redirect refused: redirect to a URL whose scheme"),
+            (Redirect(RedirectRefused::TooMany(5)), "failed", "redirect refused: more than 5 redirects"),
+            (HeaderName(2), "failed", "webhook header number 2 has an invalid name"),
+            (Connect("x".into()), "retry", "connection failed: x"),
+            (NoUrl, "failed", "the queue has no webhook"),
+        ] {
+            let (k, m) = e.verdict();
+            assert_eq!(k, kind, "{e:?}");
+            assert!(m.starts_with(message), "{m:?} should start with {message:?}");
+        }
+        let invalid = reqwest::Url::parse("http://exa mple.com/?token=s3cr3t").unwrap_err();
+        let (k, m) = InvalidUrl(invalid.to_string()).verdict();
+        assert_eq!(k, "failed");
+        assert!(!m.contains("s3cr3t") && !m.contains("exa mple"), "{m}");
+    }
+
+    #[test]
+    fn messages_are_bounded_and_storable() {
+        let (_, m) = DeliveryError::Transport(format!("a\0{}", "é".repeat(2000))).verdict();
+        assert!(!m.contains('\0'));
+        assert!(m.len() <= MAX_MESSAGE_BYTES + '…'.len_utf8());
+    }
+
+    #[test]
+    fn scrub_removes_url_parts_secret_and_header_values() {
+        let d = delivery("https://alice:pa55word@hooks.example.com:8443/in?token=s3cr3t-token&a=b");
+        let text = "invalid peer certificate: NotValidForName hooks.example.com; \
+                    https://alice:pa55word@hooks.example.com:8443/in?token=s3cr3t-token&a=b; \
+                    pa55word s3cr3t-token Bearer t0k3n-value whsec_c2VjcmV0LXNlY3JldA== alice";
+        let out = scrub(text, &d);
+        for secret in [
+            "hooks.example",
+            "pa55word",
+            "s3cr3t-token",
+            "t0k3n-value",
+            "whsec_",
+            "alice",
+        ] {
+            assert!(!out.contains(secret), "{secret} left in {out}");
+        }
+        assert!(out.starts_with("invalid peer certificate: NotValidForName [redacted]"));
+    }
+
+    #[test]
+    fn unusable_claims_do_not_quote_values() {
+        let e = serde_json::from_str::<Delivery>(
+            r#"{"job_id": "j", "headers": "Authorization: t0k3n"}"#,
+        )
+        .unwrap_err();
+        let (kind, m) = DeliveryError::unusable(&e).verdict();
+        assert_eq!(kind, "failed");
+        assert!(!m.contains("t0k3n"), "{m}");
+        let e = serde_json::from_str::<Delivery>(r#"{"job_id": "j"}"#).unwrap_err();
+        assert_eq!(
+            DeliveryError::unusable(&e).verdict().1,
+            "unusable webhook settings: missing field `lease_token`"
+        );
+    }
+}
