@@ -34,8 +34,10 @@ enum Script {
     ResetMidBody,
     /// Reads the request and never answers.
     Silent,
-    /// A redirect to the location, formatted with the endpoint's port for `{port}`.
+    /// A 302 to the location, formatted with the endpoint's port for `{port}`.
     Redirect(String),
+    /// The same as a 307, which keeps the method and body.
+    Temporary(String),
 }
 
 struct Endpoint {
@@ -186,10 +188,14 @@ async fn serve(
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 return Ok(());
             }
-            Script::Redirect(location) => {
+            Script::Redirect(ref location) | Script::Temporary(ref location) => {
+                let status = match script {
+                    Script::Temporary(_) => "307 Temporary Redirect",
+                    _ => "302 Found",
+                };
                 let location = location.replace("{port}", &port.to_string());
                 let reply = format!(
-                    "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n"
+                    "HTTP/1.1 {status}\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n"
                 );
                 stream.write_all(reply.as_bytes()).await?;
                 // Keep-alive: the next hop may come on this connection.
@@ -217,7 +223,10 @@ fn delivery(url: &str, timeout_ms: i64, follow_redirects: bool) -> Delivery {
         body: r#"{"n": 1}"#.into(),
         url: Some(url.into()),
         method: "POST".into(),
-        headers: serde_json::from_str(r#"{"Authorization": "Bearer t0k3n-header"}"#).unwrap(),
+        headers: serde_json::from_str(
+            r#"{"Authorization": "Bearer t0k3n-header", "X-Api-Key": "k3y-header"}"#,
+        )
+        .unwrap(),
         timeout_ms,
         secret: Some("whsec_c2VjcmV0LXNlY3JldA==".into()),
         follow_redirects,
@@ -230,6 +239,7 @@ fn assert_clean(out: &Outcome) {
     for secret in [
         SECRET_QUERY,
         "t0k3n-header",
+        "k3y-header",
         "whsec_",
         "c2VjcmV0LXNlY3JldA",
         "pa55word",
@@ -243,6 +253,29 @@ fn assert_clean(out: &Outcome) {
             "{error}"
         );
     }
+}
+
+/// A header's value in a request head (names compared without case).
+fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// Whether the head's webhook-signature is the one for `body`.
+fn signed_over(head: &str, body: &[u8]) -> bool {
+    let (Some(id), Some(ts), Some(sig)) = (
+        header(head, "webhook-id"),
+        header(head, "webhook-timestamp"),
+        header(head, "webhook-signature"),
+    ) else {
+        return false;
+    };
+    let secret = "whsec_c2VjcmV0LXNlY3JldA==";
+    sig == super::signing::sign(secret, &id, ts.parse().unwrap(), body)
 }
 
 fn secret_url(e: &Endpoint, path: &str) -> String {
@@ -488,19 +521,56 @@ async fn followed_redirects_are_checked_at_every_hop() {
         .count();
     assert_eq!(loops, 1 + super::MAX_REDIRECTS);
 
-    // An allowed hop is followed; the Referer does not carry the first URL on.
+    // An allowed hop is followed; the Referer does not carry the first URL on; the POST
+    // became a GET, signed over the empty body it now has.
     let out = c
         .deliver(delivery(&secret_url(&e, "/hop"), 5000, true))
         .await;
     assert_eq!(out.outcome, "delivered", "{out:?}");
     assert_eq!(out.response_body.as_deref(), Some("ok"));
+    assert_eq!(out.url, format!("{}?token=REDACTED", e.url("/hop")));
     let heads = e.heads.lock().unwrap();
-    let last = heads.last().unwrap().to_ascii_lowercase();
-    assert!(last.starts_with("get /ok?x=1 "), "{last}");
+    let last = heads.last().unwrap();
+    assert!(last.starts_with("GET /ok?x=1 "), "{last}");
     assert!(
-        !last.contains("referer") && !last.contains(SECRET_QUERY),
+        !last.to_ascii_lowercase().contains("referer") && !last.contains(SECRET_QUERY),
         "{last}"
     );
+    assert!(signed_over(last, b""), "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_headers_stay_with_their_origin() {
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec();
+    let other = endpoint("127.0.0.2", vec![("/", Script::Raw(ok.clone()))]).await;
+    let e = endpoint(
+        "127.0.0.2",
+        vec![
+            ("/same", Script::Temporary("/land".into())),
+            ("/cross", Script::Temporary(other.url("/land"))),
+            ("/land", Script::Raw(ok)),
+        ],
+    )
+    .await;
+    let c = client();
+    let body = br#"{"n": 1}"#;
+    // Same origin: a 307 keeps the method, the body and every configured header.
+    let out = c.deliver(delivery(&e.url("/same"), 5000, true)).await;
+    assert_eq!(out.outcome, "delivered", "{out:?}");
+    let head = e.heads.lock().unwrap().last().unwrap().clone();
+    assert!(head.starts_with("POST /land "), "{head}");
+    assert_eq!(header(&head, "x-api-key").as_deref(), Some("k3y-header"));
+    assert_eq!(header(&head, "content-length").as_deref(), Some("8"));
+    assert!(signed_over(&head, body), "{head}");
+    // Another origin (here another port): no configured header goes along.
+    let out = c.deliver(delivery(&e.url("/cross"), 5000, true)).await;
+    assert_eq!(out.outcome, "delivered", "{out:?}");
+    assert_eq!(other.count(), 1);
+    let head = other.heads.lock().unwrap()[0].clone();
+    assert!(head.starts_with("POST /land "), "{head}");
+    assert_eq!(header(&head, "x-api-key"), None, "{head}");
+    assert_eq!(header(&head, "authorization"), None, "{head}");
+    assert!(signed_over(&head, body), "{head}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -163,13 +163,12 @@ pub fn new_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     })
 }
 
-/// Two reqwest clients (redirects off, and on for queues that allow them) sharing the SSRF
-/// allowlist. Settings change by building a new client: pooled connections were checked
-/// against the old allowlist, so they must go with it.
+/// The reqwest client and the SSRF allowlist it resolves with. Settings change by building
+/// a new client: pooled connections were checked against the old allowlist, so they must
+/// go with it.
 #[derive(Clone)]
 pub struct HttpClient {
-    plain: reqwest::Client,
-    following: reqwest::Client,
+    client: reqwest::Client,
     allowlist: Arc<RwLock<Allowlist>>,
     response_max_bytes: usize,
 }
@@ -222,48 +221,29 @@ impl HttpClient {
                 }
             })?;
         }
-        let build = |policy: reqwest::redirect::Policy| {
-            let mut b = reqwest::Client::builder()
-                .use_rustls_tls()
-                // A proxy from HTTP_PROXY/HTTPS_PROXY/ALL_PROXY would be the address the
-                // guard checks instead of the target's: never use one.
-                .no_proxy()
-                .dns_resolver(Arc::new(GuardedResolver {
-                    allowlist: allowlist.clone(),
-                }))
-                .redirect(policy)
-                // A Referer would carry the previous URL, query and all, to the next hop.
-                .referer(false)
-                .pool_max_idle_per_host(settings.max_idle_per_host.max(1))
-                .pool_idle_timeout(Duration::from_secs(90))
-                .connect_timeout(CONNECT_TIMEOUT)
-                // HTTP/1 heads are bounded by hyper (100 headers, ~400 KiB); bound HTTP/2's.
-                .http2_max_header_list_size(256 * 1024)
-                .tcp_nodelay(true);
-            for cert in &roots {
-                b = b.add_root_certificate(cert.clone());
-            }
-            b.build().map_err(ClientError::Build)
-        };
-        // Each hop is checked: a host name by the resolver when it is connected to, an IP
-        // literal (which reqwest connects to without resolving) here.
-        let guard = allowlist.clone();
-        let following = build(reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() > MAX_REDIRECTS {
-                return attempt.error(error::RedirectRefused::TooMany(MAX_REDIRECTS));
-            }
-            if !matches!(attempt.url().scheme(), "http" | "https") {
-                return attempt.error(error::RedirectRefused::Scheme);
-            }
-            let list = guard.read().map(|l| l.clone()).unwrap_or_default();
-            match ssrf::check_url(&list, attempt.url()) {
-                Err(refused) => attempt.error(refused),
-                Ok(()) => attempt.follow(),
-            }
-        }))?;
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            // A proxy from HTTP_PROXY/HTTPS_PROXY/ALL_PROXY would be the address the guard
+            // checks instead of the target's: never use one.
+            .no_proxy()
+            .dns_resolver(Arc::new(GuardedResolver {
+                allowlist: allowlist.clone(),
+            }))
+            // Redirects are followed by `exchange`, hop by hop, where each target is checked
+            // and the queue's headers stay with the origin they were configured for.
+            .redirect(reqwest::redirect::Policy::none())
+            .referer(false)
+            .pool_max_idle_per_host(settings.max_idle_per_host.max(1))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .connect_timeout(CONNECT_TIMEOUT)
+            // HTTP/1 heads are bounded by hyper (100 headers, ~400 KiB); bound HTTP/2's.
+            .http2_max_header_list_size(256 * 1024)
+            .tcp_nodelay(true);
+        for cert in roots {
+            builder = builder.add_root_certificate(cert);
+        }
         Ok(HttpClient {
-            plain: build(reqwest::redirect::Policy::none())?,
-            following,
+            client: builder.build().map_err(ClientError::Build)?,
             allowlist,
             response_max_bytes: settings.response_max_bytes,
         })
@@ -273,20 +253,15 @@ impl HttpClient {
     /// every failure becomes an Outcome to record on the job.
     pub async fn deliver(&self, d: Delivery) -> Outcome {
         let started = Instant::now();
-        let request = match self.build_request(&d) {
-            Ok(r) => r,
-            Err(e) => return Outcome::from_error(&d, &e, started),
-        };
-        match request.send().await {
+        match self.exchange(&d, started).await {
             Ok(response) => self.read_response(&d, response, started).await,
-            Err(e) => Outcome::from_error(&d, &DeliveryError::from_send(e, &d), started),
+            Err(e) => Outcome::from_error(&d, &e, started),
         }
     }
 
-    fn build_request(&self, d: &Delivery) -> Result<reqwest::RequestBuilder, DeliveryError> {
-        let url_text = d.url.as_deref().ok_or(DeliveryError::NoUrl)?;
-        let url =
-            reqwest::Url::parse(url_text).map_err(|e| DeliveryError::InvalidUrl(e.to_string()))?;
+    /// A target the guard lets through: http(s), a host, and not a refused IP literal.
+    /// (Host names are checked when they are resolved, at connection time.)
+    fn check_target(&self, url: &reqwest::Url) -> Result<(), DeliveryError> {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(DeliveryError::Scheme);
         }
@@ -294,30 +269,106 @@ impl HttpClient {
             return Err(DeliveryError::NoHost);
         }
         let list = self.allowlist.read().map(|l| l.clone()).unwrap_or_default();
-        ssrf::check_url(&list, &url)?;
-        let method =
-            reqwest::Method::from_bytes(d.method.as_bytes()).map_err(|_| DeliveryError::Method)?;
+        Ok(ssrf::check_url(&list, url)?)
+    }
 
+    /// Sends the request and, when the queue follows redirects, each hop after it: every
+    /// target is checked by the guard, all hops together get the request's timeout, and a
+    /// hop to another origin goes without the queue's configured headers (an API key for
+    /// the webhook's host is not for wherever it redirects to).
+    async fn exchange(
+        &self,
+        d: &Delivery,
+        started: Instant,
+    ) -> Result<reqwest::Response, DeliveryError> {
+        let url_text = d.url.as_deref().ok_or(DeliveryError::NoUrl)?;
+        let first =
+            reqwest::Url::parse(url_text).map_err(|e| DeliveryError::InvalidUrl(e.to_string()))?;
+        self.check_target(&first)?;
+        let mut method =
+            reqwest::Method::from_bytes(d.method.as_bytes()).map_err(|_| DeliveryError::Method)?;
+        let mut body = if method == reqwest::Method::GET {
+            Vec::new()
+        } else {
+            d.body.clone().into_bytes()
+        };
+        let timeout = Duration::from_millis(d.effective_timeout_ms());
+        let mut url = first.clone();
+        let mut hops = 0;
+        loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(DeliveryError::Timeout(d.effective_timeout_ms()));
+            }
+            let own_headers = url.origin() == first.origin();
+            // reqwest's timeout runs from connecting until the body has been read (it moves
+            // into the response body), so a body trickled byte by byte ends there too.
+            let response = self
+                .request(d, &url, method.clone(), body.clone(), own_headers)?
+                .timeout(left)
+                .send()
+                .await
+                .map_err(|e| DeliveryError::from_send(e, d))?;
+            let status = response.status().as_u16();
+            if !d.follow_redirects || !matches!(status, 301 | 302 | 303 | 307 | 308) {
+                return Ok(response);
+            }
+            let Some(next) = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| response.url().join(v).ok())
+            else {
+                // Recorded as a redirect that could not be followed.
+                return Ok(response);
+            };
+            if !matches!(next.scheme(), "http" | "https") {
+                return Err(DeliveryError::Redirect(error::RedirectRefused::Scheme));
+            }
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(DeliveryError::Redirect(error::RedirectRefused::TooMany(
+                    MAX_REDIRECTS,
+                )));
+            }
+            self.check_target(&next)?;
+            // As browsers and reqwest do: 303, and 301/302 after a POST, fetch with GET.
+            let to_get =
+                status == 303 || (matches!(status, 301 | 302) && method == reqwest::Method::POST);
+            if to_get && method != reqwest::Method::HEAD {
+                method = reqwest::Method::GET;
+                body = Vec::new();
+            }
+            url = next;
+        }
+    }
+
+    /// One hop's request, signed over the body it carries.
+    fn request(
+        &self,
+        d: &Delivery,
+        url: &reqwest::Url,
+        method: reqwest::Method,
+        body: Vec<u8>,
+        own_headers: bool,
+    ) -> Result<reqwest::RequestBuilder, DeliveryError> {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
             USER_AGENT,
             HeaderValue::from_static(concat!("queue_ext/", env!("CARGO_PKG_VERSION"))),
         );
-        for (i, (name, value)) in d.headers.iter().enumerate() {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| DeliveryError::HeaderName(i + 1))?;
-            let value = value
-                .as_str()
-                .and_then(|v| HeaderValue::from_str(v).ok())
-                .ok_or_else(|| DeliveryError::HeaderValue(name.to_string()))?;
-            headers.insert(name, value);
+        if own_headers {
+            for (i, (name, value)) in d.headers.iter().enumerate() {
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| DeliveryError::HeaderName(i + 1))?;
+                let value = value
+                    .as_str()
+                    .and_then(|v| HeaderValue::from_str(v).ok())
+                    .ok_or_else(|| DeliveryError::HeaderValue(name.to_string()))?;
+                headers.insert(name, value);
+            }
         }
-        let body = if method == reqwest::Method::GET {
-            Vec::new()
-        } else {
-            d.body.clone().into_bytes()
-        };
         let timestamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|t| t.as_secs() as i64)
@@ -336,18 +387,10 @@ impl HttpClient {
                 headers.insert("webhook-signature", value);
             }
         }
-        let client = if d.follow_redirects {
-            &self.following
-        } else {
-            &self.plain
-        };
-        // reqwest's timeout runs from connecting until the body has been read (it moves
-        // into the response body), so a body trickled byte by byte ends there too.
-        let timeout = Duration::from_millis(d.effective_timeout_ms());
-        Ok(client
-            .request(method, url)
+        Ok(self
+            .client
+            .request(method, url.clone())
             .headers(headers)
-            .timeout(timeout)
             .body(body))
     }
 
@@ -364,14 +407,6 @@ impl HttpClient {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let headers = redact::storable_headers(response.headers(), response.url());
-        // A Location that is not http(s) reaches us unfollowed when the redirect layer
-        // cannot even form a request for it (`file:///...`): name it as such.
-        let location_not_http = response
-            .headers()
-            .get(LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| response.url().join(v).ok())
-            .is_some_and(|u| !matches!(u.scheme(), "http" | "https"));
         // Read at most response_max_bytes and then stop: memory stays bounded whatever the
         // endpoint sends (50 MB, or a body that never ends), and the rest is not worth
         // holding the slot for. Dropping the response closes the connection.
@@ -401,9 +436,6 @@ impl HttpClient {
         let error = match body_error {
             Some(e) => Some(e),
             None if status.is_success() => None,
-            None if status.is_redirection() && d.follow_redirects && location_not_http => {
-                Some(DeliveryError::Redirect(error::RedirectRefused::Scheme))
-            }
             None if status.is_redirection() => Some(DeliveryError::Redirected {
                 status,
                 following: d.follow_redirects,
