@@ -368,3 +368,39 @@ def test_every_fault_at_once_leaves_the_dispatcher_serving(conn, server, control
         assert set(server.webhook_ids(path)) == {f"msg_{job}"}, path
         assert final[1] == server.attempts(path), f"{path}: attempts recorded {final[1]}, sent {server.attempts(path)}"
     assert dispatcher_pid(conn) == pid
+
+
+def test_sql_error_while_recording_is_recorded_on_the_job_and_the_dispatcher_goes_on(conn, server, control):
+    # A real SQL error inside the dispatcher's bookkeeping: a trigger that refuses to archive
+    # one queue's completed jobs. The poison job ends dead with the error (at once, or after
+    # retries by the rules), each attempt sent once, never looped; jobs recorded in the same
+    # turn are not held up.
+    pid = dispatcher_pid(conn)
+    name, path, hook = hook_queue(conn, server, "ok", max_attempts=2)
+    conn.execute("""
+        CREATE FUNCTION public.refuse_archive() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'archive refused for %', NEW.queue_name USING ERRCODE = 'P0001';
+        END $$""")
+    conn.execute(f"""CREATE TRIGGER refuse_archive BEFORE INSERT ON queue_ext.job_archive FOR EACH ROW
+                     WHEN (NEW.queue_name = '{name}') EXECUTE FUNCTION public.refuse_archive()""")
+    try:
+        control_name, control_path = control
+        with conn.transaction():  # one commit: both are claimed, sent and recorded together
+            job = enqueue(conn, name)
+            neighbours = [enqueue(conn, control_name, f'{{"n": {i}}}') for i in range(5)]
+        for n in neighbours:
+            wait_status(conn, n, {"completed"}, timeout=15)
+        dead = wait_status(conn, job, {"dead", "completed"}, timeout=20)
+        assert dead[0] == "dead" and 1 <= dead[1] <= 2, dead[:3]
+        assert "archive refused" in dead[2], dead[2]
+        stays(lambda: server.attempts(path) == dead[1], 2, "more requests than attempts, or a loop")
+        assert server.webhook_ids(path) == [f"msg_{job}"] * dead[1]
+        logged = deliveries(conn, job)
+        assert len(logged) == dead[1], f"every attempt sent has its row in webhook_deliveries: {logged}"
+        check_no_leak(conn, hook, job, dead[2])
+        assert dispatcher_pid(conn) == pid, "the SQL error ended the dispatcher"
+        others_still_deliver(conn, server, control)
+    finally:
+        conn.execute("DROP TRIGGER refuse_archive ON queue_ext.job_archive")
+        conn.execute("DROP FUNCTION public.refuse_archive()")

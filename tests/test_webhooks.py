@@ -282,13 +282,52 @@ def test_tls_with_a_trusted_self_signed_certificate(conn, tls_sink):
     assert tls_sink.to(path)[0].json() == {"secure": True}
 
 
-def test_tls_certificate_is_checked(conn, tls_sink):
-    queue, path = new_queue(conn, tls_sink.url.replace("127.0.0.1", "127.0.0.2"), max_attempts=1)
-    conn.execute("SELECT queue_ext.alter_queue(%s, webhook_url => %s)", [queue, f"https://127.0.0.2:{tls_sink.port}{path}"])
-    job = enqueue(conn, queue)
-    # 127.0.0.2 is not allowed by the guard: refused before TLS. Use a name the cert lacks instead.
-    dead = wait_status(conn, job, {"dead"})
-    assert "SSRF" in dead[2] or "certificate" in dead[2].lower()
+def make_bad_certificates(ca, ca_key):
+    """Two certificates the client must refuse, both for servers on 127.0.0.1 (an address the
+    SSRF guard lets through here, so that only the certificate check can refuse them): one
+    signed by the trusted CA but for another name, one for 127.0.0.1 but self-signed."""
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True)
+    wrong, wrong_key = TLS_DIR / "wrong-name.pem", TLS_DIR / "wrong-name.key"
+    untrusted, untrusted_key = TLS_DIR / "untrusted.pem", TLS_DIR / "untrusted.key"
+    if not wrong.exists():
+        csr, ext = TLS_DIR / "wrong-name.csr", TLS_DIR / "wrong-name.cnf"
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=wrong.example", "-keyout", str(wrong_key),
+            "-out", str(csr))
+        ext.write_text("basicConstraints=CA:FALSE\nsubjectAltName=DNS:wrong.example\n")
+        run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-days", "2", "-extfile", str(ext), "-out", str(wrong))
+    if not untrusted.exists():
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(untrusted_key), "-out", str(untrusted))
+    return (wrong, wrong_key), (untrusted, untrusted_key)
+
+
+@pytest.fixture(scope="module")
+def bad_tls_sinks(tls_files):
+    ca, _, _ = tls_files
+    sinks = []
+    for cert, key in make_bad_certificates(ca, TLS_DIR / "ca.key"):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        sinks.append(Sink(tls_context=ctx))
+    yield sinks
+    for s in sinks:
+        s.close()
+
+
+def test_tls_certificate_is_checked(conn, tls_sink, bad_tls_sinks):
+    # The same address and CA with a good certificate is delivered to: what fails below is
+    # the certificate, not TLS, the address or the guard.
+    good, good_path = new_queue(conn, tls_sink.url, max_attempts=1)
+    wait_status(conn, enqueue(conn, good), {"completed"})
+    assert len(tls_sink.to(good_path)) == 1
+    for sink, why in zip(bad_tls_sinks, ("a name the certificate does not cover", "an untrusted issuer")):
+        queue, path = new_queue(conn, sink.url, max_attempts=1)
+        job = enqueue(conn, queue)
+        dead = wait_status(conn, job, {"dead", "completed"})
+        assert dead[0] == "dead", f"{why}: {dead}"
+        assert "certificate" in dead[2].lower() and "SSRF" not in dead[2], f"{why}: {dead[2]}"
+        assert sink.to(path) == [], f"{why}: the request went out over an unverified connection"
 
 
 def test_completion_callbacks_are_sent_for_worker_and_sql_completions(conn, sink):
@@ -316,14 +355,18 @@ def test_completion_callbacks_are_sent_for_worker_and_sql_completions(conn, sink
 
 def test_process_jobs_delivers_synchronously_from_sql(conn, sink):
     queue, path = new_queue(conn, sink.url)
-    conn.execute("SELECT queue_ext.pause_queue(%s)", [queue])  # keep the dispatcher out of it
-    jobs = [enqueue(conn, queue, f'{{"n": {i}}}') for i in range(3)]
-    conn.execute("SELECT queue_ext.resume_queue(%s)", [queue])
-    rows = conn.execute("SELECT job_id, outcome, status_code FROM queue_ext.process_jobs(%s, 10)", [queue]).fetchall()
-    # The dispatcher may have taken some first; whatever process_jobs took, it delivered.
-    assert all(r[1] == "delivered" and r[2] == 200 for r in rows)
+    # Enqueued and delivered in one transaction: the dispatcher cannot see these jobs before
+    # the commit, so process_jobs must deliver every one of them itself.
+    with conn.transaction():
+        jobs = sorted(str(enqueue(conn, queue, f'{{"n": {i}}}')) for i in range(3))
+        rows = conn.execute("SELECT job_id::text, outcome, status_code FROM queue_ext.process_jobs(%s, 10)",
+                            [queue]).fetchall()
+        assert sorted(rows) == [(job, "delivered", 200) for job in jobs]
+        assert sorted(r.headers["webhook-id"] for r in sink.to(path)) == [f"msg_{job}" for job in jobs], \
+            "the requests went out before the function returned"
     for job in jobs:
-        wait_status(conn, job, {"completed"})
+        assert status(conn, job)[0] == "completed"
+    assert len(sink.to(path)) == 3, "each job sent once"
     with pytest.raises(psycopg.errors.UndefinedObject):
         conn.execute("SELECT * FROM queue_ext.process_jobs('nope')")
     conn.execute("SELECT queue_ext.create_queue('not_webhook')")
