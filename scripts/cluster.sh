@@ -30,7 +30,6 @@ case "$cmd" in
         echo "shared_buffers = 256MB"
         echo "shared_preload_libraries = 'queue_ext,pg_cron'"
         echo "cron.database_name = 'postgres'"
-        echo "queue_ext.database = 'postgres'"
         echo "log_line_prefix = '%m [%p] %q%a '"
         for line in "$@"; do echo "$line"; done
       } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null

@@ -70,3 +70,7 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.remove_rate_limit(text),
     queue_ext.set_concurrency_limit(text, integer)
 TO queue_ext_admin;
+
+-- A server that preloads queue_ext starts this database's dispatcher as soon as this
+-- transaction commits.
+SELECT queue_ext._wake_launcher_at_commit();

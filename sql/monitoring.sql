@@ -98,13 +98,16 @@ AS $$
     SELECT 'queue_ext-dispatcher (' || s.database || ')', 'dispatcher', s.in_flight, s.delivered,
            s.last_heartbeat, s.running
     FROM queue_ext.dispatcher_status() AS s
+    WHERE s.database = current_database() AND s.state <> 'not_preloaded'
     ORDER BY 1
 $$;
 
 -- One verdict for monitoring: {"status": "ok" | "degraded" | "failing", "reasons": [...],
--- "checks": {...}}. Failing: a configured dispatcher is not running, or webhook jobs wait
--- with no dispatcher. Degraded: expired leases not yet swept, jobs dead in the last hour,
--- runnable jobs waiting over five minutes, stale workers.
+-- "checks": {...}}. Failing: queue_ext is preloaded but this database's dispatcher is not
+-- running (the reason says why: restarting, no background worker slot, not listed in
+-- queue_ext.database...), or webhook jobs are due with no dispatcher at all. Degraded:
+-- expired leases not yet returned, jobs dead in the last hour, runnable jobs waiting over
+-- five minutes, stale workers, a dispatcher still starting while webhook jobs wait.
 CREATE FUNCTION queue_ext.health() RETURNS jsonb
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -112,8 +115,7 @@ AS $$
 DECLARE
     reasons text[] := '{}';
     failing boolean := false;
-    dispatchers_down integer;
-    dispatchers integer;
+    dispatcher record;
     stuck bigint;
     dead_recent bigint;
     dlq bigint;
@@ -121,11 +123,14 @@ DECLARE
     stale_workers bigint;
     webhook_backlog bigint;
 BEGIN
-    SELECT count(*), count(*) FILTER (WHERE NOT running) INTO dispatchers, dispatchers_down
-    FROM queue_ext.dispatcher_status();
+    SELECT s.running, s.state, s.detail, s.pid INTO dispatcher
+    FROM queue_ext.dispatcher_status() AS s
+    WHERE s.database = current_database()
+    ORDER BY s.running DESC
+    LIMIT 1;
     SELECT count(*) INTO webhook_backlog FROM queue_ext.job_queue AS j
     JOIN queue_ext.queues AS q USING (queue_name)
-    WHERE q.is_webhook AND j.status IN ('queued', 'retrying') AND j.run_at <= now();
+    WHERE q.is_webhook AND NOT q.paused AND j.status IN ('queued', 'retrying') AND j.run_at <= now();
     SELECT count(*) INTO stuck FROM queue_ext.job_queue WHERE status = 'running' AND lease_expires_at < now() - interval '1 minute';
     SELECT count(*), count(*) FILTER (WHERE died_at > now() - interval '1 hour') INTO dlq, dead_recent
     FROM queue_ext.job_dead_letter;
@@ -133,13 +138,19 @@ BEGIN
     WHERE status IN ('queued', 'retrying') AND run_at <= now();
     SELECT count(*) INTO stale_workers FROM queue_ext.worker_health() AS w WHERE NOT w.healthy;
 
-    IF dispatchers_down > 0 THEN
+    IF dispatcher.state = 'not_preloaded' THEN
+        IF webhook_backlog > 0 THEN
+            failing := true;
+            reasons := reasons || format('%s webhook jobs due but no dispatcher (queue_ext is not in shared_preload_libraries); use process_jobs()', webhook_backlog);
+        END IF;
+    ELSIF dispatcher.state = 'starting' THEN
+        IF webhook_backlog > 0 THEN
+            reasons := reasons || format('dispatcher starting; %s webhook jobs due', webhook_backlog);
+        END IF;
+    ELSIF NOT coalesce(dispatcher.running, false) THEN
         failing := true;
-        reasons := reasons || format('%s of %s dispatchers not running', dispatchers_down, dispatchers);
-    END IF;
-    IF dispatchers = 0 AND webhook_backlog > 0 THEN
-        failing := true;
-        reasons := reasons || format('%s webhook jobs due but no dispatcher (queue_ext is not in shared_preload_libraries); use process_jobs()', webhook_backlog);
+        reasons := reasons || format('dispatcher not running (%s): %s', coalesce(dispatcher.state, 'unknown'),
+                                     coalesce(dispatcher.detail, 'no dispatcher reported for this database'));
     END IF;
     IF stuck > 0 THEN
         reasons := reasons || format('%s jobs stuck: lease expired over a minute ago', stuck);
@@ -157,7 +168,8 @@ BEGIN
         'status', CASE WHEN failing THEN 'failing' WHEN cardinality(reasons) > 0 THEN 'degraded' ELSE 'ok' END,
         'reasons', to_jsonb(reasons),
         'checks', jsonb_build_object(
-            'dispatchers', dispatchers, 'dispatchers_down', dispatchers_down,
+            'dispatcher', jsonb_build_object('state', dispatcher.state, 'running', coalesce(dispatcher.running, false),
+                                             'pid', dispatcher.pid, 'detail', dispatcher.detail),
             'stuck_jobs', stuck, 'dead_letter', dlq, 'dead_last_hour', dead_recent,
             'oldest_runnable_seconds', coalesce(extract(epoch FROM oldest)::numeric(12, 1), 0),
             'stale_workers', stale_workers, 'webhook_backlog', webhook_backlog),

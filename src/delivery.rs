@@ -7,6 +7,7 @@ use std::sync::{Mutex, OnceLock};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgSqlErrorCode};
 
+use crate::db;
 use crate::gucs;
 use crate::http::{self, Delivery, HttpClient, HttpSettings, Outcome};
 
@@ -110,6 +111,58 @@ pub fn record(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
     .unwrap_or(0))
 }
 
+/// Records outcomes so that no SQL error can stop the caller or loop a job. The batch is
+/// recorded in one subtransaction; if that fails, each outcome alone. An outcome that still
+/// fails is recorded without what came back from the endpoint (the verdict stands: a
+/// delivered job is not sent again); if even that fails, the job goes to the dead letter
+/// queue with the reason. Returns a line for each outcome that needed more than one try,
+/// for the log.
+pub fn record_isolated(outcomes: &[Outcome]) -> Vec<String> {
+    let mut notes = Vec::new();
+    if outcomes.is_empty() || db::isolated(|| record(outcomes)).is_ok() {
+        return notes;
+    }
+    for o in outcomes {
+        let error = match db::isolated(|| record(std::slice::from_ref(o))) {
+            Ok(_) => continue,
+            Err(e) => e,
+        };
+        let note = format!("the outcome could not be stored as it came back ({error})");
+        let mut bare = o.clone();
+        bare.response_headers = None;
+        bare.response_body = None;
+        bare.error = Some(match &o.error {
+            Some(text) => format!("{text}; {note}"),
+            None => note.clone(),
+        });
+        if db::isolated(|| record(std::slice::from_ref(&bare))).is_ok() {
+            notes.push(format!(
+                "job {}: {note}; recorded without the response",
+                o.job_id
+            ));
+            continue;
+        }
+        let buried = db::isolated(|| {
+            Spi::get_one_with_args::<String>(
+                "SELECT queue_ext._fail($1::uuid, $2, $3::uuid, true, NULL)::text",
+                &[
+                    o.job_id.as_str().into(),
+                    format!("{}: recording the outcome failed: {error}", o.outcome).into(),
+                    o.lease_token.as_str().into(),
+                ],
+            )
+        });
+        notes.push(match buried {
+            Ok(_) => format!("job {}: {note}; moved to the dead letter queue", o.job_id),
+            Err(e) => format!(
+                "job {}: {note}; failing it failed too ({e}); its lease will expire",
+                o.job_id
+            ),
+        });
+    }
+    notes
+}
+
 /// The runtime a backend uses for `process_jobs`, made on first use.
 fn backend_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
@@ -207,7 +260,9 @@ fn process_jobs(
             outcomes.push(outcome);
         }
     }
-    record(&outcomes).unwrap_or_else(|e| pgrx::error!("{e}"));
+    for note in record_isolated(&outcomes) {
+        pgrx::warning!("queue_ext.process_jobs: {note}");
+    }
     TableIterator::new(outcomes.into_iter().map(|o| {
         (
             o.job_id,

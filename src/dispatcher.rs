@@ -1,81 +1,116 @@
-//! The background dispatcher: one worker per database in `queue_ext.database`, delivering
-//! webhook jobs the moment they commit.
+//! The background dispatcher: one worker per database with queue_ext, started (and
+//! restarted) by the launcher, delivering webhook jobs the moment they commit.
 //!
 //! Its loop: wake (commit latch, a finished request, or the poll backstop) → record finished
-//! requests in one short transaction → claim as many due jobs as there is room for in a
-//! second one → hand them to the HTTP runtime → sleep. Requests run on tokio threads that
-//! never touch Postgres; they report through a channel and an eventfd that the wait
-//! watches, so a slow endpoint only occupies its own slots and nothing waits for a batch.
+//! requests and claim as many due jobs as there is room for, in one short transaction →
+//! hand them to the HTTP runtime → sleep. Requests run on tokio threads that never touch
+//! Postgres; they report through a channel and an eventfd that the wait watches, so a slow
+//! endpoint only occupies its own slots and nothing waits for a batch.
 //!
-//! Nothing is lost: a claim is a lease in a logged table. If this process dies mid-request,
-//! the next one (restarted by the postmaster) puts the jobs it held back in their queues
-//! before claiming anything, and they are delivered again with the same webhook-id.
+//! Nothing is lost and nothing stops it: a claim is a lease in a logged table, and every
+//! statement runs isolated (`db::isolated`), so an SQL error is recorded on the job concerned
+//! and the loop goes on. If the process dies anyway, the launcher starts another, which puts
+//! the jobs this one held back in their queues before claiming anything; they are delivered
+//! again with the same webhook-id.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags,
-};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
+use crate::db::{self, DbError};
 use crate::delivery::{self, Claimed};
 use crate::gucs;
 use crate::http::{self, Delivery, HttpClient, Outcome};
-use crate::wakeup::{self, Slot, MAX_DISPATCHERS};
+use crate::wakeup::{self, Slot, SlotState, MAX_DISPATCHERS};
 
 /// Every dispatcher claims under this worker id; there is one per database.
 const WORKER_ID: &str = "queue_ext-dispatcher";
-/// How often expired leases are swept and the delivery log trimmed.
+/// How often expired leases are swept, the extension's presence checked, and the delivery
+/// log trimmed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const PURGE_EVERY: Duration = Duration::from_secs(60);
-
-/// Registers one dispatcher per configured database. Called from `_PG_init` while preloading.
-pub fn register() {
-    let mut seen = Vec::new();
-    for db in gucs::databases() {
-        if seen.contains(&db) || seen.len() == MAX_DISPATCHERS {
-            continue;
-        }
-        BackgroundWorkerBuilder::new(&format!("queue_ext dispatcher ({db})"))
-            .set_type("queue_ext dispatcher")
-            .set_library("queue_ext")
-            .set_function("queue_ext_dispatcher_main")
-            .set_argument((seen.len() as i32).into_datum())
-            .set_extra(&db)
-            .enable_spi_access()
-            .set_start_time(BgWorkerStartTime::RecoveryFinished)
-            // Restart a second after a crash or an error exit.
-            .set_restart_time(Some(Duration::from_secs(1)))
-            .load();
-        seen.push(db);
-    }
-}
+/// A recurring warning is logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(60);
 
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn queue_ext_dispatcher_main(arg: pg_sys::Datum) {
-    // SAFETY: the argument is the int4 slot index set in register().
+    // SAFETY: the argument is the int4 slot index the launcher set.
     let index = unsafe { i32::from_datum(arg, false) }
         .unwrap_or(0)
         .clamp(0, MAX_DISPATCHERS as i32 - 1) as usize;
-    let database = BackgroundWorker::get_extra().to_string();
+    let oid: u32 = BackgroundWorker::get_extra().parse().unwrap_or(0);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-
-    let mut dispatcher = match Dispatcher::new(index) {
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(oid)), None);
+    let slot = wakeup::slots().map(|s| &s[index]);
+    if slot.is_some() {
+        // SAFETY: registering a plain callback; it runs once, as this process exits.
+        unsafe { pg_sys::before_shmem_exit(Some(clear_slot_pid), pg_sys::Datum::from(index)) };
+    }
+    let database = db::transaction(|| Spi::get_one::<String>("SELECT current_database()::text"))
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| format!("oid {oid}"));
+    match db::extension_installed() {
+        Ok(true) => {}
+        Ok(false) => {
+            // Not installed here: the launcher looks again later (or when it is created).
+            if let Some(slot) = slot {
+                slot.set_state(SlotState::NoExtension);
+            }
+            return;
+        }
+        Err(e) => {
+            pgrx::warning!("queue_ext dispatcher for {database} cannot start: {e}");
+            return;
+        }
+    }
+    let mut dispatcher = match Dispatcher::new(slot) {
         Ok(d) => d,
         Err(e) => {
-            // A bad setting (say, an unreadable CA file): say so and retry after the restart delay.
+            // A bad setting (say, an unreadable CA file): say so; the launcher retries later.
             pgrx::warning!("queue_ext dispatcher for {database} cannot start: {e}");
             return;
         }
     };
     log!("queue_ext dispatcher started for database {database}");
-    dispatcher.run();
-    log!("queue_ext dispatcher for database {database} stopped");
+    let reason = dispatcher.run();
+    log!("queue_ext dispatcher for database {database} stopped: {reason}");
+}
+
+/// Clears the slot's pid when the process exits, however it exits (an ERROR included), so
+/// that the launcher and dispatcher_status() see at once that it is gone.
+#[pg_guard]
+unsafe extern "C-unwind" fn clear_slot_pid(_code: std::ffi::c_int, arg: pg_sys::Datum) {
+    let index = arg.value().min(MAX_DISPATCHERS - 1);
+    if let Some(slots) = wakeup::slots() {
+        slots[index].pid.store(0, Ordering::Release);
+    }
+}
+
+/// Logs each kind of recurring warning at most once per `WARN_EVERY`.
+#[derive(Default)]
+struct Warnings {
+    last: HashMap<&'static str, Instant>,
+}
+
+impl Warnings {
+    fn warn(&mut self, kind: &'static str, text: impl FnOnce() -> String) {
+        let now = Instant::now();
+        if self
+            .last
+            .get(kind)
+            .is_some_and(|t| now.duration_since(*t) < WARN_EVERY)
+        {
+            return;
+        }
+        self.last.insert(kind, now);
+        pgrx::warning!("queue_ext dispatcher: {}", text());
+    }
 }
 
 struct Dispatcher {
@@ -90,15 +125,16 @@ struct Dispatcher {
     /// Requests in flight, by job id, kept so a shutdown can release them.
     in_flight: HashMap<String, Delivery>,
     busy: HashMap<String, u32>,
-    installed: bool,
+    recovered: bool,
     last_sweep: Instant,
     last_purge: Instant,
     /// When the next token of a rate limit holding back a webhook job comes: sleep no longer.
     next_token_in: Option<Duration>,
+    warnings: Warnings,
 }
 
 impl Dispatcher {
-    fn new(index: usize) -> Result<Dispatcher, String> {
+    fn new(slot: Option<&'static Slot>) -> Result<Dispatcher, String> {
         let runtime =
             http::new_runtime(2).map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
         let http_settings = delivery::http_settings();
@@ -109,12 +145,9 @@ impl Dispatcher {
             return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
         }
         let (done_tx, done_rx) = channel();
-        let slot = wakeup::slots().map(|s| &s[index]);
         if let Some(slot) = slot {
             // SAFETY: reading this process's own identifiers.
             unsafe {
-                slot.db_oid
-                    .store(pg_sys::MyDatabaseId.to_u32(), Ordering::Relaxed);
                 slot.procno
                     .store((*pg_sys::MyProc).pgprocno, Ordering::Relaxed);
             }
@@ -124,6 +157,7 @@ impl Dispatcher {
             // SAFETY: as above.
             slot.pid
                 .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
+            slot.set_state(SlotState::Running);
         }
         let stale = Instant::now() - PURGE_EVERY;
         Ok(Dispatcher {
@@ -136,14 +170,16 @@ impl Dispatcher {
             eventfd,
             in_flight: HashMap::new(),
             busy: HashMap::new(),
-            installed: false,
+            recovered: false,
             last_sweep: stale,
             last_purge: stale,
             next_token_in: None,
+            warnings: Warnings::default(),
         })
     }
 
-    fn run(&mut self) {
+    /// The loop; returns why it ended.
+    fn run(&mut self) -> &'static str {
         loop {
             // Both flags reset when read: read each once per turn.
             if BackgroundWorker::sighup_received() {
@@ -153,12 +189,18 @@ impl Dispatcher {
             }
             if BackgroundWorker::sigterm_received() {
                 self.shut_down();
-                return;
+                return "terminated";
             }
-            let mut more_work = false;
-            if self.ensure_installed() {
-                more_work = self.record_and_claim();
-                self.maintain();
+            if !self.recovered {
+                self.recover();
+            }
+            let more_work = self.record_and_claim();
+            if !self.maintain() {
+                // DROP EXTENSION: nothing left to deliver or record here.
+                if let Some(slot) = self.slot {
+                    slot.set_state(SlotState::NoExtension);
+                }
+                return "queue_ext was dropped from the database";
             }
             if let Some(slot) = self.slot {
                 slot.heartbeat_ms.store(wakeup::now_ms(), Ordering::Relaxed);
@@ -194,21 +236,10 @@ impl Dispatcher {
         }
     }
 
-    /// A preloaded worker starts before CREATE EXTENSION: wait for it instead of failing
-    /// into a restart loop. Once installed, recover what a previous dispatcher held.
-    fn ensure_installed(&mut self) -> bool {
-        if self.installed {
-            return true;
-        }
-        let installed = BackgroundWorker::transaction(|| {
-            Spi::get_one::<bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'queue_ext')",
-            )
-        });
-        if !matches!(installed, Ok(Some(true))) {
-            return false;
-        }
-        let recovered = BackgroundWorker::transaction(|| {
+    /// Puts back in their queues the deliveries an earlier dispatcher of this database held
+    /// when it died (the attempt counts: the request may have reached the endpoint).
+    fn recover(&mut self) {
+        let recovered = db::transaction(|| {
             Spi::get_one_with_args::<i32>(
                 "SELECT queue_ext._return_running($1, 'dispatcher restarted during delivery')",
                 &[WORKER_ID.into()],
@@ -219,12 +250,14 @@ impl Dispatcher {
                 log!("queue_ext dispatcher: {n} deliveries interrupted by a restart were re-queued")
             }
             Ok(_) => {}
-            Err(e) => pgrx::warning!(
-                "queue_ext dispatcher: recovering interrupted deliveries failed: {e}"
-            ),
+            Err(e) => {
+                self.warnings.warn("recover", || {
+                    format!("recovering interrupted deliveries failed (retried each turn): {e}")
+                });
+                return;
+            }
         }
-        self.installed = true;
-        true
+        self.recovered = true;
     }
 
     /// Records every finished request and claims what there is room for, in one transaction
@@ -236,31 +269,38 @@ impl Dispatcher {
         if outcomes.is_empty() && room == 0 {
             return false;
         }
-        let turn = BackgroundWorker::transaction(|| {
+        let busy = self.busy.clone();
+        let mut failures = Vec::new();
+        let turn = db::transaction(|| {
             if !gucs::dispatcher_synchronous_commit() {
                 Spi::run("SET LOCAL synchronous_commit = off")?;
             }
-            if !outcomes.is_empty() {
-                delivery::record(&outcomes)?;
+            // Each in a subtransaction of its own: a claim that fails does not undo the
+            // records, and a record that fails is retried piece by piece (delivery.rs).
+            failures = delivery::record_isolated(&outcomes);
+            if room == 0 || !self.recovered {
+                return Ok(Ok(Vec::new()));
             }
-            if room == 0 {
-                return Ok::<_, pgrx::spi::Error>(Vec::new());
-            }
-            delivery::claim(WORKER_ID, room, &self.busy, None)
+            Ok(db::isolated(|| {
+                delivery::claim(WORKER_ID, room, &busy, None)
+            }))
         });
-        let claimed = match turn {
+        for f in failures {
+            self.warnings.warn("record", || f);
+        }
+        let claimed = match turn.and_then(|claimed| claimed) {
             Ok(claimed) => claimed,
             Err(e) => {
-                // The leases stay; the sweep returns these jobs for another attempt.
-                pgrx::warning!(
-                    "queue_ext dispatcher: recording {} outcomes and claiming failed: {e}",
-                    outcomes.len()
-                );
+                // Records that failed were already handled piece by piece; the leases of
+                // anything claimed stay, and expire into another attempt.
+                self.warnings
+                    .warn("claim", || format!("claiming deliveries failed: {e}"));
                 return false;
             }
         };
         let full = room > 0 && claimed.len() >= room;
         let short = room > 0 && claimed.len() < room;
+        let taken = claimed.len();
         let mut unusable = Vec::new();
         for c in claimed {
             match c {
@@ -269,14 +309,19 @@ impl Dispatcher {
             }
         }
         if !unusable.is_empty() {
-            if let Err(e) = BackgroundWorker::transaction(|| delivery::record(&unusable)) {
-                pgrx::warning!("queue_ext dispatcher: recording unusable deliveries failed: {e}");
+            let failures = db::transaction(|| Ok(delivery::record_isolated(&unusable)));
+            for f in failures.unwrap_or_default() {
+                self.warnings.warn("record", || f);
             }
         }
         // Short of work: is some of it only waiting for a rate limit's next token? (Asked
-        // after the requests are on their way, in a read-only transaction of its own.)
+        // after the requests are on their way, in a transaction of its own.) A token already
+        // due while nothing could be claimed means the queues are full, not rate-limited: a
+        // finished request wakes us then, so do not spin.
         self.next_token_in = if short {
-            BackgroundWorker::transaction(delivery::rate_limit_wait).unwrap_or(None)
+            db::transaction(delivery::rate_limit_wait)
+                .unwrap_or(None)
+                .filter(|wait| taken > 0 || *wait >= Duration::from_millis(5))
         } else {
             None
         };
@@ -309,11 +354,11 @@ impl Dispatcher {
         if outcomes.is_empty() {
             return;
         }
-        if let Err(e) = BackgroundWorker::transaction(|| delivery::record(&outcomes)) {
-            pgrx::warning!(
-                "queue_ext dispatcher: recording {} outcomes failed: {e}",
-                outcomes.len()
-            );
+        match db::transaction(|| Ok(delivery::record_isolated(&outcomes))) {
+            Ok(failures) => failures
+                .into_iter()
+                .for_each(|f| self.warnings.warn("record", || f)),
+            Err(e) => pgrx::warning!("queue_ext dispatcher: recording outcomes failed: {e}"),
         }
     }
 
@@ -333,29 +378,38 @@ impl Dispatcher {
         });
     }
 
-    /// Every second: return expired leases (of any worker, so external workers that died
-    /// are covered too); every minute: trim the delivery log.
-    fn maintain(&mut self) {
+    /// Every second: check queue_ext is still installed, and return expired leases (of any
+    /// worker, so external workers that died are covered too); every minute: trim the
+    /// delivery log. False once queue_ext is gone from the database.
+    fn maintain(&mut self) -> bool {
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.last_sweep = Instant::now();
-            if let Err(e) =
-                BackgroundWorker::transaction(|| Spi::run("SELECT queue_ext.cleanup_stuck_jobs()"))
-            {
-                pgrx::warning!("queue_ext dispatcher: cleanup_stuck_jobs failed: {e}");
+            match db::extension_installed() {
+                Ok(false) => return false,
+                Ok(true) => {}
+                Err(e) => self
+                    .warnings
+                    .warn("extension", || format!("cannot check for queue_ext: {e}")),
+            }
+            if let Err(e) = db::transaction(|| Spi::run("SELECT queue_ext.cleanup_stuck_jobs()")) {
+                self.warnings
+                    .warn("sweep", || format!("cleanup_stuck_jobs failed: {e}"));
             }
         }
         if self.last_purge.elapsed() >= PURGE_EVERY {
             self.last_purge = Instant::now();
             let minutes = gucs::delivery_log_retention().as_secs_f64() / 60.0;
-            if let Err(e) = BackgroundWorker::transaction(|| {
+            if let Err(e) = db::transaction(|| {
                 Spi::run_with_args(
                     "SELECT queue_ext._purge_deliveries(make_interval(mins => $1::int))",
                     &[(minutes as i32).into()],
                 )
             }) {
-                pgrx::warning!("queue_ext dispatcher: trimming the delivery log failed: {e}");
+                self.warnings
+                    .warn("purge", || format!("trimming the delivery log failed: {e}"));
             }
         }
+        true
     }
 
     /// Sleeps until the latch is set (a commit, a signal), a request finishes, or `timeout`.
@@ -384,8 +438,13 @@ impl Dispatcher {
     /// SIGTERM: claim nothing more, give requests in flight `queue_ext.shutdown_grace` to
     /// finish and record them, then put the rest back in their queues.
     fn shut_down(&mut self) {
-        let deadline = Instant::now() + gucs::shutdown_grace();
-        while self.installed && !self.in_flight.is_empty() && Instant::now() < deadline {
+        // A command that needs the database to itself (DROP DATABASE...) is waiting: go now.
+        let grace = match self.slot {
+            Some(slot) if slot.leave_now.load(Ordering::Acquire) => Duration::ZERO,
+            _ => gucs::shutdown_grace(),
+        };
+        let deadline = Instant::now() + grace;
+        while !self.in_flight.is_empty() && Instant::now() < deadline {
             self.wait(
                 deadline
                     .saturating_duration_since(Instant::now())
@@ -393,25 +452,28 @@ impl Dispatcher {
             );
             self.record_finished();
         }
-        if self.installed && !self.in_flight.is_empty() {
-            let held: Vec<serde_json::Value> = self
-                .in_flight
-                .values()
-                .map(|d| serde_json::json!({"job_id": d.job_id, "lease_token": d.lease_token}))
-                .collect();
-            let result = BackgroundWorker::transaction(|| {
-                Spi::get_one_with_args::<i32>(
-                    "SELECT queue_ext._dispatch_release($1)",
-                    &[pgrx::JsonB(serde_json::Value::Array(held)).into()],
-                )
-            });
-            match result {
-                Ok(n) => log!("queue_ext dispatcher: released {} unfinished deliveries at shutdown", n.unwrap_or(0)),
-                Err(e) => pgrx::warning!("queue_ext dispatcher: releasing deliveries failed ({e}); their leases will expire"),
-            }
+        if self.in_flight.is_empty() {
+            return;
         }
-        if let Some(slot) = self.slot {
-            slot.pid.store(0, Ordering::Release);
+        let held: Vec<serde_json::Value> = self
+            .in_flight
+            .values()
+            .map(|d| serde_json::json!({"job_id": d.job_id, "lease_token": d.lease_token}))
+            .collect();
+        let result: Result<Option<i32>, DbError> = db::transaction(|| {
+            Spi::get_one_with_args::<i32>(
+                "SELECT queue_ext._dispatch_release($1)",
+                &[pgrx::JsonB(serde_json::Value::Array(held)).into()],
+            )
+        });
+        match result {
+            Ok(n) => log!(
+                "queue_ext dispatcher: released {} unfinished deliveries at shutdown",
+                n.unwrap_or(0)
+            ),
+            Err(e) => pgrx::warning!(
+                "queue_ext dispatcher: releasing deliveries failed ({e}); their leases will expire"
+            ),
         }
     }
 }

@@ -9,9 +9,8 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 /// Largest payload, in bytes of stored jsonb, that enqueue accepts.
 static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
-/// Databases the dispatcher serves, comma-separated (one background worker each).
-static DATABASES: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Databases the dispatchers serve, comma-separated; empty: every database with queue_ext.
+static DATABASES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Requests one dispatcher may have in flight at once, over all queues.
 static MAX_IN_FLIGHT: GucSetting<i32> = GucSetting::<i32>::new(256);
 /// Request timeout for webhook queues that set none.
@@ -27,7 +26,7 @@ static RESPONSE_MAX_BYTES: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 /// How long webhook_deliveries rows are kept, in minutes.
 static DELIVERY_LOG_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 24 * 60);
 /// How long a stopping dispatcher waits for requests in flight before releasing them.
-static SHUTDOWN_GRACE_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+static SHUTDOWN_GRACE_MS: GucSetting<i32> = GucSetting::<i32>::new(2_000);
 /// Whether the dispatcher's own bookkeeping (claims, delivery records) waits for the WAL flush.
 static DISPATCHER_SYNCHRONOUS_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(true);
 
@@ -42,21 +41,14 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::UNIT_BYTE,
     );
-    // The dispatchers are registered at postmaster start, so their databases are a
-    // postmaster setting; without preloading there are none, and a postmaster setting could
-    // not be defined after startup anyway, so it is then just informational.
-    // SAFETY: reading a flag the postmaster sets while it loads shared_preload_libraries.
-    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
     GucRegistry::define_string_guc(
         c"queue_ext.database",
-        c"Databases whose webhook queues the dispatcher delivers, comma-separated.",
-        c"One background worker per database; needs queue_ext in shared_preload_libraries.",
+        c"Databases whose webhook queues are delivered, comma-separated; empty: all.",
+        c"Empty (the default): every database where queue_ext is installed gets a dispatcher \
+          (one background worker each, plus one launcher). Needs queue_ext in \
+          shared_preload_libraries.",
         &DATABASES,
-        if preloading {
-            GucContext::Postmaster
-        } else {
-            GucContext::Sighup
-        },
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

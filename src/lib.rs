@@ -6,11 +6,15 @@
 
 use pgrx::prelude::*;
 
+mod db;
+mod ddl;
 mod delivery;
 mod dispatcher;
 mod gucs;
 mod http;
 mod ids;
+mod launcher;
+mod status;
 mod wakeup;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -60,14 +64,19 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/monitoring.sql",
     name = "monitoring",
-    requires = ["events", wakeup::dispatcher_status]
+    requires = ["events", status::dispatcher_states]
 );
 extension_sql_file!(
     "../sql/integrations.sql",
     name = "integrations",
     requires = ["monitoring"]
 );
-extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+extension_sql_file!(
+    "../sql/grants.sql",
+    name = "grants",
+    requires = [wakeup::_wake_launcher_at_commit],
+    finalize
+);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -76,7 +85,8 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: reading a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         wakeup::init_shmem();
-        dispatcher::register();
+        ddl::init();
+        launcher::register();
     }
 }
 

@@ -1,0 +1,109 @@
+//! How the background workers talk to their database: every statement runs inside a
+//! subtransaction whose ERROR comes back as a value, so a worker records what went wrong on
+//! the job concerned and carries on, instead of exiting and taking every delivery in flight
+//! with it. (Like a PL/pgSQL BEGIN ... EXCEPTION block, or pg_net's worker, which treats
+//! database errors as data.)
+
+use std::panic::AssertUnwindSafe;
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+/// Why a statement of a worker failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// Postgres raised an ERROR.
+    #[error("{message} (SQLSTATE {sqlstate})")]
+    Sql { sqlstate: String, message: String },
+    /// SPI refused the call (a wrong type, no rows where one was expected...).
+    #[error("{0}")]
+    Spi(#[from] pgrx::spi::Error),
+    /// Our own code panicked: a bug, reported and survived like any other error.
+    #[error("internal error in queue_ext: {0}")]
+    Panic(String),
+}
+
+impl DbError {
+    fn from_caught(e: CaughtError) -> DbError {
+        match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => DbError::Sql {
+                sqlstate: sqlstate_text(r.sql_error_code()),
+                message: r.message().to_string(),
+            },
+            CaughtError::RustPanic { ereport, .. } => DbError::Panic(ereport.message().to_string()),
+        }
+    }
+}
+
+/// The five-character SQLSTATE of an error code (Postgres packs it six bits per character).
+pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
+    let packed = code as i32;
+    (0..5)
+        .map(|i| (((packed >> (6 * i)) & 0x3f) as u8 + b'0') as char)
+        .collect()
+}
+
+/// Runs `f` in a subtransaction of the current transaction. On success the subtransaction
+/// is kept; on any error (or `Err`) everything `f` did is rolled back, the error is returned,
+/// and the enclosing transaction goes on as if `f` had not run.
+pub fn isolated<R>(f: impl FnOnce() -> Result<R, pgrx::spi::Error>) -> Result<R, DbError> {
+    // SAFETY: the subtransaction protocol of PL/pgSQL's exception blocks (pl_exec.c): begin,
+    // run, then release or roll back, restoring the caller's memory context and resource
+    // owner either way. pgrx turns an ERROR inside `f` into a caught value after copying and
+    // flushing the error state.
+    unsafe {
+        let context = pg_sys::CurrentMemoryContext;
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(context);
+        let result = PgTryBuilder::new(AssertUnwindSafe(move || f().map_err(DbError::from)))
+            .catch_others(|e| Err(DbError::from_caught(e)))
+            .execute();
+        if result.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+        result
+    }
+}
+
+/// Runs `f` in a transaction of its own (for a background worker), isolated as above: an
+/// error leaves nothing behind and is returned.
+pub fn transaction<R>(f: impl FnOnce() -> Result<R, pgrx::spi::Error>) -> Result<R, DbError> {
+    let mut f = Some(f);
+    BackgroundWorker::transaction(AssertUnwindSafe(|| {
+        isolated(|| f.take().expect("called once")())
+    }))
+}
+
+/// Whether queue_ext is installed in the connected database.
+pub fn extension_installed() -> Result<bool, DbError> {
+    transaction(|| {
+        Ok(Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'queue_ext')",
+        )?
+        .unwrap_or(false))
+    })
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn sqlstates_unpack() {
+        assert_eq!(
+            sqlstate_text(PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER),
+            "22P05"
+        );
+        assert_eq!(
+            sqlstate_text(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE),
+            "42501"
+        );
+    }
+}
