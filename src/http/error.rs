@@ -3,6 +3,8 @@
 //! `last_error`, which its producer reads, so it never carries the URL (reqwest's errors
 //! print it unless told not to), its query, userinfo or host, a header or the secret.
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use reqwest::StatusCode;
 
 use super::ssrf::Refused;
@@ -229,16 +231,41 @@ fn source_chain(e: &reqwest::Error) -> String {
 /// expected, a resolver the name it looked up. The URL's parts, the secret and the header
 /// values are replaced wherever they appear.
 fn scrub(text: &str, d: &Delivery) -> String {
+    redact_all(text, &sensitive_strings(d, true))
+}
+
+/// What must never be stored where non-admins read it: the secret, the configured header
+/// values, the URL's password and query values (raw and decoded) and its basic-auth form;
+/// with `with_target`, also the URL itself, its host and user name. An endpoint that
+/// echoes its request (many do, on errors) would otherwise put them in the stored response.
+pub fn sensitive_strings(d: &Delivery, with_target: bool) -> Vec<String> {
     let mut secrets: Vec<String> = Vec::new();
     if let Some(url_text) = d.url.as_deref() {
-        secrets.push(url_text.to_string());
+        if with_target {
+            secrets.push(url_text.to_string());
+        }
         if let Ok(url) = reqwest::Url::parse(url_text) {
-            secrets.push(url.as_str().to_string());
-            secrets.extend(url.host_str().map(str::to_string));
-            secrets.extend(url.domain().map(|h| h.trim_end_matches('.').to_string()));
-            secrets.push(url.username().to_string());
+            if with_target {
+                secrets.push(url.as_str().to_string());
+                secrets.extend(url.host_str().map(str::to_string));
+                secrets.extend(url.domain().map(|h| h.trim_end_matches('.').to_string()));
+                secrets.push(url.username().to_string());
+            }
             secrets.extend(url.password().map(str::to_string));
-            secrets.extend(url.query().map(str::to_string));
+            if !url.username().is_empty() || url.password().is_some() {
+                // What reqwest sends for userinfo: `Authorization: Basic base64(user:pw)`.
+                let user = percent_decode(url.username());
+                let pass = url.password().map(percent_decode).unwrap_or_default();
+                secrets.push(STANDARD.encode(format!("{user}:{pass}")));
+            }
+            if let Some(query) = url.query() {
+                secrets.push(query.to_string());
+                secrets.extend(
+                    query
+                        .split('&')
+                        .map(|p| p.split_once('=').map_or(p, |(_, v)| v).to_string()),
+                );
+            }
             secrets.extend(url.query_pairs().map(|(_, v)| v.into_owned()));
         }
     }
@@ -248,15 +275,49 @@ fn scrub(text: &str, d: &Delivery) -> String {
             .values()
             .filter_map(|v| v.as_str().map(str::to_string)),
     );
-    // Longest first, so a whole URL goes before its host; very short strings would
-    // shred ordinary words and are not worth hiding.
-    secrets.retain(|s| s.len() >= 4);
+    // Longest first, so a whole URL goes before its host. Short strings would shred
+    // ordinary words: an error message can lose a word, a stored response (which its
+    // producer may use) should not lose `1000` to a `?page=1000`, so the bar is higher
+    // there; credentials are rarely that short.
+    let shortest = if with_target { 4 } else { 8 };
+    secrets.retain(|s| s.len() >= shortest);
     secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    secrets
+}
+
+/// `text` with every string of `secrets` (longest first) replaced by `[redacted]`.
+pub fn redact_all(text: &str, secrets: &[String]) -> String {
     let mut text = text.to_string();
-    for s in &secrets {
-        text = text.replace(s.as_str(), "[redacted]");
+    for s in secrets {
+        if text.contains(s.as_str()) {
+            text = text.replace(s.as_str(), "[redacted]");
+        }
     }
     text
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -346,6 +407,35 @@ mod unit {
             assert!(!out.contains(secret), "{secret} left in {out}");
         }
         assert!(out.starts_with("invalid peer certificate: NotValidForName [redacted]"));
+    }
+
+    #[test]
+    fn echoed_secrets_are_found_in_every_form() {
+        let d = delivery(
+            "https://al%69ce:pa%24%24word@hooks.example.com/in?token=a%2Bb%2Bc%2Bd%2Be&plain-token&page=1000",
+        );
+        let secrets = sensitive_strings(&d, false);
+        // Basic auth of the decoded userinfo "alice:pa$$word".
+        let basic = STANDARD.encode("alice:pa$$word");
+        let echoed = format!(
+            "Authorization: Basic {basic}\nquery token=a%2Bb%2Bc%2Bd%2Be decoded a+b+c+d+e \
+             plain-token Bearer t0k3n-value whsec_c2VjcmV0LXNlY3JldA== pa%24%24word \
+             count 1000 at hooks.example.com"
+        );
+        let out = redact_all(&echoed, &secrets);
+        for secret in [
+            basic.as_str(),
+            "a%2Bb%2Bc%2Bd%2Be",
+            "a+b+c+d+e",
+            "plain-token",
+            "t0k3n-value",
+            "whsec_",
+            "pa%24%24word",
+        ] {
+            assert!(!out.contains(secret), "{secret} left in {out}");
+        }
+        // Short values and, without the target, the host in the response's own text stay.
+        assert!(out.ends_with("count 1000 at hooks.example.com"), "{out}");
     }
 
     #[test]

@@ -34,6 +34,8 @@ enum Script {
     ResetMidBody,
     /// Reads the request and never answers.
     Silent,
+    /// 200 with the request head as the body, and its Authorization in a header.
+    Echo,
     /// A 302 to the location, formatted with the endpoint's port for `{port}`.
     Redirect(String),
     /// The same as a 307, which keeps the method and body.
@@ -184,6 +186,14 @@ async fn serve(
                 drop(stream);
                 return Ok(());
             }
+            Script::Echo => {
+                let auth = header(&head, "authorization").unwrap_or_default();
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nx-echo: {auth}\r\ncontent-length: {}\r\n\r\n{head}",
+                    head.len()
+                );
+                stream.write_all(reply.as_bytes()).await?;
+            }
             Script::Silent => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
                 return Ok(());
@@ -309,6 +319,51 @@ async fn nul_bytes_and_invalid_utf8_are_stored_safely() {
         head.contains("authorization: bearer t0k3n-header"),
         "{head}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_echoing_its_request_gets_no_secret_stored() {
+    let e = endpoint("127.0.0.2", vec![("/", Script::Echo)]).await;
+    let c = client();
+    let out = c
+        .deliver(delivery(&secret_url(&e, "/echo"), 5000, false))
+        .await;
+    assert_eq!(out.outcome, "delivered", "{out:?}");
+    let body = out.response_body.as_deref().unwrap();
+    // The endpoint saw them (the request is unchanged), the record does not hold them.
+    let head = e.heads.lock().unwrap()[0].clone();
+    assert!(
+        head.contains(SECRET_QUERY) && head.contains("k3y-header"),
+        "{head}"
+    );
+    assert!(body.starts_with("POST /echo?[redacted] "), "{body}");
+    assert!(body.contains("x-api-key: [redacted]"), "{body}");
+    assert_eq!(
+        out.response_headers.as_ref().unwrap()["x-echo"],
+        "[redacted]"
+    );
+    assert_clean(&out);
+    // Without a configured Authorization, reqwest sends the userinfo as basic auth.
+    let mut d = delivery(&secret_url(&e, "/echo"), 5000, false);
+    d.headers.remove("Authorization");
+    let out = c.deliver(d).await;
+    let head = e.heads.lock().unwrap()[1].clone();
+    assert!(
+        header(&head, "authorization")
+            .unwrap()
+            .starts_with("Basic "),
+        "{head}"
+    );
+    assert_eq!(
+        out.response_headers.as_ref().unwrap()["x-echo"],
+        "Basic [redacted]"
+    );
+    assert!(out
+        .response_body
+        .as_deref()
+        .unwrap()
+        .contains("authorization: Basic [redacted]"));
+    assert_clean(&out);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -406,7 +406,8 @@ impl HttpClient {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let headers = redact::storable_headers(response.headers(), response.url());
+        let secrets = error::sensitive_strings(d, false);
+        let headers = redact::storable_headers(response.headers(), response.url(), &secrets);
         // Read at most response_max_bytes and then stop: memory stays bounded whatever the
         // endpoint sends (50 MB, or a body that never ends), and the rest is not worth
         // holding the slot for. Dropping the response closes the connection.
@@ -448,7 +449,9 @@ impl HttpClient {
         };
         out.status_code = Some(status.as_u16());
         out.response_headers = Some(serde_json::Value::Object(headers));
-        out.response_body = Some(redact::storable_text(&body, max, cut));
+        // Replaced before the cut, so "[redacted]" never pushes the text past the cap.
+        let text = error::redact_all(&String::from_utf8_lossy(&body), &secrets);
+        out.response_body = Some(redact::storable_text(text.as_bytes(), max, cut));
         out.retry_after_ms = if out.outcome == "retry" {
             retry_after.map(|d| d.as_millis() as u64)
         } else {

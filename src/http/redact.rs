@@ -97,10 +97,12 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
 /// Response headers as a JSON object: values made storable, repeated headers joined with
 /// `", "`, at most [`MAX_HEADERS`] names and [`MAX_HEADER_BYTES`] bytes kept. URLs the
 /// endpoint sends back (`Location`, `Content-Location`) can echo the request's query
-/// (a trailing-slash redirect keeps `?token=`), so they are redacted; cookies are dropped.
+/// (a trailing-slash redirect keeps `?token=`), so they are redacted; cookies are dropped;
+/// any of `secrets` echoed in a value is replaced.
 pub fn storable_headers(
     headers: &HeaderMap,
     base: &reqwest::Url,
+    secrets: &[String],
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
     let mut budget = MAX_HEADER_BYTES;
@@ -127,6 +129,7 @@ pub fn storable_headers(
                 .join(", "),
         };
         budget -= name.as_str().len();
+        let value = super::error::redact_all(&value, secrets);
         let value = storable_text(value.as_bytes(), budget, false);
         budget = budget.saturating_sub(value.len());
         out.insert(name.as_str().to_string(), serde_json::Value::String(value));
@@ -221,7 +224,8 @@ mod unit {
         h.insert("x-latin1", HeaderValue::from_bytes(b"caf\xe9").unwrap());
         h.append("x-many", HeaderValue::from_static("1"));
         h.append("x-many", HeaderValue::from_static("2"));
-        let out = storable_headers(&h, &base);
+        h.insert("x-echo", HeaderValue::from_static("Bearer t0k3n-value"));
+        let out = storable_headers(&h, &base, &["t0k3n-value".to_string()]);
         assert_eq!(out["location"], "https://example.com/hook/?token=REDACTED");
         assert_eq!(
             out["content-location"],
@@ -230,6 +234,7 @@ mod unit {
         assert_eq!(out["set-cookie"], REDACTED);
         assert_eq!(out["x-latin1"], "caf\u{FFFD}");
         assert_eq!(out["x-many"], "1, 2");
+        assert_eq!(out["x-echo"], "Bearer [redacted]");
         assert!(!serde_json::to_string(&out).unwrap().contains("s3cr3t"));
 
         let mut many = HeaderMap::new();
@@ -237,7 +242,7 @@ mod unit {
             let name = HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap();
             many.insert(name, HeaderValue::from_static("v"));
         }
-        assert_eq!(storable_headers(&many, &base).len(), MAX_HEADERS);
+        assert_eq!(storable_headers(&many, &base, &[]).len(), MAX_HEADERS);
 
         let mut big = HeaderMap::new();
         let long = "x".repeat(6000);
@@ -245,7 +250,7 @@ mod unit {
             let name = HeaderName::from_bytes(format!("x-big{i}").as_bytes()).unwrap();
             big.insert(name, HeaderValue::from_str(&long).unwrap());
         }
-        let kept = storable_headers(&big, &base);
+        let kept = storable_headers(&big, &base, &[]);
         let bytes: usize = kept
             .iter()
             .map(|(k, v)| k.len() + v.as_str().unwrap().len())
