@@ -306,6 +306,10 @@ mod unit {
             "http://127.0.0.1./",
             "http://%31%32%37.0.0.1/",
             "http://\u{ff11}\u{ff12}\u{ff17}.0.0.1/", // full-width digits
+            "http://127\u{3002}0\u{3002}0\u{3002}1/", // ideographic full stops
+            "http://127%2e0%2e0%2e1/",
+            "http://0x7F.0x0.0x0.0x1/",
+            "http://00000000000000000177.1/",
             "https://user:pw@127.0.0.1:8443/x?y#z",
         ] {
             assert_eq!(host_of(url), "127.0.0.1", "{url}");
