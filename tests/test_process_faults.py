@@ -283,6 +283,34 @@ def test_drop_extension_stops_its_dispatcher_quietly_and_create_serves_again(clu
     drop_db(cluster, "extdb")
 
 
+def test_queue_ext_database_limits_the_served_databases_and_a_missing_one_is_quiet(cluster, server):
+    drop_db(cluster, "limited")
+    with cluster.connect() as conn:
+        conn.execute("CREATE DATABASE limited")
+    with cluster.connect(dbname="limited") as conn:
+        conn.execute("CREATE EXTENSION queue_ext")
+    wait_dispatcher(cluster, "limited")
+    with cluster.connect() as conn:
+        conn.execute("ALTER SYSTEM SET queue_ext.database = 'postgres, nosuchdb'")
+        conn.execute("SELECT pg_reload_conf()")
+        try:
+            wait_for(lambda: not dispatchers(cluster, "limited"), 10, what="the unlisted database's dispatcher gone")
+            wait_dispatcher(cluster, "postgres")
+            time.sleep(1)
+            before = error_lines(cluster)
+            time.sleep(5)  # a missing database must not cost a FATAL per retry
+            after = error_lines(cluster)
+            assert after == before, "log lines for a missing database:\n" + "\n".join(after[len(before):])
+            served(cluster, "postgres", server)
+            assert not dispatchers(cluster, "limited")
+        finally:
+            conn.execute("ALTER SYSTEM RESET queue_ext.database")
+            conn.execute("SELECT pg_reload_conf()")
+    wait_dispatcher(cluster, "limited", timeout=BACK_WITHIN + 5)
+    served(cluster, "limited", server)
+    drop_db(cluster, "limited")
+
+
 def ensure_released_script(version):
     """The frozen install script of an old version, in the extension directory (as
     pg_test/upgrade.sh does: scripts/install.sh installs only what the build packages)."""
