@@ -115,6 +115,12 @@ ABSURD = {
 }
 
 
+# A crash, or one of our background workers ending (the dispatcher dies on an error it did
+# not isolate), in the server log.
+BAD_LOG = re.compile(r'terminated by signal|PANIC|was terminated|background worker "queue_ext[^"]*" \(PID \d+\) exited'
+                     r'|queue_ext dispatcher.* stopped')
+
+
 @dataclass
 class Func:
     oid: int
@@ -136,6 +142,8 @@ class Outcome:
     sqlstate: str | None  # None: no error
     message: str
     seconds: float
+    args: dict
+
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +304,7 @@ def fuzz(cluster):
         for role in (None, LOGIN[func.granted[0]]):
             for param, label, args in cases(func, fx):
                 st, msg, secs = run_one(cluster, state, role, func, call_sql(func, args))
-                outcomes.append(Outcome(role or "postgres", func, param, label, st, msg, secs))
+                outcomes.append(Outcome(role or "postgres", func, param, label, st, msg, secs, args))
     if state.get("conn"):
         state["conn"].close()
     elapsed = time.monotonic() - t0
@@ -321,8 +329,7 @@ def test_every_public_function_is_covered(fuzz):
         if not f.returns_trigger:
             assert any(o.func.signature == f.signature and o.role == LOGIN[f.granted[0]] for o in fuzz["outcomes"])
     # The all-valid call is what every hostile call is measured against: it must work.
-    broken = [describe(o) for o in fuzz["outcomes"] if o.label == "valid" and o.sqlstate is not None
-              and not (o.func.name == "process_jobs")]  # the paused webhook queue is refused, 55000 or 42501
+    broken = [describe(o) for o in fuzz["outcomes"] if o.label == "valid" and o.sqlstate is not None]
     assert not broken, "calls with only valid arguments failed (fix the fixture):\n" + "\n".join(broken)
 
 
@@ -344,8 +351,7 @@ def test_no_internal_error_crash_hang_or_empty_message(cluster, fuzz):
             # A table constraint caught what the function should have checked, naming a
             # column instead of the argument.
             bad.append("UNCHECKED " + describe(o))
-    signals = [line for line in fuzz["log"].splitlines()
-               if "terminated by signal" in line or "PANIC" in line or "was terminated" in line]
+    signals = [line for line in fuzz["log"].splitlines() if BAD_LOG.search(line)]
     bad += [f"SERVER LOG: {line}" for line in signals]
     assert not bad, f"{len(bad)} violations:\n" + "\n".join(bad)
 
@@ -380,6 +386,83 @@ def test_trigger_function_arguments(cluster, fuzz):
                 if e.sqlstate in (None, "XX000", "57014") or not (e.diag.message_primary or "").strip():
                     bad.append(f"trigger arg {arg!r:.40}: {e.sqlstate} {e.diag.message_primary!r}")
     assert not bad, "\n".join(bad)
+
+
+# Functions whose accepted values are stored, and then read by every later claim, retry and
+# report: (the parameter that names what they store, how to use it in an enqueue).
+STORING = {"create_queue": "queue_name", "alter_queue": "queue_name", "enqueue_job": "queue_name",
+           "enqueue_jobs": "queue_name", "set_rate_limit": "key", "set_concurrency_limit": "key"}
+
+
+def test_accepted_values_do_not_break_later_work(cluster, fuzz):
+    """Every value a storing function accepted is committed for real (into a queue or key of
+    its own), then the work that reads it runs: claims, a failure and its backoff, a
+    completion, job_status, the reports. None of it may fail: a value that is accepted must
+    not turn every later claim or retry into an error."""
+    accepted = [o for o in fuzz["outcomes"] if o.sqlstate is None and o.role == "postgres"
+                and o.func.name in STORING and o.param != STORING[o.func.name] and str(BIG) not in o.label]
+    assert len(accepted) > 50, "too few accepted calls to replay: did the fuzz run?"
+    bad, slow = [], []
+    log_start = (cluster.dir / "server.log").stat().st_size
+    with cluster.connect() as conn:
+        conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
+
+        def run(what, query, params=()):
+            t0 = time.monotonic()
+            try:
+                return conn.execute(query, params).fetchall()
+            except psycopg.Error as e:
+                if conn.broken:
+                    raise AssertionError(f"connection lost on {what}: {e}\n" + "\n".join(bad))
+                bad.append(f"{origin[0]}\n      then {what}: {e.sqlstate} {e.diag.message_primary!r}")
+                return None
+            finally:
+                if time.monotonic() - t0 > 0.3:
+                    slow.append(f"{time.monotonic() - t0:.2f} s {what} after {origin[0]}")
+
+        origin = [""]
+        for i, o in enumerate(accepted):
+            origin[0] = describe(o)
+            queue, key = f"fuzzstored{i}", f"fuzzstored{i}"
+            args = dict(o.args)
+            extra = ""
+            if o.func.name == "create_queue":
+                args["queue_name"] = f"'{queue}'"
+            else:
+                run("create_queue", "SELECT queue_ext.create_queue(%s, backoff_base => '0')", [queue])
+                if o.func.name in ("alter_queue", "enqueue_job", "enqueue_jobs"):
+                    args["queue_name"] = f"'{queue}'"
+                else:
+                    args["key"] = f"'{key}'"
+                    extra = ", rate_limit_key => %s" if o.func.name == "set_rate_limit" else ", concurrency_key => %s"
+            if run(o.func.name + " (committed)", call_sql(o.func, args).replace("SELECT 1 FROM", "SELECT * FROM")) is None:
+                continue
+            params = [queue, key] if extra else [queue]
+            run("enqueue_job", f"SELECT queue_ext.enqueue_job(%s, '{{}}', max_attempts => 3{extra})", params)
+            for step in range(3):
+                claimed = run(f"claim {step + 1}", "SELECT job_id, lease_token FROM queue_ext.get_next_jobs(%s, 10, 'fuzz')", [queue]) or []
+                for job, token in claimed:
+                    if step == 0:
+                        run("fail_job (retry with backoff)", "SELECT queue_ext.fail_job(%s, 'boom', %s)", [job, token])
+                    else:
+                        run("heartbeat", "SELECT queue_ext.heartbeat(%s, %s)", [job, token])
+                        run("complete_job", "SELECT queue_ext.complete_job(%s, '{}', %s)", [job, token])
+            for (job,) in run("list jobs", "SELECT id FROM queue_ext.job_queue WHERE queue_name = %s", [queue]) or []:
+                run("job_status", "SELECT * FROM queue_ext.job_status(%s)", [job])
+        # The reports read every queue at once: once, over all the stored values, then each
+        # queue is dropped with whatever it still holds.
+        origin[0] = f"all {len(accepted)} stored values"
+        for report in ("queue_stats()", "health()", "worker_health()", "list_limits()", "list_queues()",
+                       "cleanup_stuck_jobs()", "dispatcher_status()"):
+            run(report, f"SELECT * FROM queue_ext.{report}")
+        for i, o in enumerate(accepted):
+            run("drop_queue", "SELECT queue_ext.drop_queue(%s, force => true)", [f"fuzzstored{i}"])
+    time.sleep(1)  # the dispatcher's turn at the stored webhook settings
+    log = (cluster.dir / "server.log").read_text(errors="replace")[log_start:]
+    bad += [f"SERVER LOG: {line}" for line in log.splitlines() if BAD_LOG.search(line)]
+    print(f"\n{len(accepted)} accepted values committed and worked through; slow steps:")
+    print("\n".join(slow[:20]))
+    assert not bad, f"{len(bad)} accepted values broke later work:\n" + "\n".join(bad)
 
 
 def test_print_summary(fuzz):
