@@ -90,9 +90,10 @@ fn parse_claimed(item: serde_json::Value) -> Option<Claimed> {
                 secret: None,
                 follow_redirects: false,
             };
-            Some(Claimed::Unusable(Outcome::failed(
+            Some(Claimed::Unusable(Outcome::from_error(
                 &d,
-                format!("unusable webhook settings: {e}"),
+                &http::DeliveryError::unusable(&e),
+                std::time::Instant::now(),
             )))
         }
     }

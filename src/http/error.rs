@@ -74,7 +74,6 @@ pub enum DeliveryError {
         cause: BodyFailure,
     },
     /// The dispatcher could not use what the claim described (see [`DeliveryError::unusable`]).
-    #[allow(dead_code)]
     #[error("unusable webhook settings: {0}")]
     Unusable(String),
 }
@@ -178,7 +177,6 @@ impl DeliveryError {
 
     /// For a claim the dispatcher could not decode. serde's messages quote the offending
     /// value (a header value, a secret...), so only the kinds that name a field are kept.
-    #[allow(dead_code)] // for the claim parser, which still formats serde's message itself
     pub fn unusable(e: &serde_json::Error) -> DeliveryError {
         let text = e.to_string();
         let safe = ["missing field `", "unknown field `", "duplicate field `"]

@@ -123,18 +123,6 @@ impl Outcome {
         let (kind, message) = e.verdict();
         Outcome::new(d, kind, Some(message), started)
     }
-
-    /// A permanent failure found before any request was made. `error` is stored as given
-    /// (made storable): it must not quote the URL, headers or secret; prefer
-    /// [`Outcome::from_error`] with a [`DeliveryError`].
-    pub fn failed(d: &Delivery, error: String) -> Outcome {
-        Outcome::new(
-            d,
-            "failed",
-            Some(error.replace('\0', "\u{FFFD}")),
-            Instant::now(),
-        )
-    }
 }
 
 /// Runs `f` with every signal blocked in the calling thread, so threads it creates inherit
@@ -509,9 +497,6 @@ mod unit {
         for secret in ["pa55", "s3cr3t", "t0k3n", "whsec_abc"] {
             assert!(!debug.contains(secret), "{secret} in {debug}");
         }
-        let out = Outcome::failed(&d, "nope\0".into());
-        assert_eq!(out.url, "https://example.com/in?token=REDACTED");
-        assert_eq!(out.error.as_deref(), Some("nope\u{FFFD}"));
         let out = Outcome::from_error(&d, &DeliveryError::NoUrl, Instant::now());
         assert_eq!(out.outcome, "failed");
         assert_eq!(out.url, "https://example.com/in?token=REDACTED");
