@@ -1,0 +1,61 @@
+"""The dispatcher survives SQL errors while it records outcomes: the job concerned is settled
+by the rules (here: dead-lettered with the reason), the process keeps its pid, and the other
+jobs of the same batch are recorded as usual. The error is injected for real, by a trigger
+that refuses to archive a 'poison' job."""
+import pytest
+
+from pgcluster import Cluster, dispatcher_pid, wait_for
+from sink import Sink
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster("resilience", 55571, ["queue_ext.http_allowlist = '127.0.0.1'",
+                                      "queue_ext.poll_interval = '200ms'"])
+    c.start(fresh=True)
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION queue_ext")
+    yield c
+    c.stop()
+
+
+def test_an_outcome_that_cannot_be_recorded_does_not_stop_the_dispatcher(cluster):
+    sink = Sink()
+    with cluster.connect() as conn:
+        conn.execute("""
+            CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.payload ->> 'poison' = 'true' THEN
+                    RAISE EXCEPTION 'archive refuses job %', NEW.id USING ERRCODE = 'P0001';
+                END IF;
+                RETURN NEW;
+            END $$""")
+        conn.execute("CREATE TRIGGER refuse_poison BEFORE INSERT ON queue_ext.job_archive "
+                     "FOR EACH ROW EXECUTE FUNCTION public.refuse_poison()")
+        conn.execute("SELECT queue_ext.create_queue('hooks', webhook_url => %s, max_attempts => 5)",
+                     [sink.url + "/hooks"])
+        pid = wait_for(lambda: dispatcher_pid(conn), 10, what="the dispatcher")
+        ids = conn.execute("""
+            SELECT queue_ext.enqueue_job('hooks', jsonb_build_object('n', n, 'poison', n = 5))::text
+            FROM generate_series(1, 10) AS n""").fetchall()
+        ids = [r[0] for r in ids]
+        poison = ids[4]
+        wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_queue").fetchone()[0] == 0,
+                 20, what="every job settled")
+        completed = {r[0] for r in conn.execute(
+            "SELECT id::text FROM queue_ext.job_archive WHERE status = 'completed'")}
+        assert completed == set(ids) - {poison}
+        reason, error = conn.execute(
+            "SELECT reason, last_error FROM queue_ext.job_dead_letter WHERE id = %s", [poison]).fetchone()
+        assert reason == "permanent failure"
+        assert "recording the outcome failed" in error and "archive refuses job" in error, error
+        # Sent once: recorded as a permanent failure, never looped.
+        poison_requests = [r for r in sink.to("/hooks") if r.headers["webhook-id"] == f"msg_{poison}"]
+        assert len(poison_requests) == 1
+        assert dispatcher_pid(conn) == pid, "the same dispatcher process went on"
+        # And it keeps delivering.
+        later = conn.execute("SELECT queue_ext.enqueue_job('hooks', '{}')::text").fetchone()[0]
+        wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_archive WHERE id = %s",
+                                      [later]).fetchone()[0] == 1, 10, what="a later delivery")
+        assert "archive refuses job" in cluster.log_tail(200), "the log says what happened"
+    sink.close()
