@@ -6,10 +6,10 @@ For each: the attempts the endpoint counted, the job's final state and its error
 names the URL or its query), the dispatcher's pid unchanged (it survived), and another queue
 delivering while the fault is under way."""
 import itertools
+import socket
 import threading
 import time
 
-import psycopg
 import pytest
 
 from hostile_server import BAD_UTF8_BODY, HUGE_BYTES, NUL_BODY, HostileServer
@@ -46,11 +46,9 @@ def cluster():
 
 
 @pytest.fixture
-def conn(cluster, request):
+def conn(cluster):
     with cluster.connect() as c:
         yield c
-    if getattr(getattr(request.node, "rep_call", None), "failed", False):
-        print(cluster.log_tail())
 
 
 @pytest.fixture(scope="module")
@@ -336,7 +334,7 @@ def test_500s_are_retried_by_the_rules_then_dead(conn, server, control):
 def test_connection_refused_error_names_no_url(conn, server, control):
     # reqwest's own error text says "error sending request for url (...)": never stored.
     pid = dispatcher_pid(conn)
-    with __import__("socket").socket() as s:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]  # nothing listens there once closed
     name, path, hook = hook_queue(conn, server, "ok", max_attempts=1)

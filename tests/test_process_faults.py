@@ -162,6 +162,9 @@ def test_terminated_dispatcher_comes_back_and_loses_nothing(cluster, server):
     check_sends(server, path, jobs, killed_at)
     with cluster.connect() as conn:
         assert wait_for(lambda: dispatcher_pid(conn), 10, what="dispatcher_status") == new
+        state = conn.execute("SELECT state FROM queue_ext.dispatcher_status() "
+                             "WHERE database = current_database()").fetchone()[0]
+        assert state == "running", state
     served(cluster, "postgres", server)
 
 
@@ -362,6 +365,14 @@ def test_alter_extension_update_from_0_3_0_with_jobs_in_flight(cluster, server):
 
 
 def crash_mid_delivery(cluster, server, crash):
+    # A second database with the extension: crash recovery ends every dispatcher, and each
+    # must come back.
+    with cluster.connect() as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'second'").fetchone():
+            conn.execute("CREATE DATABASE second")
+    with cluster.connect(dbname="second") as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS queue_ext")
+    wait_dispatcher(cluster, "second")
     with cluster.connect() as conn:
         name, path = hook_queue(conn, server, "slow", webhook_max_in_flight=8)
         jobs = [enqueue(conn, name, f'{{"n": {i}}}') for i in range(20)]
@@ -374,6 +385,8 @@ def crash_mid_delivery(cluster, server, crash):
     wait_completed(cluster, "postgres", jobs, timeout=40)
     check_sends(server, path, jobs, crashed_at)
     served(cluster, "postgres", server)
+    wait_dispatcher(cluster, "second")
+    served(cluster, "second", server)
 
 
 def checkpointer_pid(cluster):
