@@ -11,6 +11,7 @@ gives its queue a path of its own (/nul/q3?token=...) and counts only its own at
   /slow             200 after SLOW_DELAY seconds (requests in flight when a process dies)
   /nul              200, a body with raw 0x00 bytes
   /badutf8          200, a body that is not UTF-8
+  /badheader        200, a header value that is not UTF-8 (obs-text bytes)
   /huge             200, HUGE_BYTES (50 MB) streamed with a Content-Length
   /redirect-private 302 to http://127.0.0.1:<port>/ok/<rest> (loopback, allowed by the
                     tests' allowlist); /redirect-private/metadata/... 302 to
@@ -181,6 +182,9 @@ class HostileServer:
             conn.sendall(self._response("200 OK", NUL_BODY, "content-type: application/json\r\n"))
         elif kind == "badutf8":
             conn.sendall(self._response("200 OK", BAD_UTF8_BODY, "content-type: text/plain; charset=utf-8\r\n"))
+        elif kind == "badheader":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-weird: caf\xe9 \xff\xfe\r\n"
+                         b"x-fine: yes\r\n\r\n{}")
         elif kind == "huge":
             self._huge(conn)
             return False

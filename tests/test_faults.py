@@ -165,6 +165,19 @@ def test_invalid_utf8_body_is_delivered_once(conn, server, control):
     assert dispatcher_pid(conn) == pid
 
 
+def test_invalid_utf8_header_value_is_delivered_once(conn, server, control):
+    pid = dispatcher_pid(conn)
+    name, path, hook = hook_queue(conn, server, "badheader")
+    job = enqueue(conn, name)
+    done = wait_status(conn, job, {"completed", "dead"}, timeout=15)
+    assert done[0] == "completed" and done[1] == 1 and done[3]["status"] == 200, done
+    assert done[3]["headers"].get("x-fine") == "yes", done[3]["headers"]
+    stays(lambda: server.attempts(path) == 1, 1, "sent again")
+    others_still_deliver(conn, server, control)
+    check_no_leak(conn, hook, job, done[2])
+    assert dispatcher_pid(conn) == pid
+
+
 def rss_anon_kb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
