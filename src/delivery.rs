@@ -54,6 +54,50 @@ pub fn claim(
     Ok(items.into_iter().filter_map(parse_claimed).collect())
 }
 
+/// Claims like [`claim`], so that one queue whose claim fails (bad data, a trigger that
+/// raises) cannot stop the others. The claim over every queue runs in a subtransaction; if
+/// it fails, each webhook queue is claimed alone, in a subtransaction of its own. Returns
+/// what was claimed and, for each queue that could not be, its error.
+pub fn claim_isolated(
+    worker_id: &str,
+    capacity: usize,
+    busy: &HashMap<String, u32>,
+) -> (Vec<Claimed>, Vec<(String, db::DbError)>) {
+    let whole = match db::isolated(|| claim(worker_id, capacity, busy, None)) {
+        Ok(claimed) => return (claimed, Vec::new()),
+        Err(e) => e,
+    };
+    let queues = db::isolated(|| {
+        Spi::connect(|client| {
+            client
+                .select(
+                    "SELECT queue_name FROM queue_ext.queues WHERE is_webhook AND NOT paused ORDER BY random()",
+                    None,
+                    &[],
+                )?
+                .map(|row| row.get::<String>(1))
+                .collect::<Result<Vec<_>, _>>()
+        })
+    });
+    let queues = match queues {
+        Ok(q) => q.into_iter().flatten().collect::<Vec<_>>(),
+        Err(_) => return (Vec::new(), vec![("every queue".into(), whole)]),
+    };
+    let mut claimed = Vec::new();
+    let mut failed = Vec::new();
+    for queue in queues {
+        let room = capacity.saturating_sub(claimed.len());
+        if room == 0 {
+            break;
+        }
+        match db::isolated(|| claim(worker_id, room, busy, Some(&queue))) {
+            Ok(mut c) => claimed.append(&mut c),
+            Err(e) => failed.push((queue, e)),
+        }
+    }
+    (claimed, failed)
+}
+
 /// How long until a rate-limited webhook job may be claimed, if one is held back.
 /// (None while the database still runs queue_ext 0.1.0, which has no rate limits.)
 pub fn rate_limit_wait() -> Result<Option<std::time::Duration>, pgrx::spi::Error> {

@@ -279,22 +279,27 @@ impl Dispatcher {
             // records, and a record that fails is retried piece by piece (delivery.rs).
             failures = delivery::record_isolated(&outcomes);
             if room == 0 || !self.recovered {
-                return Ok(Ok(Vec::new()));
+                return Ok((Vec::new(), Vec::new()));
             }
-            Ok(db::isolated(|| {
-                delivery::claim(WORKER_ID, room, &busy, None)
-            }))
+            Ok(delivery::claim_isolated(WORKER_ID, room, &busy))
         });
         for f in failures {
             self.warnings.warn("record", || f);
         }
-        let claimed = match turn.and_then(|claimed| claimed) {
-            Ok(claimed) => claimed,
+        let claimed = match turn {
+            Ok((claimed, failed)) => {
+                for (queue, e) in failed {
+                    self.warnings.warn("claim", || {
+                        format!("claiming from queue {queue} failed: {e}")
+                    });
+                }
+                claimed
+            }
             Err(e) => {
-                // Records that failed were already handled piece by piece; the leases of
-                // anything claimed stay, and expire into another attempt.
+                // The commit itself failed: what was recorded and claimed is undone; the
+                // outcomes' jobs keep their leases, which expire into another attempt.
                 self.warnings
-                    .warn("claim", || format!("claiming deliveries failed: {e}"));
+                    .warn("claim", || format!("recording and claiming failed: {e}"));
                 return false;
             }
         };

@@ -59,3 +59,38 @@ def test_an_outcome_that_cannot_be_recorded_does_not_stop_the_dispatcher(cluster
                                       [later]).fetchone()[0] == 1, 10, what="a later delivery")
         assert "archive refuses job" in cluster.log_tail(200), "the log says what happened"
     sink.close()
+
+
+def test_a_queue_whose_claim_fails_does_not_stop_the_others(cluster):
+    sink = Sink()
+    with cluster.connect() as conn:
+        # Claims of queue 'jammed' fail: its claim's audit row is refused.
+        conn.execute("""
+            CREATE FUNCTION public.jam_claims() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.queue_name = 'jammed' AND NEW.to_status = 'running' THEN
+                    RAISE EXCEPTION 'claims of jammed refused' USING ERRCODE = 'P0001';
+                END IF;
+                RETURN NEW;
+            END $$""")
+        conn.execute("CREATE TRIGGER jam_claims BEFORE INSERT ON queue_ext.job_status_history "
+                     "FOR EACH ROW EXECUTE FUNCTION public.jam_claims()")
+        conn.execute("SELECT queue_ext.create_queue('jammed', webhook_url => %s)", [sink.url + "/jammed"])
+        conn.execute("SELECT queue_ext.create_queue('flowing', webhook_url => %s)", [sink.url + "/flowing"])
+        pid = dispatcher_pid(conn)
+        jammed = conn.execute("SELECT queue_ext.enqueue_job('jammed', '{}')::text").fetchone()[0]
+        flowing = [r[0] for r in conn.execute(
+            "SELECT queue_ext.enqueue_job('flowing', jsonb_build_object('n', n))::text "
+            "FROM generate_series(1, 20) AS n").fetchall()]
+        wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_archive WHERE id = ANY(%s::uuid[])",
+                                      [flowing]).fetchone()[0] == 20, 20, what="the other queue delivered")
+        assert conn.execute("SELECT status::text FROM queue_ext.job_queue WHERE id = %s",
+                            [jammed]).fetchone()[0] == "queued", "the jammed job waits, untouched"
+        assert sink.to("/jammed") == []
+        assert dispatcher_pid(conn) == pid
+        # Once the fault is gone, the jammed queue flows too.
+        conn.execute("DROP TRIGGER jam_claims ON queue_ext.job_status_history")
+        wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_archive WHERE id = %s",
+                                      [jammed]).fetchone()[0] == 1, 20, what="the jammed queue recovered")
+        assert "claiming from queue jammed failed" in cluster.log_tail(300)
+    sink.close()
