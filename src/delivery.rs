@@ -208,6 +208,31 @@ pub fn record_isolated(outcomes: &[Outcome]) -> Vec<String> {
     notes
 }
 
+/// Why `process_jobs` could not run; one SQLSTATE each.
+#[derive(Debug, thiserror::Error)]
+enum ProcessJobsError {
+    /// The HTTP runtime's threads could not be started (out of resources).
+    #[error("{0}")]
+    Runtime(String),
+    /// The HTTP settings cannot be used (an unreadable queue_ext.http_ca_file).
+    #[error("{0}")]
+    Settings(String),
+    /// SPI refused a statement of ours.
+    #[error("{0}")]
+    Spi(pgrx::spi::Error),
+}
+
+impl ProcessJobsError {
+    fn raise(self) -> ! {
+        let code = match self {
+            ProcessJobsError::Runtime(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_RESOURCES,
+            ProcessJobsError::Settings(_) => PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
+            ProcessJobsError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        };
+        ereport!(ERROR, code, format!("queue_ext.process_jobs: {self}"))
+    }
+}
+
 /// The runtime a backend uses for `process_jobs`, made on first use.
 fn backend_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
@@ -266,7 +291,7 @@ fn process_jobs(
         "SELECT (queue_ext._queue($1)).is_webhook",
         &[queue_name.into()],
     )
-    .unwrap_or_else(|e| pgrx::error!("{e}"))
+    .unwrap_or_else(|e| ProcessJobsError::Spi(e).raise())
     .unwrap_or(false);
     if !is_webhook {
         ereport!(
@@ -276,8 +301,8 @@ fn process_jobs(
             "Give it one with queue_ext.alter_queue(queue_name, webhook_url => ...)."
         );
     }
-    let rt = backend_runtime().unwrap_or_else(|e| pgrx::error!("{e}"));
-    let client = backend_client().unwrap_or_else(|e| pgrx::error!("{e}"));
+    let rt = backend_runtime().unwrap_or_else(|e| ProcessJobsError::Runtime(e).raise());
+    let client = backend_client().unwrap_or_else(|e| ProcessJobsError::Settings(e).raise());
     // SAFETY: reading this backend's pid.
     let worker_id = format!("process_jobs:{}", unsafe { pg_sys::MyProcPid });
     let claimed = claim(
@@ -286,7 +311,7 @@ fn process_jobs(
         &HashMap::new(),
         Some(queue_name),
     )
-    .unwrap_or_else(|e| pgrx::error!("{e}"));
+    .unwrap_or_else(|e| ProcessJobsError::Spi(e).raise());
 
     let mut outcomes = Vec::with_capacity(claimed.len());
     let mut handles = Vec::new();
