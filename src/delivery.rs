@@ -229,7 +229,7 @@ impl ProcessJobsError {
             ProcessJobsError::Settings(_) => PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
             ProcessJobsError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         };
-        ereport!(ERROR, code, format!("queue_ext.process_jobs: {self}"))
+        ereport!(ERROR, code, format!("queue_ext.process_jobs: {self}"));
     }
 }
 
