@@ -106,9 +106,8 @@ DECLARE
     purged bigint;
 BEGIN
     PERFORM queue_ext._refuse_internal(purge_dead_letter.queue_name, 'purge');
-    IF purge_dead_letter.older_than < interval '0' THEN
-        RAISE EXCEPTION 'older_than must not be negative (got %)', purge_dead_letter.older_than USING ERRCODE = '22023';
-    END IF;
+    -- Bounded above too: now() minus a larger interval leaves the timestamp range (22008).
+    PERFORM queue_ext._check_interval('older_than', purge_dead_letter.older_than, '0', '1000 years');
     WITH gone AS (
         DELETE FROM queue_ext.job_dead_letter
         WHERE (purge_dead_letter.older_than IS NULL OR died_at < now() - purge_dead_letter.older_than)
@@ -134,10 +133,10 @@ DECLARE
     purged bigint;
 BEGIN
     PERFORM queue_ext._refuse_internal(purge_jobs.queue_name, 'purge');
-    IF purge_jobs.older_than IS NULL OR purge_jobs.older_than < interval '0' THEN
-        RAISE EXCEPTION 'older_than must be a non-negative interval (got %)', coalesce(purge_jobs.older_than::text, 'NULL')
-            USING ERRCODE = '22023';
+    IF purge_jobs.older_than IS NULL THEN
+        RAISE EXCEPTION 'older_than must not be null' USING ERRCODE = '22004';
     END IF;
+    PERFORM queue_ext._check_interval('older_than', purge_jobs.older_than, '0', '1000 years');
     WITH gone AS (
         DELETE FROM queue_ext.job_archive
         WHERE finished_at < now() - purge_jobs.older_than
