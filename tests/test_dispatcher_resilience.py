@@ -2,10 +2,13 @@
 by the rules (here: dead-lettered with the reason), the process keeps its pid, and the other
 jobs of the same batch are recorded as usual. The error is injected for real, by a trigger
 that refuses to archive a 'poison' job."""
+import os
+import time
+
 import pytest
 
 from pgcluster import Cluster, dispatcher_pid, wait_for
-from sink import Sink
+from sink import Reply, Sink
 
 
 @pytest.fixture(scope="module")
@@ -93,4 +96,31 @@ def test_a_queue_whose_claim_fails_does_not_stop_the_others(cluster):
         wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_archive WHERE id = %s",
                                       [jammed]).fetchone()[0] == 1, 20, what="the jammed queue recovered")
         assert "claiming from queue jammed failed" in cluster.log_tail(300)
+    sink.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_full_rate_limited_queue_does_not_make_the_dispatcher_spin(cluster):
+    """Tokens to spare but no room (webhook_max_in_flight reached): the dispatcher waits for a
+    request to finish instead of polling every millisecond."""
+    sink = Sink()
+    with cluster.connect() as conn:
+        conn.execute("SELECT queue_ext.set_rate_limit('plenty', 1000, '1 second', burst => 1000)")
+        conn.execute("SELECT queue_ext.create_queue('narrow', webhook_url => %s, webhook_max_in_flight => 1)",
+                     [sink.url + "/narrow"])
+        sink.default("/narrow", Reply(200, delay=4.0))
+        pid = dispatcher_pid(conn)
+        conn.execute("SELECT queue_ext.enqueue_job('narrow', '{}', rate_limit_key => 'plenty') "
+                     "FROM generate_series(1, 5)")
+        wait_for(lambda: len(sink.to("/narrow")) == 1, 10, what="the one request in flight")
+        before = _cpu_seconds(pid)
+        time.sleep(2.5)
+        used = _cpu_seconds(pid) - before
+        assert dispatcher_pid(conn) == pid
+    # A spinning loop burns most of a core (~2.5 s here); waiting costs a few polls.
+    assert used < 0.5, f"the dispatcher used {used:.2f} s of CPU in 2.5 s while it could do nothing"
     sink.close()
