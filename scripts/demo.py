@@ -76,4 +76,4 @@ with psycopg.connect(dsn, autocommit=True) as conn:
     show(conn, "3. Queue stats (queue_ext.queue_stats()):",
          "SELECT queue_name, queued, running, dead, completed_last_hour FROM queue_ext.queue_stats()")
     show(conn, "4. The dispatcher (queue_ext.dispatcher_status()):",
-         "SELECT database, running, delivered, retried, failed FROM queue_ext.dispatcher_status()")
+         "SELECT database, state, delivered, retried, failed FROM queue_ext.dispatcher_status()")

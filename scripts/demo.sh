@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "Building and installing queue_ext..."
-cargo pgrx install --pg-config /usr/lib/postgresql/15/bin/pg_config >/tmp/queue_ext_demo_build.log 2>&1 \
+bash scripts/install.sh >/tmp/queue_ext_demo_build.log 2>&1 \
   || { tail -30 /tmp/queue_ext_demo_build.log; exit 1; }
 
 dir=/tmp/queue_ext_demo
