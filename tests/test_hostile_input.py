@@ -204,9 +204,31 @@ def build_fixture(c) -> dict:
         assert job == running
         dj, dt = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('fuzzdead', 'w1')").fetchone()
         conn.execute("SELECT queue_ext.fail_job(%s, 'boom', %s, permanent => true)", [dj, dt])
+        conn.execute("SET ROLE fuzz_producer")
+        completed = conn.execute("SELECT queue_ext.enqueue_job('fuzzq', '{\"n\": 4}', priority => 'high')").fetchone()[0]
+        conn.execute("SET ROLE fuzz_worker")
+        cj, ct = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('fuzzq', 'w1')").fetchone()
+        assert cj == completed
+        conn.execute("SELECT queue_ext.complete_job(%s, '{}', %s)", [cj, ct])
         conn.execute("RESET ROLE")
-        assert conn.execute("SELECT status::text FROM queue_ext.job_status(%s)", [dead]).fetchone()[0] == "dead"
-    return {"queued": queued, "running": running, "token": token, "dead": dead}
+        # Enqueued by the superuser: another role's job for the producer.
+        foreign = conn.execute("SELECT queue_ext.enqueue_job('fuzzq', '{\"n\": 5}', priority => 'low')").fetchone()[0]
+        states = {k: conn.execute("SELECT status::text FROM queue_ext.job_status(%s)", [v]).fetchone()[0]
+                  for k, v in (("dead", dead), ("completed", completed), ("running", running), ("queued", queued))}
+        assert states == {"dead": "dead", "completed": "completed", "running": "running", "queued": "queued"}, states
+    return {"queued": queued, "running": running, "token": token, "dead": dead, "completed": completed,
+            "foreign": foreign}
+
+
+def job_values(fx: dict) -> dict[str, list]:
+    """Real job ids in every state as hostile values: each function taking a job id meets
+    jobs in the states it does not expect, and another role's job."""
+    ids = [(k, fx[k]) for k in ("queued", "running", "dead", "completed", "foreign")]
+    return {
+        "uuid": [(f"{k} job", f"'{v}'::uuid") for k, v in ids] + [("running job's token", f"'{fx['token']}'::uuid")],
+        "uuid[]": [("jobs in every state", "ARRAY[" + ", ".join(f"'{v}'" for _, v in ids) + "]::uuid[]"),
+                   ("running job twice", f"ARRAY['{fx['running']}', '{fx['running']}']::uuid[]")],
+    }
 
 
 def valid_value(func: Func, name: str, typ: str, fx: dict) -> str | None:
@@ -282,7 +304,7 @@ def cases(func: Func, fx: dict):
         values = HOSTILE.get(t)
         if values is None:
             raise AssertionError(f"{func.signature}: no hostile values for type {t}; add them to HOSTILE")
-        for label, expr in values + EXTRA_BY_NAME.get(n, []):
+        for label, expr in values + EXTRA_BY_NAME.get(n, []) + job_values(fx).get(t, []):
             args = dict(base)
             args[n] = expr
             yield n, label, args
@@ -300,8 +322,8 @@ def fuzz(cluster):
     for func in funcs:
         if func.returns_trigger:
             continue  # called by the executor only; covered by test_trigger_function_arguments
-        # The superuser, then the least privileged of our roles holding EXECUTE.
-        for role in (None, LOGIN[func.granted[0]]):
+        # The superuser, then each of our roles holding EXECUTE.
+        for role in (None, *(LOGIN[r] for r in func.granted)):
             for param, label, args in cases(func, fx):
                 st, msg, secs = run_one(cluster, state, role, func, call_sql(func, args))
                 outcomes.append(Outcome(role or "postgres", func, param, label, st, msg, secs, args))
