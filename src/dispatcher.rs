@@ -92,6 +92,17 @@ unsafe extern "C-unwind" fn clear_slot_pid(_code: std::ffi::c_int, arg: pg_sys::
     }
 }
 
+/// Why a dispatcher could not start (it says so and exits; the launcher tries again).
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot start the HTTP runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Client(#[from] http::ClientError),
+    #[error("cannot create the wake-up eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
 /// Logs each kind of recurring warning at most once per `WARN_EVERY`.
 #[derive(Default)]
 struct Warnings {
@@ -134,15 +145,14 @@ struct Dispatcher {
 }
 
 impl Dispatcher {
-    fn new(slot: Option<&'static Slot>) -> Result<Dispatcher, String> {
-        let runtime =
-            http::new_runtime(2).map_err(|e| format!("cannot start the HTTP runtime: {e}"))?;
+    fn new(slot: Option<&'static Slot>) -> Result<Dispatcher, StartError> {
+        let runtime = http::new_runtime(2).map_err(StartError::Runtime)?;
         let http_settings = delivery::http_settings();
         let client = HttpClient::new(&http_settings)?;
         // SAFETY: plain syscall; a nonblocking eventfd that request tasks bump.
         let eventfd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if eventfd < 0 {
-            return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+            return Err(StartError::EventFd(std::io::Error::last_os_error()));
         }
         let (done_tx, done_rx) = channel();
         if let Some(slot) = slot {
