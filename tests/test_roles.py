@@ -92,6 +92,15 @@ FUNCTIONS = """
 """
 
 
+# What LISTEN queue_ext_events delivers about bob's jobs: NOTIFY has no privileges, so every
+# role that can connect, ours or not, hears every job's id, queue, state and error.
+EVENTS = """
+| channel                | producer | worker | admin | none |
+|------------------------|----------|--------|-------|------|
+| queue_ext_events       | all      | all    | all   | all  |
+"""
+
+
 def parse(table: str) -> dict[str, dict[str, str]]:
     rows = [r.strip().strip("|").split("|") for r in table.strip().splitlines()[2:]]
     return {cells[0].strip(): dict(zip(COLUMNS, (c.strip() for c in cells[1:]))) for cells in rows}
@@ -397,3 +406,29 @@ def test_delivery_log_and_errors_carry_no_credentials(cluster):
                 leaks.append(f"{where}: {text[:200]!r}")
     assert not leaks, "credentials readable by non-admins:\n" + "\n".join(leaks)
     assert all("127.0.0.1" in d[1] for d in deliveries), "the logged URL still names the endpoint"
+
+
+def test_event_channel_matrix(cluster):
+    expected = parse(EVENTS)["queue_ext_events"]
+    print("\n" + EVENTS.strip())
+    listeners = {col: connect(cluster, login) for col, login in WHO.items()}
+    try:
+        for conn in listeners.values():
+            conn.execute("LISTEN queue_ext_events")
+        with connect(cluster, "bob") as bob, connect(cluster, "wendy") as w:
+            job = bob.execute("SELECT queue_ext.enqueue_job('work', '{}', priority => 'critical')").fetchone()[0]
+            got, tok = w.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('work', 'w')").fetchone()
+            assert got == job
+            w.execute("SELECT queue_ext.fail_job(%s, 'card 4242 declined', %s)", [job, tok])
+        bad = []
+        for col, conn in listeners.items():
+            heard = [n.payload for n in conn.notifies(timeout=0.5) if str(job) in n.payload]
+            seen = "all" if heard else "-"
+            if col == "none":
+                print("a role with none of ours hears:", *heard, sep="\n  ")
+            if seen != expected[col]:
+                bad.append(f"queue_ext_events as {col}: hears {seen} ({heard[:3]}), want {expected[col]}")
+        assert not bad, "\n".join(bad)
+    finally:
+        for conn in listeners.values():
+            conn.close()
