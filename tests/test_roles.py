@@ -331,6 +331,15 @@ def test_nobody_forges_a_callback(cluster):
         if state != "42501":
             bad.append(f"alice via enqueue_trigger('queue_ext.callbacks'): {state or 'accepted'} {msg}")
     with cluster.connect() as su:
+        su.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+        su.execute("GRANT USAGE ON SCHEMA cron TO adam")
+    with connect(cluster, "adam") as adam:
+        state, msg = error_of(adam, "SELECT queue_ext.schedule_job('forge', '* * * * *', 'queue_ext.callbacks', %s)", [forged])
+        if state != "42501":
+            bad.append(f"adam via schedule_job('queue_ext.callbacks'): {state or 'accepted'} {msg}")
+        # The same call into a queue of his own works: the refusal is about the queue.
+        assert error_of(adam, "SELECT queue_ext.schedule_job('fine', '* * * * *', 'work', %s)", [forged]) == (None, "")
+    with cluster.connect() as su:
         after = su.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = 'queue_ext.callbacks'").fetchone()[0]
         su.execute("DROP TABLE public.forge")
     assert after == before
