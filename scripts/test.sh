@@ -21,6 +21,10 @@ cargo clippy --all-targets --features pg_test -- -D warnings
 
 step "2/6 cargo pgrx test (unit and in-database tests)"
 pgdata=/tmp/queue_ext_pgrx_test
+# cargo pgrx test writes the library in place: give the path a new inode first, so that a
+# server already running here keeps the file it mapped (why scripts/install.sh renames).
+lib=$(/usr/lib/postgresql/15/bin/pg_config --pkglibdir)/queue_ext.so
+if [ -f "$lib" ]; then cp -p "$lib" "$lib.new.$$" && mv -f "$lib.new.$$" "$lib"; fi
 rm -rf "$pgdata"  # pgrx runs initdb itself (as postgres, in world-writable /tmp)
 cargo pgrx test pg15 --runas postgres --pgdata "$pgdata"
 

@@ -146,5 +146,5 @@ fn purge_jobs_and_dead_letters_apply_retention() {
     );
     assert_eq!(one::<i64>("SELECT queue_ext.purge_dead_letter('1 day')"), 0);
     assert_eq!(one::<i64>("SELECT queue_ext.purge_dead_letter(queue_name => 'q')"), 1);
-    assert_error("SELECT queue_ext.purge_jobs(NULL)", "22023", "older_than");
+    assert_error("SELECT queue_ext.purge_jobs(NULL)", "22004", "older_than must not be null");
 }

@@ -97,7 +97,7 @@ fn producers_cancel_only_their_own_jobs() {
     let mine = enqueue("q", "{}");
     run("RESET ROLE");
     run("SET LOCAL ROLE qe_p2");
-    assert_error(&format!("SELECT queue_ext.cancel_job('{mine}')"), "55000", "cannot cancel");
+    assert_error(&format!("SELECT queue_ext.cancel_job('{mine}')"), "42501", "does not exist or belongs to another role");
     run("RESET ROLE");
     run("SET LOCAL ROLE qe_p1");
     assert_eq!(one::<String>(&format!("SELECT queue_ext.cancel_job('{mine}')::text")), "cancelled");
