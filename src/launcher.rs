@@ -111,6 +111,20 @@ struct Tracked {
     recheck: bool,
 }
 
+impl Tracked {
+    fn new(slot: usize, now: Instant) -> Tracked {
+        Tracked {
+            slot,
+            handle: None,
+            next_start: now,
+            restart_delay: FIRST_RESTART_DELAY,
+            started: now,
+            warned: false,
+            recheck: false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Launcher {
     databases: HashMap<u32, Tracked>,
@@ -125,18 +139,7 @@ impl Launcher {
         for (index, slot) in slots.iter().enumerate() {
             let oid = slot.db_oid.load(Ordering::Relaxed);
             if oid != 0 {
-                launcher.databases.insert(
-                    oid,
-                    Tracked {
-                        slot: index,
-                        handle: None,
-                        next_start: now,
-                        restart_delay: FIRST_RESTART_DELAY,
-                        started: now,
-                        warned: false,
-                        recheck: false,
-                    },
-                );
+                launcher.databases.insert(oid, Tracked::new(index, now));
             }
         }
         launcher
@@ -188,15 +191,7 @@ impl Launcher {
                 // that had the slot before.
                 slots[index].set_state(SlotState::Free);
                 slots[index].hold_until_ms.store(0, Ordering::Release);
-                entry.insert(Tracked {
-                    slot: index,
-                    handle: None,
-                    next_start: now,
-                    restart_delay: FIRST_RESTART_DELAY,
-                    started: now,
-                    warned: false,
-                    recheck: false,
-                });
+                entry.insert(Tracked::new(index, now));
             }
             let t = self.databases.get_mut(&oid).expect("inserted above");
             let slot = &slots[t.slot];
