@@ -47,7 +47,25 @@ pub extern "C-unwind" fn queue_ext_dispatcher_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(oid)), None);
     let slot = wakeup::slots().map(|s| &s[index]);
-    if slot.is_some() {
+    if let Some(slot) = slot {
+        // One dispatcher per database: a restarted launcher may have started this one while
+        // the earlier one was still coming up.
+        // SAFETY: reading this process's pid.
+        let me = unsafe { pg_sys::MyProcPid };
+        loop {
+            let other = slot.pid.load(Ordering::Acquire);
+            // SAFETY: signal 0 only checks that the process exists.
+            if other != 0 && other != me && unsafe { libc::kill(other, 0) } == 0 {
+                return;
+            }
+            if slot
+                .pid
+                .compare_exchange(other, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break;
+            }
+        }
         // SAFETY: registering a plain callback; it runs once, as this process exits.
         unsafe { pg_sys::before_shmem_exit(Some(clear_slot_pid), pg_sys::Datum::from(index)) };
     }
@@ -88,7 +106,12 @@ pub extern "C-unwind" fn queue_ext_dispatcher_main(arg: pg_sys::Datum) {
 unsafe extern "C-unwind" fn clear_slot_pid(_code: std::ffi::c_int, arg: pg_sys::Datum) {
     let index = arg.value().min(MAX_DISPATCHERS - 1);
     if let Some(slots) = wakeup::slots() {
-        slots[index].pid.store(0, Ordering::Release);
+        // SAFETY: reading this process's pid.
+        let me = unsafe { pg_sys::MyProcPid };
+        // Only our own pid: the slot may belong to another process by now.
+        let _ = slots[index]
+            .pid
+            .compare_exchange(me, 0, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
