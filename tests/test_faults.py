@@ -420,3 +420,11 @@ def test_sql_error_while_recording_is_recorded_on_the_job_and_the_dispatcher_goe
     finally:
         conn.execute("DROP TRIGGER refuse_archive ON queue_ext.job_archive")
         conn.execute("DROP FUNCTION public.refuse_archive()")
+
+
+def test_no_process_crashed(cluster):
+    # Runs last: no fault above may have crashed a process (crash recovery would hide it from
+    # the other assertions, though not from the dispatcher's pid).
+    text = (cluster.dir / "server.log").read_text(errors="replace")
+    crashes = [l for l in text.splitlines() if "terminated by signal" in l or "PANIC:" in l]
+    assert crashes == [], "\n".join(crashes)

@@ -425,3 +425,12 @@ def test_fast_restart_finishes_and_the_dispatcher_is_back(cluster, server):
     cluster.wait_ready()
     wait_dispatcher(cluster, "postgres", not_pid=old, timeout=BACK_WITHIN)
     served(cluster, "postgres", server)
+
+
+def test_no_process_crashed_on_its_own(cluster):
+    # Runs last: over every fault above, the only processes that died by a signal are the
+    # ones the tests killed (SIGKILL); a segfault or an abort anywhere is a bug even when
+    # crash recovery hides it.
+    crashes = [l for l in (cluster.dir / "server.log").read_text(errors="replace").splitlines()
+               if re.search(r"terminated by signal (?!9:)|\bPANIC:", l)]
+    assert crashes == [], "\n".join(crashes)
