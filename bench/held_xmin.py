@@ -102,20 +102,29 @@ def pct(values, q):
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
 
 
+def count(value):
+    return "-" if value is None else f"{value:,}"
+
+
 def ms(value):
     return "-" if value is None else f"{value:.2f}"
 
 
 def table_stats(c, pgstattuple):
+    t = time.perf_counter()
     row = c.execute("""SELECT n_dead_tup, n_live_tup, autovacuum_count, vacuum_count,
                               pg_total_relation_size('queue_ext.job_queue'),
                               (SELECT count(*) FROM queue_ext.job_queue WHERE status IN ('queued', 'retrying')),
                               (SELECT max(age(backend_xmin)) FROM pg_stat_activity)
                        FROM pg_stat_user_tables WHERE relid = 'queue_ext.job_queue'::regclass""").fetchone()
     s = dict(zip(("n_dead_tup", "n_live_tup", "autovacuums", "vacuums", "total_bytes", "backlog", "oldest_xmin_age"), row))
+    s["stats_query_ms"] = round((time.perf_counter() - t) * 1000, 1)
     if pgstattuple:
+        # A full read of the table: its cost is recorded, as it competes with the workers.
+        t = time.perf_counter()
         s["pgstattuple_dead"], s["pgstattuple_live"], s["table_bytes"] = c.execute(
             "SELECT dead_tuple_count, tuple_count, table_len FROM pgstattuple('queue_ext.job_queue')").fetchone()
+        s["pgstattuple_ms"] = round((time.perf_counter() - t) * 1000, 1)
     return s
 
 
@@ -134,8 +143,8 @@ def summarize(windows, label):
             "claim_p50_ms": pct(claims, 0.5), "claim_p99_ms": pct(claims, 0.99), "empty_claim_p50_ms": pct(empty, 0.5),
             "complete_p50_ms": pct(done, 0.5), "complete_p99_ms": pct(done, 0.99),
             "n_dead_tup_end": last["n_dead_tup"], "n_dead_tup_max": max(w["n_dead_tup"] for w in windows),
-            "pgstattuple_dead_end": last.get("pgstattuple_dead"),
-            "pgstattuple_dead_max": max((w.get("pgstattuple_dead") or 0) for w in windows) if "pgstattuple_dead" in last else None,
+            "pgstattuple_dead_last": next((w["pgstattuple_dead"] for w in reversed(windows) if "pgstattuple_dead" in w), None),
+            "pgstattuple_dead_max": max((w["pgstattuple_dead"] for w in windows if "pgstattuple_dead" in w), default=None),
             "total_mb_end": round(last["total_bytes"] / 2**20, 1), "backlog_end": last["backlog"]}
 
 
@@ -148,6 +157,8 @@ def main():
     ap.add_argument("--hold", type=seconds, default=600.0, help="how long the xmin horizon is held, e.g. 10m or 30s")
     ap.add_argument("--after", type=seconds, default=120.0, help="period after the release")
     ap.add_argument("--interval", type=seconds, default=10.0, help="seconds per report line")
+    ap.add_argument("--pgstattuple-every", type=int, default=3,
+                    help="run pgstattuple (a full read of job_queue) every Nth report line; 0: never")
     ap.add_argument("--name", default="soak_xmin", help="cluster directory /tmp/queue_ext_<name>")
     ap.add_argument("--port", type=int, default=55561)
     args = ap.parse_args()
@@ -201,7 +212,8 @@ def run(args, cluster):
             while time.time() < boundary + 1.2:
                 now = time.time()
                 if sampled is None and now >= boundary:
-                    sampled = table_stats(mon, pgstattuple)
+                    sampled = table_stats(mon, pgstattuple and args.pgstattuple_every > 0
+                                          and k % args.pgstattuple_every == 0)
                 if holder is None and hold_at <= now < release_at:
                     holder = psycopg.connect(dsn)  # not autocommit: the SELECT opens the transaction
                     held_xid = holder.execute("SELECT txid_current()").fetchone()[0]
@@ -239,7 +251,7 @@ def run(args, cluster):
             samples.append(w)
             print(f"{w['t']:>6} {w['phase']:<7} {w['completed'] / args.interval:>7.0f} {w['enqueued'] / args.interval:>7.0f} "
                   f"{ms(w['claim_p50_ms']):>9} {ms(w['claim_p99_ms']):>7} {ms(w['empty_claim_p50_ms']):>9} "
-                  f"{w['n_dead_tup']:>10,} {w.get('pgstattuple_dead', '-'):>11,} {w['total_bytes'] / 2**20:>6.1f} "
+                  f"{w['n_dead_tup']:>10,} {count(w.get('pgstattuple_dead')):>11} {w['total_bytes'] / 2**20:>6.1f} "
                   f"{w['backlog']:>8,} {w['oldest_xmin_age'] or 0:>9,}", flush=True)
             k += 1
             if boundary >= end_at - 0.5:
@@ -258,7 +270,7 @@ def run(args, cluster):
     cols = [("phase", "{}"), ("seconds", "{:.0f}"), ("completed_per_s", "{:,.0f}"), ("enqueued_per_s", "{:,.0f}"),
             ("claim_p50_ms", "{}"), ("claim_p99_ms", "{}"), ("empty_claim_p50_ms", "{}"),
             ("complete_p50_ms", "{}"), ("complete_p99_ms", "{}"), ("n_dead_tup_max", "{:,}"),
-            ("pgstattuple_dead_max", "{}"), ("n_dead_tup_end", "{:,}"), ("pgstattuple_dead_end", "{}"),
+            ("pgstattuple_dead_max", "{:,}"), ("n_dead_tup_end", "{:,}"), ("pgstattuple_dead_last", "{:,}"),
             ("total_mb_end", "{}"), ("backlog_end", "{:,}")]
     print("\n| " + " | ".join(c for c, _ in cols) + " |\n|" + "---|" * len(cols))
     for p in phases:
