@@ -18,6 +18,12 @@ BEGIN
     IF TG_LEVEL <> 'ROW' THEN
         RAISE EXCEPTION 'queue_ext.enqueue_trigger must be a FOR EACH ROW trigger' USING ERRCODE = '22023';
     END IF;
+    -- It returns NULL, which in a BEFORE trigger would silently skip the row being written
+    -- while its job is enqueued.
+    IF TG_WHEN <> 'AFTER' THEN
+        RAISE EXCEPTION 'queue_ext.enqueue_trigger must be an AFTER trigger' USING ERRCODE = '22023',
+            HINT = 'CREATE TRIGGER ... AFTER INSERT OR UPDATE OR DELETE ON ... FOR EACH ROW EXECUTE FUNCTION queue_ext.enqueue_trigger(''my_queue'')';
+    END IF;
     PERFORM queue_ext.enqueue_job(TG_ARGV[0], jsonb_build_object(
         'type', TG_OP,
         'table', TG_TABLE_NAME,

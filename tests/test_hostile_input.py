@@ -390,23 +390,46 @@ def test_absurd_settings_are_refused(fuzz):
 
 
 def test_trigger_function_arguments(cluster, fuzz):
-    """enqueue_trigger() takes its arguments from CREATE TRIGGER: hostile ones fail the
-    triggering statement with a clear error, never XX000."""
+    """enqueue_trigger() takes its arguments from CREATE TRIGGER, and its payload from the
+    row: hostile ones fail the writing statement (a producer's) with a clear error, never
+    XX000; the same trigger with a real queue enqueues."""
     bad = []
-    hostile_args = ["", "no-such-queue", "queue_ext.callbacks", "x" * 10000, "fuzzq', 'extra"]
+    triggers = [(f"arg {a!r:.30}", "AFTER INSERT", "FOR EACH ROW", sql.Literal(a))
+                for a in ["", "no-such-queue", "queue_ext.callbacks", "x" * 10000, "fuzzq', 'extra", "fuzzdead"]]
+    triggers += [("no argument", "AFTER INSERT", "FOR EACH ROW", sql.SQL("")),
+                 ("two arguments", "AFTER INSERT", "FOR EACH ROW", sql.SQL("'fuzzq', 'fuzzq'")),
+                 ("statement level", "AFTER INSERT", "FOR EACH STATEMENT", sql.Literal("fuzzq")),
+                 ("before", "BEFORE INSERT", "FOR EACH ROW", sql.Literal("fuzzq")),
+                 ("after truncate", "AFTER TRUNCATE", "FOR EACH STATEMENT", sql.Literal("fuzzq"))]
+    rows = {"1MB row": f"repeat('x', {MB})", "NULL row": "NULL"}
     with cluster.connect() as conn:
-        conn.execute("CREATE TABLE fuzz_t (id int)")
-        for i, arg in enumerate(hostile_args + [None]):
-            try:
-                with conn.transaction(force_rollback=True):
-                    conn.execute("SET LOCAL statement_timeout = '5s'")
-                    args = sql.SQL("") if arg is None else sql.Literal(arg)
-                    conn.execute(sql.SQL("CREATE TRIGGER fuzz_tr AFTER INSERT ON fuzz_t FOR EACH ROW "
-                                         "EXECUTE FUNCTION queue_ext.enqueue_trigger({})").format(args))
-                    conn.execute("INSERT INTO fuzz_t VALUES (1)")
-            except psycopg.Error as e:
-                if e.sqlstate in (None, "XX000", "57014") or not (e.diag.message_primary or "").strip():
-                    bad.append(f"trigger arg {arg!r:.40}: {e.sqlstate} {e.diag.message_primary!r}")
+        conn.execute("CREATE TABLE fuzz_t (v text)")
+        conn.execute("GRANT INSERT, TRUNCATE ON fuzz_t TO fuzz_producer")
+        for label, when, level, args in triggers:
+            for row_label, row in rows.items():
+                try:
+                    with conn.transaction(force_rollback=True):
+                        conn.execute("SET LOCAL statement_timeout = '5s'")
+                        conn.execute(sql.SQL("CREATE TRIGGER fuzz_tr {} ON fuzz_t {} EXECUTE FUNCTION queue_ext.enqueue_trigger({})")
+                                     .format(sql.SQL(when), sql.SQL(level), args))
+                        conn.execute("SET LOCAL ROLE fuzz_producer")
+                        conn.execute("TRUNCATE fuzz_t" if "TRUNCATE" in when else f"INSERT INTO fuzz_t VALUES ({row})")
+                    if label in ("before", "statement level", "after truncate", "no argument"):
+                        # A BEFORE trigger returning NULL would drop the row silently.
+                        bad.append(f"trigger {label}, {row_label}: accepted, want 22023")
+                except psycopg.Error as e:
+                    if e.sqlstate in (None, "XX000", "57014") or e.sqlstate.startswith(("58", "P0")) \
+                            or not (e.diag.message_primary or "").strip():
+                        bad.append(f"trigger {label}, {row_label}: {e.sqlstate} {e.diag.message_primary!r}")
+        # The control: a real queue, a row-level AFTER trigger, the producer writing.
+        with conn.transaction(force_rollback=True):
+            conn.execute("CREATE TRIGGER fuzz_tr AFTER INSERT ON fuzz_t FOR EACH ROW EXECUTE FUNCTION queue_ext.enqueue_trigger('fuzzq')")
+            conn.execute("SET LOCAL ROLE fuzz_producer")
+            conn.execute("INSERT INTO fuzz_t VALUES ('control')")
+            conn.execute("RESET ROLE")
+            assert conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE payload->'record'->>'v' = 'control'"
+                                " AND enqueued_by = 'fuzz_producer'").fetchone()[0] == 1
+        conn.execute("DROP TABLE fuzz_t")
     assert not bad, "\n".join(bad)
 
 

@@ -10,7 +10,6 @@ without a row fails too.
 The cluster does not preload queue_ext: no dispatcher delivers webhook jobs behind the test's
 back, so what a catch-all SQL worker is handed is what the claim itself decides."""
 import http.server
-import re
 import threading
 import uuid
 
