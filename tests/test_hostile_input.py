@@ -9,7 +9,9 @@ never a crash (the connection survives, the server log has no "terminated by sig
 never a hang (a 5 s statement_timeout), never an empty message. Every call runs in its own
 transaction and is rolled back, so the fixture stays as built. All violations are listed
 together at the end, one line each: role, function, parameter, value, outcome."""
+import http.server
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -17,7 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgcluster import Cluster
+from pgcluster import Cluster, dispatcher_pid, wait_for
 
 STATEMENT_TIMEOUT = "5s"
 ROLES = ("queue_ext_producer", "queue_ext_worker", "queue_ext_admin")
@@ -148,7 +150,7 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("fuzz", 55541, ["max_connections = 50"])
+    c = Cluster("fuzz", 55541, ["max_connections = 50", "queue_ext.http_allowlist = '127.0.0.1'"])
     c.start(fresh=True)
     yield c
     c.stop()
@@ -510,6 +512,66 @@ def test_accepted_values_do_not_break_later_work(cluster, fuzz):
     print(f"\n{len(accepted)} accepted values committed and worked through; slow steps:")
     print("\n".join(slow[:20]))
     assert not bad, f"{len(bad)} accepted values broke later work:\n" + "\n".join(bad)
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """Answers 200 to anything, counting the requests."""
+    count = 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        Receiver.count += 1
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_accepted_payloads_are_delivered(cluster, fuzz):
+    """Every enqueue the fuzz saw accepted, committed into a webhook queue: the dispatcher
+    delivers each job that is due (1 MB and 10,000-deep payloads, odd keys and priorities
+    included) and survives all of them, the same process throughout."""
+    accepted = [o for o in fuzz["outcomes"] if o.sqlstate is None and o.role == "postgres"
+                and o.func.name in ("enqueue_job", "enqueue_jobs") and o.param != "queue_name"
+                and str(BIG) not in o.label]
+    assert len(accepted) > 20
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 55546), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bad = []
+    try:
+        with cluster.connect() as conn:
+            conn.execute("SELECT queue_ext.create_queue('fuzzdeliver', webhook_url => 'http://127.0.0.1:55546/in', "
+                         "max_attempts => 2, backoff_base => '0')")
+            before = dispatcher_pid(conn)
+            assert before, "a dispatcher serves the fuzz database"
+            for o in accepted:
+                args = dict(o.args, queue_name="'fuzzdeliver'")
+                try:
+                    conn.execute(call_sql(o.func, args))
+                except psycopg.Error as e:
+                    bad.append(f"{describe(o)}\n      then committed into a webhook queue: {e.sqlstate} {e.diag.message_primary!r}")
+
+            def settled():
+                return conn.execute("""SELECT count(*) = 0 FROM queue_ext.job_queue WHERE queue_name = 'fuzzdeliver'
+                                       AND run_at <= now() AND status IN ('queued', 'retrying', 'running')""").fetchone()[0]
+            try:
+                wait_for(settled, timeout=30, what="every due job of fuzzdeliver delivered")
+            except AssertionError as e:
+                stuck = conn.execute("""SELECT id, status::text, attempt, left(last_error, 120) FROM queue_ext.job_queue
+                                        WHERE queue_name = 'fuzzdeliver' AND run_at <= now()""").fetchall()
+                bad.append(f"{e}: {stuck[:10]}")
+            delivered = conn.execute("SELECT count(*) FROM queue_ext.job_archive WHERE queue_name = 'fuzzdeliver' AND status = 'completed'").fetchone()[0]
+            dead = conn.execute("SELECT id, reason FROM queue_ext.job_dead_letter WHERE queue_name = 'fuzzdeliver'").fetchall()
+            bad += [f"dead letter {d[0]}: {d[1]}" for d in dead]
+            if dispatcher_pid(conn) != before:
+                bad.append(f"the dispatcher changed: pid {before} -> {dispatcher_pid(conn)}")
+            print(f"\n{len(accepted)} accepted enqueues; {delivered} jobs delivered, {Receiver.count} requests received")
+            assert delivered > 20 and Receiver.count >= delivered
+    finally:
+        server.shutdown()
+    assert not bad, "\n".join(bad)
 
 
 def test_print_summary(fuzz):
