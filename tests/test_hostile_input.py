@@ -532,7 +532,8 @@ class Receiver(http.server.BaseHTTPRequestHandler):
 def test_accepted_payloads_are_delivered(cluster, fuzz):
     """Every enqueue the fuzz saw accepted, committed into a webhook queue: the dispatcher
     delivers each job that is due (1 MB and 10,000-deep payloads, odd keys and priorities
-    included) and survives all of them, the same process throughout."""
+    included) and survives all of them, the same process throughout. The same for every
+    accepted result and error, sent on as callbacks."""
     accepted = [o for o in fuzz["outcomes"] if o.sqlstate is None and o.role == "postgres"
                 and o.func.name in ("enqueue_job", "enqueue_jobs") and o.param != "queue_name"
                 and str(BIG) not in o.label]
@@ -569,6 +570,40 @@ def test_accepted_payloads_are_delivered(cluster, fuzz):
                 bad.append(f"the dispatcher changed: pid {before} -> {dispatcher_pid(conn)}")
             print(f"\n{len(accepted)} accepted enqueues; {delivered} jobs delivered, {Receiver.count} requests received")
             assert delivered > 20 and Receiver.count >= delivered
+
+            # Callbacks carry what workers report: every accepted result and error, as a
+            # completion or a failure of a job of a queue with a callback_url.
+            reports = [o for o in fuzz["outcomes"] if o.sqlstate is None and o.role == "postgres"
+                       and (o.func.name, o.param) in (("complete_job", "result"), ("fail_job", "error"))]
+            assert len(reports) > 5
+            conn.execute("SELECT queue_ext.create_queue('fuzzcb', callback_url => 'http://127.0.0.1:55546/cb')")
+            received = Receiver.count
+            for o in reports:
+                job = conn.execute("SELECT queue_ext.enqueue_job('fuzzcb', '{}')").fetchone()[0]
+                got, token = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('fuzzcb', 'fuzz')").fetchone()
+                assert got == job
+                args = dict(o.args, job_id=f"'{job}'::uuid", lease_token=f"'{token}'::uuid")
+                if o.func.name == "fail_job":
+                    args["permanent"] = "true"
+                try:
+                    conn.execute(call_sql(o.func, args))
+                except psycopg.Error as e:
+                    bad.append(f"{describe(o)}\n      then committed on a queue with callbacks: {e.sqlstate} {e.diag.message_primary!r}")
+
+            def callbacks_sent():
+                return conn.execute("""SELECT count(*) = 0 FROM queue_ext.job_queue WHERE queue_name = 'queue_ext.callbacks'
+                                       AND status IN ('queued', 'retrying', 'running')""").fetchone()[0]
+            try:
+                wait_for(callbacks_sent, timeout=30, what="every callback sent")
+            except AssertionError as e:
+                bad.append(str(e))
+            dead = conn.execute("SELECT id, reason FROM queue_ext.job_dead_letter WHERE queue_name = 'queue_ext.callbacks'").fetchall()
+            bad += [f"callback dead-lettered {d[0]}: {d[1]}" for d in dead]
+            print(f"{len(reports)} accepted results and errors; {Receiver.count - received} callbacks received")
+            if Receiver.count - received < len(reports):
+                bad.append(f"{len(reports)} jobs finished on a queue with a callback_url, {Receiver.count - received} callbacks received")
+            if dispatcher_pid(conn) != before:
+                bad.append(f"the dispatcher changed: pid {before} -> {dispatcher_pid(conn)}")
     finally:
         server.shutdown()
     assert not bad, "\n".join(bad)
