@@ -187,13 +187,30 @@ pub fn record_isolated(outcomes: &[Outcome]) -> Vec<String> {
             ));
             continue;
         }
+        let reason = format!("{}: recording the outcome failed: {error}", o.outcome);
         let buried = db::isolated(|| {
             Spi::get_one_with_args::<String>(
                 "SELECT queue_ext._fail($1::uuid, $2, $3::uuid, true, NULL)::text",
                 &[
                     o.job_id.as_str().into(),
-                    format!("{}: recording the outcome failed: {error}", o.outcome).into(),
+                    reason.as_str().into(),
                     o.lease_token.as_str().into(),
+                ],
+            )
+        });
+        // The attempt still belongs in the delivery log (without what came back).
+        let _ = db::isolated(|| {
+            Spi::run_with_args(
+                "INSERT INTO queue_ext.webhook_deliveries (job_id, queue_name, attempt, url, outcome, \
+                 status_code, error, duration_ms) VALUES ($1::uuid, $2, $3, $4, 'failed', $5, $6, $7)",
+                &[
+                    o.job_id.as_str().into(),
+                    o.queue_name.as_str().into(),
+                    o.attempt.into(),
+                    o.url.as_str().into(),
+                    o.status_code.map(i32::from).into(),
+                    reason.as_str().into(),
+                    o.duration_ms.into(),
                 ],
             )
         });

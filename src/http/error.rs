@@ -66,8 +66,8 @@ pub enum DeliveryError {
     /// the query and it names a target; the redacted form is in the delivery's headers.
     #[error("HTTP {status}: redirect not followed ({})", if *.following { "no usable Location header" } else { "the queue's webhook_follow_redirects is off" })]
     Redirected { status: StatusCode, following: bool },
-    /// The status line arrived, then the body failed: the endpoint may or may not have
-    /// finished, so only a status that is final anyway stays final.
+    /// The status line arrived, then the body failed: the status decides (a 2xx is a
+    /// delivery, with this as a note), the body is kept as far as it came.
     #[error("HTTP {status}, then reading the response body {cause}")]
     Body {
         status: StatusCode,
@@ -97,16 +97,16 @@ pub fn status_kind(status: StatusCode) -> &'static str {
 }
 
 impl DeliveryError {
-    /// The one mapping to what is recorded: (`retry` | `failed`, message).
+    /// The one mapping to what is recorded: (`retry` | `failed`, or `delivered` for a 2xx
+    /// whose body broke afterwards; message).
     pub fn verdict(&self) -> (&'static str, String) {
         use DeliveryError::*;
         let kind = match self {
             Timeout(_) | ConnectTimeout | Connect(_) | Transport(_) => "retry",
             Status(s) => status_kind(*s),
-            Body { status, .. } => match status_kind(*status) {
-                "failed" => "failed",
-                _ => "retry",
-            },
+            // The status is the receiver's answer: a 2xx acknowledged the webhook, so a body
+            // that breaks afterwards does not make it sent again; a final 4xx stays final.
+            Body { status, .. } => status_kind(*status),
             NoUrl
             | InvalidUrl(_)
             | Scheme
@@ -355,13 +355,18 @@ mod unit {
             ),
             (
                 Body { status: s(200), cause: BodyFailure::Timeout(300) },
-                "retry",
+                "delivered",
                 "HTTP 200 OK, then reading the response body timed out after 300 ms",
             ),
             (
                 Body { status: s(404), cause: BodyFailure::Broken("reset".into()) },
                 "failed",
                 "HTTP 404 Not Found, then reading the response body failed: reset",
+            ),
+            (
+                Body { status: s(503), cause: BodyFailure::Broken("reset".into()) },
+                "retry",
+                "HTTP 503 Service Unavailable, then reading the response body failed: reset",
             ),
             (Refused(super::Refused::Address), "failed", "SSRF guard refused the target"),
             (Redirect(RedirectRefused::Scheme), "failed", "redirect refused: redirect to a URL whose scheme"),
