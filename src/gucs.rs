@@ -38,7 +38,8 @@ pub fn init() {
         &MAX_PAYLOAD_BYTES,
         1,
         i32::MAX,
-        GucContext::Userset,
+        // A limit that protects the server: a producer must not lift it for its own session.
+        GucContext::Suset,
         GucFlags::UNIT_BYTE,
     );
     GucRegistry::define_string_guc(

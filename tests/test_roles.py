@@ -440,3 +440,25 @@ def test_event_channel_matrix(cluster):
     finally:
         for conn in listeners.values():
             conn.close()
+
+
+def test_no_role_of_ours_lifts_the_payload_limit(cluster):
+    """queue_ext.max_payload_bytes protects the server: only a superuser may change it. A role
+    of ours either cannot set it (42501) or, when it was set before the library was loaded,
+    the value is dropped at load: a 2 MB payload is refused (54000) all the same."""
+    big = "SELECT queue_ext.enqueue_job('work', jsonb_build_object('blob', repeat('x', 2000000)))"
+    for login in ("alice", "adam"):
+        for loaded_first in (False, True):
+            with connect(cluster, login) as conn:
+                if loaded_first:
+                    conn.execute("SELECT queue_ext.uuid_generate_v7()")
+                try:
+                    with conn.transaction(force_rollback=True):
+                        conn.execute("SET LOCAL queue_ext.max_payload_bytes = '100MB'")
+                        conn.execute(big)
+                    raise AssertionError(f"{login} lifted queue_ext.max_payload_bytes and enqueued 2 MB")
+                except psycopg.Error as e:
+                    assert e.sqlstate in ("42501", "54000"), (login, loaded_first, e.sqlstate, str(e))
+    with cluster.connect() as su:
+        su.execute("SELECT queue_ext.uuid_generate_v7()")
+        assert error_of(su, "SET LOCAL queue_ext.max_payload_bytes = '100MB'; " + big) == (None, "")
