@@ -138,10 +138,13 @@ BEGIN
     WHERE status IN ('queued', 'retrying') AND run_at <= now();
     SELECT count(*) INTO stale_workers FROM queue_ext.worker_health() AS w WHERE NOT w.healthy;
 
-    IF dispatcher.state = 'not_preloaded' THEN
+    IF dispatcher.state IN ('not_preloaded', 'not_listed') THEN
+        -- No dispatcher by configuration: only a problem when webhook work waits for one.
         IF webhook_backlog > 0 THEN
             failing := true;
-            reasons := reasons || format('%s webhook jobs due but no dispatcher (queue_ext is not in shared_preload_libraries); use process_jobs()', webhook_backlog);
+            reasons := reasons || format('%s webhook jobs due but no dispatcher (%s); use process_jobs()', webhook_backlog,
+                                         CASE dispatcher.state WHEN 'not_listed' THEN 'this database is not in queue_ext.database'
+                                              ELSE 'queue_ext is not in shared_preload_libraries' END);
         END IF;
     ELSIF dispatcher.state = 'starting' THEN
         IF webhook_backlog > 0 THEN

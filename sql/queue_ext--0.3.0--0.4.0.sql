@@ -1139,10 +1139,13 @@ BEGIN
     WHERE status IN ('queued', 'retrying') AND run_at <= now();
     SELECT count(*) INTO stale_workers FROM queue_ext.worker_health() AS w WHERE NOT w.healthy;
 
-    IF dispatcher.state = 'not_preloaded' THEN
+    IF dispatcher.state IN ('not_preloaded', 'not_listed') THEN
+        -- No dispatcher by configuration: only a problem when webhook work waits for one.
         IF webhook_backlog > 0 THEN
             failing := true;
-            reasons := reasons || format('%s webhook jobs due but no dispatcher (queue_ext is not in shared_preload_libraries); use process_jobs()', webhook_backlog);
+            reasons := reasons || format('%s webhook jobs due but no dispatcher (%s); use process_jobs()', webhook_backlog,
+                                         CASE dispatcher.state WHEN 'not_listed' THEN 'this database is not in queue_ext.database'
+                                              ELSE 'queue_ext is not in shared_preload_libraries' END);
         END IF;
     ELSIF dispatcher.state = 'starting' THEN
         IF webhook_backlog > 0 THEN
@@ -1175,6 +1178,34 @@ BEGIN
             'oldest_runnable_seconds', coalesce(extract(epoch FROM oldest)::numeric(12, 1), 0),
             'stale_workers', stale_workers, 'webhook_backlog', webhook_backlog),
         'at', now());
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.enqueue_trigger() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_NARGS < 1 THEN
+        RAISE EXCEPTION 'queue_ext.enqueue_trigger needs the queue name as its argument'
+            USING ERRCODE = '22023', HINT = 'EXECUTE FUNCTION queue_ext.enqueue_trigger(''my_queue'')';
+    END IF;
+    IF TG_LEVEL <> 'ROW' THEN
+        RAISE EXCEPTION 'queue_ext.enqueue_trigger must be a FOR EACH ROW trigger' USING ERRCODE = '22023';
+    END IF;
+    -- It returns NULL, which in a BEFORE trigger would silently skip the row being written
+    -- while its job is enqueued.
+    IF TG_WHEN <> 'AFTER' THEN
+        RAISE EXCEPTION 'queue_ext.enqueue_trigger must be an AFTER trigger' USING ERRCODE = '22023',
+            HINT = 'CREATE TRIGGER ... AFTER INSERT OR UPDATE OR DELETE ON ... FOR EACH ROW EXECUTE FUNCTION queue_ext.enqueue_trigger(''my_queue'')';
+    END IF;
+    PERFORM queue_ext.enqueue_job(TG_ARGV[0], jsonb_build_object(
+        'type', TG_OP,
+        'table', TG_TABLE_NAME,
+        'schema', TG_TABLE_SCHEMA,
+        'record', CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE to_jsonb(NEW) END,
+        'old_record', CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE to_jsonb(OLD) END));
+    RETURN NULL;
 END
 $$;
 

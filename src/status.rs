@@ -108,6 +108,22 @@ fn rows() -> Vec<Row> {
         served_here |= oid == here;
         rows.push(row(slot, name));
     }
+    // Databases queue_ext.database names that do not exist: said here, not in the log.
+    for name in crate::gucs::databases() {
+        let Ok(cname) = std::ffi::CString::new(name.as_str()) else {
+            continue;
+        };
+        // SAFETY: a catalog lookup by name; missing_ok, so an unknown name gives InvalidOid.
+        if unsafe { pg_sys::get_database_oid(cname.as_ptr(), true) } == pg_sys::InvalidOid {
+            let mut missing = Row::missing(
+                0,
+                "no_database",
+                "queue_ext.database names it, but no such database exists".into(),
+            );
+            missing.database = name;
+            rows.push(missing);
+        }
+    }
     if !served_here {
         let names = crate::gucs::databases();
         let (state, detail) = if shared.launcher_pid.load(Ordering::Acquire) == 0 {

@@ -306,6 +306,12 @@ def test_queue_ext_database_limits_the_served_databases_and_a_missing_one_is_qui
             assert after == before, "log lines for a missing database:\n" + "\n".join(after[len(before):])
             served(cluster, "postgres", server)
             assert not dispatchers(cluster, "limited")
+            # Quiet in the log, but said where an operator looks.
+            states = dict(conn.execute("SELECT database, state FROM queue_ext.dispatcher_status()").fetchall())
+            assert states.get("nosuchdb") == "no_database", states
+            with cluster.connect(dbname="limited") as there:
+                health = there.execute("SELECT queue_ext.health()").fetchone()[0]
+            assert health["checks"]["dispatcher"]["state"] == "not_listed", health
         finally:
             conn.execute("ALTER SYSTEM RESET queue_ext.database")
             conn.execute("SELECT pg_reload_conf()")
