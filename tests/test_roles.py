@@ -47,6 +47,7 @@ TABLES = """
 | rate_limits            | -        | all    | all   | -    |
 | concurrency_limits     | -        | all    | all   | -    |
 """
+# No role of ours may INSERT, UPDATE, DELETE or TRUNCATE any of them (nor use a sequence).
 
 # EXECUTE (every overload of the name). x: allowed; -: 42501.
 FUNCTIONS = """
@@ -88,6 +89,7 @@ FUNCTIONS = """
 | remove_rate_limit      | -        | -      | x     | -    |
 | set_concurrency_limit  | -        | -      | x     | -    |
 | max_payload_bytes      | -        | -      | -     | -    |
+| _* (internal helpers)  | -        | -      | -     | -    |
 """
 
 
@@ -204,6 +206,21 @@ def test_table_matrix(cluster, jobs):
     assert objects == set(expected), (f"tables/views without a row in TABLES: {sorted(objects - set(expected))}; "
                                       f"rows for nothing: {sorted(set(expected) - objects)}")
     bad = []
+    # Writes go through the functions only: no role of ours holds a write privilege on any
+    # table, view or sequence of the schema.
+    with cluster.connect() as su:
+        writes = su.execute(
+            """SELECT c.relname, r.rolname, p.priv FROM pg_class c CROSS JOIN pg_roles r
+                CROSS JOIN unnest(ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']) AS p(priv)
+                WHERE c.relnamespace = 'queue_ext'::regnamespace AND c.relkind IN ('r', 'v', 'p', 'm', 'f')
+                  AND r.rolname = ANY(%s) AND has_table_privilege(r.oid, c.oid, p.priv)
+               UNION ALL
+               SELECT c.relname, r.rolname, 'USAGE/UPDATE' FROM pg_class c CROSS JOIN pg_roles r
+                WHERE c.relnamespace = 'queue_ext'::regnamespace AND c.relkind = 'S'
+                  AND r.rolname = ANY(%s) AND has_sequence_privilege(r.oid, c.oid, 'USAGE, UPDATE')""",
+            [list(WHO.values()), list(WHO.values())]).fetchall()
+    bad += [f"{table} as {login}: {priv} granted, want none (writes go through the functions)"
+            for table, login, priv in writes]
     for col, login in WHO.items():
         with connect(cluster, login) as conn:
             for table, cells in expected.items():
@@ -235,7 +252,7 @@ def test_function_matrix(cluster):
             """SELECT p.oid, p.proname, p.oid::regprocedure::text, p.prorettype = 'trigger'::regtype,
                       ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, i) ORDER BY i)
                  FROM pg_proc p WHERE p.pronamespace = 'queue_ext'::regnamespace AND p.proname !~ '^_'""").fetchall()
-        names = {f[1] for f in funcs}
+        names = {f[1] for f in funcs} | {"_* (internal helpers)"}
         assert names == set(expected), (f"functions without a row in FUNCTIONS: {sorted(names - set(expected))}; "
                                         f"rows for nothing: {sorted(set(expected) - names)}")
         bad = []
@@ -245,6 +262,13 @@ def test_function_matrix(cluster):
                 has = su.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')", [login, oid]).fetchone()[0]
                 if has != want:
                     bad.append(f"{sig} as {col}: EXECUTE {'granted' if has else 'denied'}, want {'granted' if want else 'denied'}")
+        # Internal helpers (the dispatcher's claim and record among them) are the owner's only.
+        internal = su.execute(
+            """SELECT p.oid::regprocedure::text, r.rolname FROM pg_proc p CROSS JOIN pg_roles r
+                WHERE p.pronamespace = 'queue_ext'::regnamespace AND p.proname ~ '^_'
+                  AND r.rolname = ANY(%s) AND has_function_privilege(r.oid, p.oid, 'EXECUTE')""",
+            [list(WHO.values())]).fetchall()
+        bad += [f"{sig} as {login}: EXECUTE granted, want denied (internal)" for sig, login in internal]
     # Denied cells, called for real: 42501 before any argument is looked at.
     for col, login in WHO.items():
         with connect(cluster, login) as conn:
