@@ -52,6 +52,12 @@ BEGIN
     IF enqueue_job.rate_limit_key IS NOT NULL OR enqueue_job.concurrency_key IS NOT NULL THEN
         PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
     END IF;
+    -- The key is indexed (job_queue_dedupe_idx): a longer one fails inside the index with a
+    -- message about index rows instead.
+    IF octet_length(enqueue_job.dedupe_key) > 1000 THEN
+        RAISE EXCEPTION 'dedupe_key must be at most 1000 bytes (got %)', octet_length(enqueue_job.dedupe_key)
+            USING ERRCODE = '22023';
+    END IF;
     IF enqueue_job.depends_on IS NOT NULL AND cardinality(enqueue_job.depends_on) > 0 THEN
         SELECT w.state, w.blocked_by INTO initial, blocked_by
         FROM queue_ext._dependency_state(new_id, enqueue_job.depends_on) AS w;
@@ -665,7 +671,9 @@ AS $$
 DECLARE
     j queue_ext.job_queue;
     q queue_ext.queues;
-    message text := coalesce(_fail.error, 'unknown error');
+    -- Bounded: every attempt's error is kept in the row (errors), its history and its
+    -- callback, so an unbounded one let a worker grow a job by megabytes per retry.
+    message text := left(coalesce(_fail.error, 'unknown error'), 10000);
     failure jsonb;
 BEGIN
     PERFORM queue_ext._check_interval('retry_in', _fail.retry_in, '0', '100 years');

@@ -104,7 +104,8 @@ CRON = [("cron: words", "'not a cron'"), ("cron: 61st minute", "'61 * * * *'"),
 URLS = [("url: no host", "'http://'"), ("url: ftp", "'ftp://example.com/'"),
         ("url: javascript", "'javascript:alert(1)'"), ("url: hex ip", "'http://0x7f000001/'"),
         ("url: creds", "'http://user:pass@example.com/?token=x'")]
-EXTRA_BY_NAME = {"schedule": CRON, "webhook_url": URLS, "callback_url": URLS,
+EXTRA_BY_NAME = {"dedupe_key": [("3 kB random", "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 100) g)")],
+                 "schedule": CRON, "webhook_url": URLS, "callback_url": URLS,
                  "webhook_method": [("method: TRACE", "'TRACE'"), ("method: lower", "'post'")],
                  "priority": [("priority: bogus", "'urgent'")]}
 
@@ -373,7 +374,8 @@ def test_no_internal_error_crash_hang_or_empty_message(cluster, fuzz):
         elif o.sqlstate is not None and o.sqlstate[:2] in ("58", "F0", "P0"):
             # P0001: a RAISE without an ERRCODE; 58/F0: system and configuration errors.
             bad.append("SQLSTATE" + describe(o))
-        elif o.sqlstate is not None and (o.sqlstate.startswith("23") or o.sqlstate in ("22003", "22008")):
+        elif o.sqlstate is not None and (o.sqlstate.startswith("23") or o.sqlstate in ("22003", "22008")
+                                         or "index row" in o.message):
             # A table constraint, or an overflow in the function's own arithmetic, caught what
             # a check should have refused with a message naming the argument.
             bad.append("UNCHECKED " + describe(o))
@@ -616,6 +618,23 @@ def test_accepted_payloads_are_delivered(cluster, fuzz):
     finally:
         server.shutdown()
     assert not bad, "\n".join(bad)
+
+
+def test_stored_error_text_is_bounded(cluster, fuzz):
+    """A worker's error is stored with every attempt (the row's errors, its history, its
+    callback): a 1 MB one is cut, so that retries cannot grow a job by megabytes each."""
+    with cluster.connect() as conn:
+        conn.execute("SELECT queue_ext.create_queue('fuzzerrors', backoff_base => '0', max_attempts => 5)")
+        job = conn.execute("SELECT queue_ext.enqueue_job('fuzzerrors', '{}')").fetchone()[0]
+        for _ in range(3):
+            got, token = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('fuzzerrors', 'fuzz')").fetchone()
+            assert got == job
+            conn.execute(f"SELECT queue_ext.fail_job(%s, repeat(md5(random()::text), {MB // 32}), %s)", [job, token])
+        last, errors = conn.execute("SELECT length(last_error), octet_length(errors::text) FROM queue_ext.job_queue "
+                                    "WHERE id = %s", [job]).fetchone()
+        history = conn.execute("SELECT max(length(error)) FROM queue_ext.job_status_history WHERE job_id = %s", [job]).fetchone()[0]
+        assert last <= 10000 and history <= 10000 and errors < 3 * 11000, (last, history, errors)
+        conn.execute("SELECT queue_ext.drop_queue('fuzzerrors', force => true)")
 
 
 def test_print_summary(fuzz):
