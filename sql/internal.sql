@@ -39,7 +39,8 @@ BEGIN
         RAISE EXCEPTION 'queue name must not be null' USING ERRCODE = '22004';
     END IF;
     IF queue_name !~ '^[a-z0-9][a-z0-9_.-]{0,62}$' THEN
-        RAISE EXCEPTION 'invalid queue name "%"', queue_name
+        -- Quoted, but never more than 100 characters of it: the message goes to logs and clients.
+        RAISE EXCEPTION 'invalid queue name "%"', CASE WHEN length(queue_name) > 100 THEN left(queue_name, 100) || '...' ELSE queue_name END
             USING ERRCODE = '22023',
                   HINT = 'Queue names are 1 to 63 characters of a-z, 0-9, "_", "-" and ".", starting with a letter or digit.';
     END IF;
@@ -57,7 +58,8 @@ BEGIN
         IF _queue.queue_name IS NULL THEN
             RAISE EXCEPTION 'queue name must not be null' USING ERRCODE = '22004';
         END IF;
-        RAISE EXCEPTION 'queue "%" does not exist', _queue.queue_name
+        RAISE EXCEPTION 'queue "%" does not exist',
+            CASE WHEN length(_queue.queue_name) > 100 THEN left(_queue.queue_name, 100) || '...' ELSE _queue.queue_name END
             USING ERRCODE = '42704', HINT = 'Create it with queue_ext.create_queue().';
     END IF;
     RETURN q;

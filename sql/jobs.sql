@@ -228,6 +228,11 @@ DECLARE
     q queue_ext.queues := queue_ext._queue(get_next_jobs.queue_name);
     lease_for interval := coalesce(get_next_jobs.lease, q.lease_duration);
 BEGIN
+    IF length(get_next_jobs.worker_id) > 200 THEN
+        -- Stored on the job and in every history row of its claims.
+        RAISE EXCEPTION 'worker_id is % characters, over the limit of 200', length(get_next_jobs.worker_id)
+            USING ERRCODE = '22023';
+    END IF;
     IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
         RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
     END IF;
@@ -310,6 +315,11 @@ DECLARE
     unknown text;
     names text[] := get_next_jobs.queue_names;
 BEGIN
+    IF length(get_next_jobs.worker_id) > 200 THEN
+        -- Stored on the job and in every history row of its claims.
+        RAISE EXCEPTION 'worker_id is % characters, over the limit of 200', length(get_next_jobs.worker_id)
+            USING ERRCODE = '22023';
+    END IF;
     IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
         RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
     END IF;

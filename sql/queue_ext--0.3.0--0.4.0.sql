@@ -57,6 +57,42 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'dispatcher_states_wrapper';
 
 -- Every function whose definition changed or that is new, as in sql/.
+CREATE OR REPLACE FUNCTION queue_ext._check_queue_name(queue_name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF queue_name IS NULL THEN
+        RAISE EXCEPTION 'queue name must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF queue_name !~ '^[a-z0-9][a-z0-9_.-]{0,62}$' THEN
+        -- Quoted, but never more than 100 characters of it: the message goes to logs and clients.
+        RAISE EXCEPTION 'invalid queue name "%"', CASE WHEN length(queue_name) > 100 THEN left(queue_name, 100) || '...' ELSE queue_name END
+            USING ERRCODE = '22023',
+                  HINT = 'Queue names are 1 to 63 characters of a-z, 0-9, "_", "-" and ".", starting with a letter or digit.';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._queue(queue_name text) RETURNS queue_ext.queues
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    q queue_ext.queues;
+BEGIN
+    SELECT * INTO q FROM queue_ext.queues AS t WHERE t.queue_name = _queue.queue_name;
+    IF NOT FOUND THEN
+        IF _queue.queue_name IS NULL THEN
+            RAISE EXCEPTION 'queue name must not be null' USING ERRCODE = '22004';
+        END IF;
+        RAISE EXCEPTION 'queue "%" does not exist',
+            CASE WHEN length(_queue.queue_name) > 100 THEN left(_queue.queue_name, 100) || '...' ELSE _queue.queue_name END
+            USING ERRCODE = '42704', HINT = 'Create it with queue_ext.create_queue().';
+    END IF;
+    RETURN q;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queue_ext._check_interval(what text, value interval, low text, high text) RETURNS void
 LANGUAGE plpgsql STABLE PARALLEL SAFE
 AS $$
@@ -381,6 +417,12 @@ BEGIN
     IF enqueue_job.rate_limit_key IS NOT NULL OR enqueue_job.concurrency_key IS NOT NULL THEN
         PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
     END IF;
+    -- The key is indexed (job_queue_dedupe_idx): a longer one fails inside the index with a
+    -- message about index rows instead.
+    IF octet_length(enqueue_job.dedupe_key) > 1000 THEN
+        RAISE EXCEPTION 'dedupe_key must be at most 1000 bytes (got %)', octet_length(enqueue_job.dedupe_key)
+            USING ERRCODE = '22023';
+    END IF;
     IF enqueue_job.depends_on IS NOT NULL AND cardinality(enqueue_job.depends_on) > 0 THEN
         SELECT w.state, w.blocked_by INTO initial, blocked_by
         FROM queue_ext._dependency_state(new_id, enqueue_job.depends_on) AS w;
@@ -540,6 +582,11 @@ DECLARE
     q queue_ext.queues := queue_ext._queue(get_next_jobs.queue_name);
     lease_for interval := coalesce(get_next_jobs.lease, q.lease_duration);
 BEGIN
+    IF length(get_next_jobs.worker_id) > 200 THEN
+        -- Stored on the job and in every history row of its claims.
+        RAISE EXCEPTION 'worker_id is % characters, over the limit of 200', length(get_next_jobs.worker_id)
+            USING ERRCODE = '22023';
+    END IF;
     IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
         RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
     END IF;
@@ -612,6 +659,11 @@ DECLARE
     unknown text;
     names text[] := get_next_jobs.queue_names;
 BEGIN
+    IF length(get_next_jobs.worker_id) > 200 THEN
+        -- Stored on the job and in every history row of its claims.
+        RAISE EXCEPTION 'worker_id is % characters, over the limit of 200', length(get_next_jobs.worker_id)
+            USING ERRCODE = '22023';
+    END IF;
     IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
         RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
     END IF;
@@ -694,7 +746,9 @@ AS $$
 DECLARE
     j queue_ext.job_queue;
     q queue_ext.queues;
-    message text := coalesce(_fail.error, 'unknown error');
+    -- Bounded: every attempt's error is kept in the row (errors), its history and its
+    -- callback, so an unbounded one let a worker grow a job by megabytes per retry.
+    message text := left(coalesce(_fail.error, 'unknown error'), 10000);
     failure jsonb;
 BEGIN
     PERFORM queue_ext._check_interval('retry_in', _fail.retry_in, '0', '100 years');

@@ -339,3 +339,9 @@ FROM unnest(ARRAY['slow_receiver', 'trust_hook', 'trust_plain', 'trust_dedupe', 
                   'trust_child', 'trust_grandchild']) AS q;
 DROP OWNED BY regress_trust_a, regress_trust_b, regress_trust_worker, regress_trust_admin;
 DROP ROLE regress_trust_a, regress_trust_b, regress_trust_worker, regress_trust_admin;
+
+-- Echoed values are bounded: a 1 MB queue name is quoted in 100 characters, and a worker id
+-- (stored with every claim) is refused beyond 200.
+SELECT queue_ext.enqueue_job(repeat('x', 1000000), '{}');
+SELECT queue_ext.get_next_jobs('queue_ext.callbacks', 1, repeat('w', 201));
+SELECT queue_ext.get_next_jobs(NULL::text[], 1, repeat('w', 201));
