@@ -63,7 +63,7 @@ BEGIN
         PERFORM queue_ext._raise_not_running(update_progress.job_id, update_progress.lease_token, 'update progress of');
     END IF;
     IF (SELECT q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
-        PERFORM queue_ext._notify(j.id, j.queue_name, 'progress', j.attempt, j.progress, NULL);
+        PERFORM queue_ext._notify(j.id, j.queue_name, 'progress', j.attempt, j.progress);
     END IF;
     RETURN j.cancel_requested IS NULL;
 END
@@ -93,7 +93,7 @@ BEGIN
     IF j.status = 'running' THEN
         UPDATE queue_ext.job_queue SET cancel_requested = why WHERE id = j.id;
         IF (SELECT q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
-            PERFORM queue_ext._notify(j.id, j.queue_name, 'cancelling', j.attempt, j.progress, why);
+            PERFORM queue_ext._notify(j.id, j.queue_name, 'cancelling', j.attempt, j.progress);
         END IF;
         RETURN 'running';
     END IF;

@@ -1,24 +1,26 @@
 -- Live events: every state change of a job is published with NOTIFY on the channel
 -- queue_ext_events, as a small JSON object any client can LISTEN for:
---   {"id": ..., "queue": ..., "status": ..., "attempt": ..., "progress": ..., "error": ...}
+--   {"id": ..., "queue": ..., "status": ..., "attempt": ..., "progress": ...}
+-- Postgres lets any role LISTEN on any channel, so an event says only that a job moved:
+-- no error text (a subscriber reads that with job_status(), which checks who may see it).
 -- Status changes come from one place, the audit trail: a statement-level trigger on
 -- job_status_history publishes each inserted row of a queue whose `notify` is on, so no
 -- transition can be missed. NOTIFY is transactional: a rolled-back change publishes nothing.
 
 CREATE FUNCTION queue_ext._notify(job_id uuid, queue_name text, status text, attempt integer,
-                                  progress real, error text) RETURNS void
+                                  progress real) RETURNS void
 LANGUAGE sql VOLATILE
 AS $$
     SELECT pg_notify('queue_ext_events', json_build_object(
         'id', job_id, 'queue', queue_name, 'status', status, 'attempt', attempt,
-        'progress', progress, 'error', left(error, 200))::text)
+        'progress', progress)::text)
 $$;
 
 CREATE FUNCTION queue_ext._publish_transitions() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    PERFORM queue_ext._notify(t.job_id, t.queue_name, t.to_status::text, t.attempt, NULL, t.error)
+    PERFORM queue_ext._notify(t.job_id, t.queue_name, t.to_status::text, t.attempt, NULL)
     FROM transitions AS t
     JOIN queue_ext.queues AS q ON q.queue_name = t.queue_name
     WHERE q.notify;

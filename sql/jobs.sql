@@ -117,7 +117,7 @@ BEGIN
         VALUES (new_id, q.queue_name, initial, 0, who);
     ELSIF q.notify THEN
         -- No history row to publish it: say so directly, so that LISTENing workers wake up.
-        PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL, NULL);
+        PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL);
     END IF;
     IF q.is_webhook AND initial = 'queued' THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
@@ -195,7 +195,7 @@ BEGIN
     SELECT array_agg(id ORDER BY id), array_agg(status ORDER BY id) INTO ids, states FROM new_jobs;
     IF NOT q.keep_history AND q.notify THEN
         -- No history rows to publish them (see enqueue_job).
-        PERFORM queue_ext._notify(u.id, q.queue_name, u.state::text, 0, NULL, NULL)
+        PERFORM queue_ext._notify(u.id, q.queue_name, u.state::text, 0, NULL)
         FROM unnest(ids, states) AS u(id, state);
     END IF;
     RETURN QUERY SELECT unnest(ids);

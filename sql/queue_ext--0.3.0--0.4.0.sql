@@ -29,8 +29,9 @@ CREATE UNIQUE INDEX job_queue_dedupe_idx ON queue_ext.job_queue (queue_name, enq
     WHERE dedupe_key IS NOT NULL;
 
 -- Gone or reshaped: _return_running takes the queues a claim reclaims for; dispatcher_status
--- gains state and detail; schedule_job checks for pg_cron itself.
+-- gains state and detail; schedule_job checks for pg_cron itself; events carry no error text.
 DROP FUNCTION queue_ext._return_running(text, text);
+DROP FUNCTION queue_ext._notify(uuid, text, text, integer, real, text);
 DROP FUNCTION queue_ext._require_pg_cron();
 DROP FUNCTION queue_ext.dispatcher_status();
 
@@ -482,7 +483,7 @@ BEGIN
         VALUES (new_id, q.queue_name, initial, 0, who);
     ELSIF q.notify THEN
         -- No history row to publish it: say so directly, so that LISTENing workers wake up.
-        PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL, NULL);
+        PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL);
     END IF;
     IF q.is_webhook AND initial = 'queued' THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
@@ -559,7 +560,7 @@ BEGIN
     SELECT array_agg(id ORDER BY id), array_agg(status ORDER BY id) INTO ids, states FROM new_jobs;
     IF NOT q.keep_history AND q.notify THEN
         -- No history rows to publish them (see enqueue_job).
-        PERFORM queue_ext._notify(u.id, q.queue_name, u.state::text, 0, NULL, NULL)
+        PERFORM queue_ext._notify(u.id, q.queue_name, u.state::text, 0, NULL)
         FROM unnest(ids, states) AS u(id, state);
     END IF;
     RETURN QUERY SELECT unnest(ids);
@@ -928,6 +929,42 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION queue_ext.update_progress(job_id uuid, percent real, details jsonb DEFAULT NULL,
+                                          lease_token uuid DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    j queue_ext.job_queue;
+BEGIN
+    IF update_progress.percent IS NULL OR update_progress.percent < 0 OR update_progress.percent > 100 THEN
+        RAISE EXCEPTION 'percent must be between 0 and 100 (got %)', coalesce(update_progress.percent::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    UPDATE queue_ext.job_queue AS t
+    SET progress = update_progress.percent,
+        progress_details = coalesce(update_progress.details, t.progress_details),
+        lease_expires_at = now() + coalesce((SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = t.queue_name),
+                                            interval '5 minutes'),
+        heartbeat_at = now()
+    WHERE t.id = update_progress.job_id AND t.status = 'running'
+      AND (update_progress.lease_token IS NULL
+           OR (t.lease_token = update_progress.lease_token AND t.lease_expires_at > now()))
+    RETURNING * INTO j;
+    IF NOT FOUND THEN
+        PERFORM queue_ext._raise_not_running(update_progress.job_id, update_progress.lease_token, 'update progress of');
+    END IF;
+    IF (SELECT q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+        PERFORM queue_ext._notify(j.id, j.queue_name, 'progress', j.attempt, j.progress);
+    END IF;
+    RETURN j.cancel_requested IS NULL;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queue_ext.cancel_job(job_id uuid, reason text DEFAULT 'cancelled')
 RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -946,7 +983,7 @@ BEGIN
     IF j.status = 'running' THEN
         UPDATE queue_ext.job_queue SET cancel_requested = why WHERE id = j.id;
         IF (SELECT q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
-            PERFORM queue_ext._notify(j.id, j.queue_name, 'cancelling', j.attempt, j.progress, why);
+            PERFORM queue_ext._notify(j.id, j.queue_name, 'cancelling', j.attempt, j.progress);
         END IF;
         RETURN 'running';
     END IF;
@@ -1123,6 +1160,27 @@ BEGIN
         claimed := claimed || batch;
     END LOOP;
     RETURN claimed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._notify(job_id uuid, queue_name text, status text, attempt integer,
+                                  progress real) RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+    SELECT pg_notify('queue_ext_events', json_build_object(
+        'id', job_id, 'queue', queue_name, 'status', status, 'attempt', attempt,
+        'progress', progress)::text)
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._publish_transitions() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM queue_ext._notify(t.job_id, t.queue_name, t.to_status::text, t.attempt, NULL)
+    FROM transitions AS t
+    JOIN queue_ext.queues AS q ON q.queue_name = t.queue_name
+    WHERE q.notify;
+    RETURN NULL;
 END
 $$;
 
@@ -1340,6 +1398,7 @@ REVOKE ALL ON FUNCTION
     queue_ext._wake_launcher_at_commit(),
     queue_ext.dispatcher_status(),
     queue_ext._return_running(text, text, text[]),
+    queue_ext._notify(uuid, text, text, integer, real),
     queue_ext._check_interval(text, interval, text, text),
     queue_ext._refuse_internal(text, text),
     queue_ext._may_see_job(name),
