@@ -425,9 +425,11 @@ def count_webhooks(c, sink_port, faults):
     jobs = c.execute("""SELECT id::text, attempt, errors, false FROM queue_ext.job_archive WHERE queue_name = ANY (%(q)s)
                         UNION ALL SELECT id::text, attempt, errors, true FROM queue_ext.job_dead_letter WHERE queue_name = ANY (%(q)s)""",
                      {"q": HOOK_QUEUES}).fetchall()
-    # A dispatcher stopping on SIGTERM puts requests still in flight after queue_ext.shutdown_grace
-    # back in their queue without counting the attempt (documented): such a request may have
-    # reached the endpoint, so it can be sent once more than the attempts counted.
+    # A dispatcher stopping on SIGTERM returns requests still in flight after
+    # queue_ext.shutdown_grace to their queue with the attempt counted ('dispatcher stopped
+    # during delivery'). Releases that did not count it ('dispatcher stopped; released
+    # unfinished', queue_ext 0.3 and early 0.4 builds) are still counted apart here, so a
+    # result from such a build reads the same.
     released = dict(c.execute("""SELECT job_id::text, count(*) FROM queue_ext.job_status_history
                                  WHERE queue_name = ANY (%(q)s) AND error = 'dispatcher stopped; released unfinished'
                                  GROUP BY 1""", {"q": HOOK_QUEUES}).fetchall())

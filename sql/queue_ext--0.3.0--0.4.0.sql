@@ -32,6 +32,9 @@ CREATE UNIQUE INDEX job_queue_dedupe_idx ON queue_ext.job_queue (queue_name, enq
 -- gains state and detail; schedule_job checks for pg_cron itself; events carry no error text.
 DROP FUNCTION queue_ext._return_running(text, text);
 DROP FUNCTION queue_ext._notify(uuid, text, text, integer, real, text);
+-- A stopping dispatcher returns its unfinished deliveries through _return_running (the
+-- attempt counts, so restarts cannot resend a job forever).
+DROP FUNCTION queue_ext._dispatch_release(jsonb);
 DROP FUNCTION queue_ext._require_pg_cron();
 DROP FUNCTION queue_ext.dispatcher_status();
 

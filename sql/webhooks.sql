@@ -328,30 +328,6 @@ BEGIN
 END
 $$;
 
--- Puts jobs a stopping dispatcher could not finish back in the queue without counting the
--- attempt: their requests were abandoned, not failed.
-CREATE FUNCTION queue_ext._dispatch_release(jobs jsonb) RETURNS integer
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    released integer;
-BEGIN
-    WITH r AS (
-        UPDATE queue_ext.job_queue AS j
-        SET status = 'queued', attempt = j.attempt - 1, lease_token = NULL, lease_expires_at = NULL, run_at = now()
-        FROM jsonb_array_elements(jobs) AS e
-        WHERE j.id = (e ->> 'job_id')::uuid AND j.lease_token = (e ->> 'lease_token')::uuid AND j.status = 'running'
-        RETURNING j.*
-    ), h AS (
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
-        SELECT id, queue_name, 'running', 'queued', attempt, worker_id, 'dispatcher stopped; released unfinished', enqueued_by FROM r
-    )
-    SELECT count(*) INTO released FROM r;
-    RETURN released;
-END
-$$;
-
 -- Retention of the delivery log, batched so a big backlog never holds a long transaction.
 CREATE FUNCTION queue_ext._purge_deliveries(older_than interval) RETURNS integer
 LANGUAGE sql VOLATILE

@@ -222,6 +222,9 @@ impl Dispatcher {
             }
             if BackgroundWorker::sigterm_received() {
                 self.shut_down();
+                if let Some(slot) = self.slot {
+                    slot.terminated.store(true, Ordering::Release);
+                }
                 return "terminated";
             }
             if !self.recovered {
@@ -474,7 +477,7 @@ impl Dispatcher {
     }
 
     /// SIGTERM: claim nothing more, give requests in flight `queue_ext.shutdown_grace` to
-    /// finish and record them, then put the rest back in their queues.
+    /// finish and record them, then return the rest to their queues.
     fn shut_down(&mut self) {
         // A command that needs the database to itself (DROP DATABASE...) is waiting: go now.
         let grace = match self.slot {
@@ -493,15 +496,13 @@ impl Dispatcher {
         if self.in_flight.is_empty() {
             return;
         }
-        let held: Vec<serde_json::Value> = self
-            .in_flight
-            .values()
-            .map(|d| serde_json::json!({"job_id": d.job_id, "lease_token": d.lease_token}))
-            .collect();
+        // Back in their queues through the one path that returns a lost attempt: the request
+        // may have reached the endpoint, so the attempt counts (with the reason) and a job out
+        // of attempts goes to the dead letter queue. Repeated restarts cannot resend it forever.
         let result: Result<Option<i32>, DbError> = db::transaction(|| {
             Spi::get_one_with_args::<i32>(
-                "SELECT queue_ext._dispatch_release($1)",
-                &[pgrx::JsonB(serde_json::Value::Array(held)).into()],
+                "SELECT queue_ext._return_running($1, 'dispatcher stopped during delivery')",
+                &[WORKER_ID.into()],
             )
         });
         match result {

@@ -9,7 +9,8 @@
 //!     no queue_ext in its database says so and exits, and that database is looked at again
 //!     every `RECHECK_MISSING`;
 //!   * restarts a dispatcher that ended for any other reason (pg_terminate_backend, an error,
-//!     a crash) after a short delay that grows while it keeps failing;
+//!     a crash) after a short delay that grows while it keeps failing (not while it is
+//!     only being terminated);
 //!   * forgets databases that were dropped, and stops dispatchers of databases no longer
 //!     listed in `queue_ext.database`.
 //!
@@ -208,7 +209,9 @@ impl Launcher {
                 // It ended (or never reported in): come back after a delay that grows while
                 // it keeps failing soon after starting.
                 SlotState::Running | SlotState::Starting => {
-                    if t.started.elapsed() >= STABLE_AFTER {
+                    if slot.terminated.swap(false, Ordering::AcqRel)
+                        || t.started.elapsed() >= STABLE_AFTER
+                    {
                         t.restart_delay = FIRST_RESTART_DELAY;
                     }
                     t.next_start = now + t.restart_delay;
@@ -233,6 +236,7 @@ impl Launcher {
         t.recheck = false;
         slot.pid.store(0, Ordering::Release);
         slot.leave_now.store(false, Ordering::Release);
+        slot.terminated.store(false, Ordering::Release);
         // SAFETY: reading this process's pid, to be told when the worker starts or stops.
         let me = unsafe { pg_sys::MyProcPid };
         let registered = BackgroundWorkerBuilder::new(&format!("queue_ext dispatcher (oid {oid})"))

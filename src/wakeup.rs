@@ -79,6 +79,9 @@ pub struct Slot {
     pub hold_until_ms: AtomicI64,
     /// The dispatcher is to exit at once, releasing what it holds without a grace period.
     pub leave_now: AtomicBool,
+    /// The last dispatcher here ended because it was told to (SIGTERM), not by failing: it
+    /// comes back after the first delay, however often that happens.
+    pub terminated: AtomicBool,
     pub in_flight: AtomicU32,
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
