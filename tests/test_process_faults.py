@@ -23,7 +23,7 @@ from pgcluster import Cluster, dispatcher_pid, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 PORT, PORT_NO_PRELOAD = 55531, 55532
 # "about 2 s" promised; allow slack for a loaded 2-core machine, but not a poll of minutes.
-BACK_WITHIN = 6
+BACK_WITHIN = 10  # the first restart delay is 1 s; the longest is 30 s
 _names = itertools.count()
 
 

@@ -198,17 +198,16 @@ def test_timeout_is_retried_and_logged(conn, sink):
 
 
 def test_slow_endpoint_does_not_delay_other_queues(conn, sink):
-    slow, slow_path = new_queue(conn, sink.url, webhook_max_in_flight=4)
+    # The slow endpoint holds its requests for 20 s; the fast queue's 50 deliveries must all
+    # arrive while those are still held, so head-of-line blocking would fail the wait.
+    slow, slow_path = new_queue(conn, sink.url, webhook_max_in_flight=4, webhook_timeout="30 seconds")
     fast, fast_path = new_queue(conn, sink.url)
-    sink.default(slow_path, Reply(200, delay=5))
+    sink.default(slow_path, Reply(200, delay=20))
     for _ in range(8):
         enqueue(conn, slow)
-    time.sleep(0.3)  # the slow requests are now in flight
-    t0 = time.time()
+    wait_for(lambda: len(sink.to(slow_path)) == 4, 10, what="the slow requests in flight")
     fast_jobs = [enqueue(conn, fast, f'{{"n": {i}}}') for i in range(50)]
-    wait_for(lambda: len(sink.to(fast_path)) == 50, 10, what="fast deliveries")
-    elapsed = time.time() - t0
-    assert elapsed < 2.0, f"fast queue took {elapsed:.2f}s behind a 5 s endpoint"
+    wait_for(lambda: len(sink.to(fast_path)) == 50, 15, what="fast deliveries behind a held endpoint")
     for job in fast_jobs[:3]:
         wait_status(conn, job, {"completed"})
     assert len(sink.to(slow_path)) <= 4, "the slow queue stays within its webhook_max_in_flight"
@@ -255,8 +254,9 @@ def test_rolled_back_enqueue_sends_nothing(cluster, conn, sink):
 
 
 def test_commit_wakes_the_dispatcher_at_once(conn, sink):
+    # With a 60 s poll, only the commit's wake-up can deliver within the 10 s wait.
     queue, path = new_queue(conn, sink.url)
-    conn.execute("ALTER SYSTEM SET queue_ext.poll_interval = '5s'")
+    conn.execute("ALTER SYSTEM SET queue_ext.poll_interval = '60s'")
     conn.execute("SELECT pg_reload_conf()")
     time.sleep(0.5)
     try:
@@ -264,16 +264,15 @@ def test_commit_wakes_the_dispatcher_at_once(conn, sink):
         for i in range(20):
             t0 = time.time()
             enqueue(conn, queue, f'{{"n": {i}}}')
-            wait_for(lambda: len(sink.to(path)) == i + 1, 5, interval=0.001, what="delivery")
+            wait_for(lambda: len(sink.to(path)) == i + 1, 10, interval=0.001, what="delivery")
             latencies.append(sink.to(path)[-1].at - t0)
             time.sleep(0.05)
     finally:
         conn.execute("ALTER SYSTEM RESET queue_ext.poll_interval")
         conn.execute("SELECT pg_reload_conf()")
     latencies.sort()
-    # Polling (at most every second here) would give a median of hundreds of ms: these
-    # deliveries were woken by the commit. (Latency figures: the benchmark.)
-    assert latencies[len(latencies) // 2] < 0.05, latencies
+    # Polling would put the median near 30 s. (Latency figures: the benchmark.)
+    assert latencies[len(latencies) // 2] < 5, latencies
 
 
 def test_tls_with_a_trusted_self_signed_certificate(conn, tls_sink):
@@ -450,20 +449,25 @@ def test_sigterm_drains_or_requeues_in_flight_work(cluster, sink):
 
 
 def test_rate_limited_webhooks_are_paced_by_the_dispatcher(conn, sink):
-    # The dispatcher sleeps until the next token, not until its next poll (200 ms here).
+    # The dispatcher sleeps until the next token, not until its next poll: with a 60 s poll,
+    # 40 jobs at 20/s can only all arrive within the 20 s wait if it does.
     conn.execute("SELECT queue_ext.set_rate_limit('hook-rate', 20, '1 second')")
+    conn.execute("ALTER SYSTEM SET queue_ext.poll_interval = '60s'")
+    conn.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
     queue, path = new_queue(conn, sink.url)
     try:
         conn.execute("SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[40]), rate_limit_key => 'hook-rate')",
                      [queue])
-        wait_for(lambda: len(sink.to(path)) == 40, 15, what="40 paced deliveries")
+        wait_for(lambda: len(sink.to(path)) == 40, 20, what="40 paced deliveries")
         times = sorted(r.at for r in sink.to(path))
-        span = times[-1] - times[0]
+        # Tokens are taken at the claim; arrival adds network jitter, hence the small margin.
         worst = max(sum(1 for t in times[i:] if t < s + 1.0) for i, s in enumerate(times))
-        # 40 at 20/s take about 2 s; polling every 200 ms would allow 5/s, 8 s.
-        assert 1.7 <= span <= 3.5, span
-        assert worst <= 22, f"{worst} deliveries within one second, limit 20/s"
+        assert worst <= 25, f"{worst} deliveries within one second, limit 20/s"
+        assert times[-1] - times[0] >= 0.8, "40 jobs at 20/s cannot all arrive at once"
     finally:
         wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s",
                                       [queue]).fetchone()[0] == 0, 15)
         conn.execute("SELECT queue_ext.remove_rate_limit('hook-rate')")
+        conn.execute("ALTER SYSTEM RESET queue_ext.poll_interval")
+        conn.execute("SELECT pg_reload_conf()")
