@@ -1,34 +1,44 @@
 """The queue_ext benchmark. Run through bench/run.sh, which starts a throwaway cluster.
 
+Every queue_ext row without a setting in its label is what a user gets: create_queue(q) and
+nothing else. Each other configuration is its own row named by what it changes
+(keep_history off; notify_events flipped from its default; row level security off).
+
 Workloads (fixed job counts, tiny JSON payloads, no-op work), each cell repeated and
 interleaved, reported as median and range:
-  enqueue      one job per call from 1 and 4 connections; batches of 1,000
+  enqueue      one job per call from 1 and 4 connections; batches of 1,000 from 1 and 4
   drain        claim+complete one job per call with 1, 4 and 8 workers; complete_and_get_next;
-               batches of 100; the unbatched drain with row level security off, to show what
-               RLS costs a claim. Drain workers log in as an ordinary queue_ext_worker role.
-  latency      an idle worker woken by LISTEN queue_ext_events; enqueue -> claim p50/p95/p99
+               batches of 100 in one transaction; the unbatched drain with row level security
+               off. Drain workers log in as an ordinary queue_ext_worker role.
+  latency      an idle worker asleep in LISTEN (queue_ext_jobs when the installed build has
+               it, else queue_ext_events); enqueue -> claim p50/p95/p99
   webhooks     jobs delivered by the background dispatcher to a local sink: delivered/s,
                enqueue -> request p50/p99, lost and duplicated counted at the sink
-  floor        raw SQL with pgbench on a plain table (INSERT; UPDATE ... SKIP LOCKED; DELETE),
-               1 and 4 clients, fixed transaction counts: what Postgres itself allows on this
-               machine; the queue's cells are then printed as a % of it
   history      the 4-worker claim+complete drain with an empty history and with 5,000,000
                finished jobs retained (job_archive + 2-3 job_status_history rows each), in two
                databases of the cluster, interleaved; reported as % of the empty-history figure
+The bare-SQL floor runs in every enqueue and drain cell, in its own database, through the same
+Python client with the same connections and call pattern: a plain INSERT (batches: one
+INSERT ... SELECT FROM unnest(array)); UPDATE ... FOR UPDATE SKIP LOCKED LIMIT 1 RETURNING then
+DELETE by id, each its own commit (batches: LIMIT 100 and DELETE ... = ANY in one transaction).
 Peers, side by side in the same rounds, on the same cluster (each in its own database), driven
 by the same Python client (graphile-worker's drains and latency by its own Node worker):
   pgmq             PGMQ's plain-SQL install (bench/peers/setup.sh): send / send_batch; read 1 +
-                   delete (and + archive); read 100 + delete; idle latency via its
-                   enable_notify_insert LISTEN channel
+                   archive (the comparable path: queue_ext keeps history by default), and + delete
+                   as its own row; read 100 + archive(ids) (and + delete(ids)); idle latency via
+                   its enable_notify_insert LISTEN channel
   graphile-worker  add_job / add_jobs from Python; its run() with concurrency 1/4/8 and a no-op
                    task; batched: its localQueue (batched claim) + batched completions; idle
                    latency with its LISTEN-based worker (bench/peers/graphile.mjs)
 Within a round every cell runs each system back to back, the order rotating by round.
 Every drain checks that each job was processed exactly once (queue_ext: archive + audit
 trail; pgmq: every message id deleted once, or archived with read_ct 1; graphile-worker:
-every job id run once and its jobs table empty). --quick: small counts, one repetition,
-correctness only (the test suite's smoke test): exits 1 if any check fails, never asserts on
-speed; it runs no peer and no history cell unless --only names them (then small ones)."""
+every job id run once and its jobs table empty; the floor: every row id returned once, the
+table empty). The last thing printed (and written to bench/results/*-headline.md) is the
+headline table: each core path at 4 clients with the defaults, beside pgmq and the floor, with
+the ratios and the targets. --quick: small counts, one repetition, correctness only (the test
+suite's smoke test): exits 1 if any check fails, never judges speed; it runs no peer and no
+history cell unless --only names them (then only the 4-client cells, small)."""
 import argparse
 import json
 import multiprocessing as mp
@@ -47,7 +57,6 @@ from pathlib import Path
 import psycopg
 
 HERE = Path(__file__).resolve().parent
-PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 
 
 @dataclass
@@ -68,23 +77,22 @@ class Counts:
     """Jobs per cell, by workload."""
     enqueue: int          # one per call, shared among the connections
     enqueue_batch: int
-    enqueue_batched: int
+    enqueue_batched: int  # in batches of enqueue_batch, shared among the connections
     drain: int            # pre-filled, then claimed and completed one at a time
     drain_batched: int    # the same, 100 per claim
     latency: int
     webhooks: int
     webhooks_paced: int
-    floor: int            # pgbench transactions per script, shared among the clients
     history_drain: int    # the history cell's drain (4 workers, one per claim)
     history_retained: int # finished jobs retained for it
 
     @staticmethod
     def full():
-        return Counts(5_000, 1_000, 50_000, 5_000, 30_000, 1_000, 10_000, 200, 4_000, 10_000, 5_000_000)
+        return Counts(5_000, 1_000, 48_000, 5_000, 30_000, 1_000, 10_000, 200, 10_000, 5_000_000)
 
     @staticmethod
     def quick():
-        return Counts(200, 100, 1_000, 400, 1_000, 30, 300, 20, 200, 400, 20_000)
+        return Counts(200, 100, 1_200, 400, 1_000, 30, 300, 20, 400, 20_000)
 
 
 class Failure(Exception):
@@ -231,10 +239,10 @@ def check_exactly_once(dsn, queue, expected, ids=None, lean=False):
                       f"{twice} completed twice; expected {expected}")
 
 
-def bench_enqueue(dsn, conns, batch, n, lean=False):
+def bench_enqueue(dsn, conns, batch, n, config=None):
     queue = "bench_enqueue"
-    fresh_queue(dsn, queue, notify_events=False, keep_history=not lean)
-    per = n // conns
+    fresh_queue(dsn, queue, **(config or {}))
+    per = n // conns // batch * batch
     elapsed, _ = run_procs(enqueue_worker, [(dsn, queue, per, batch)] * conns)
     with connect(dsn) as c:
         got = c.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s", [queue]).fetchone()[0]
@@ -243,9 +251,9 @@ def bench_enqueue(dsn, conns, batch, n, lean=False):
     return per * conns / elapsed
 
 
-def bench_drain(dsn, workers, batch, n, rls=True, lean=False):
+def bench_drain(dsn, workers, batch, n, rls=True, config=None):
     queue = "bench_drain"
-    fresh_queue(dsn, queue, notify_events=False, keep_history=not lean)
+    fresh_queue(dsn, queue, **(config or {}))
     prefill(dsn, queue, n)
     with connect(dsn) as c:
         c.execute(f"ALTER TABLE queue_ext.job_queue {'ENABLE' if rls else 'DISABLE'} ROW LEVEL SECURITY")
@@ -255,45 +263,66 @@ def bench_drain(dsn, workers, batch, n, rls=True, lean=False):
         with connect(dsn) as c:
             c.execute("ALTER TABLE queue_ext.job_queue ENABLE ROW LEVEL SECURITY")
     ids = [i for done in counts for i in done]
-    check_exactly_once(dsn, queue, n, ids, lean)
+    check_exactly_once(dsn, queue, n, ids, lean=is_lean(config))
     return n / elapsed
 
 
-def latency_listener(dsn, queue, n, ready, out):
-    """An idle worker: sleeps in LISTEN, claims when an event says a job was queued."""
+# The channel an idle SQL worker sleeps on. queue_ext_jobs carries a queue's name, published
+# once per queue per dispatcher wake-up after an enqueue commits (no NOTIFY in the producer's
+# commit); a build without it has only the status events on queue_ext_events (one JSON object
+# per transition, for queues with notify on). Chosen once per run by wake_channel().
+JOBS_CHANNEL, EVENTS_CHANNEL = "queue_ext_jobs", "queue_ext_events"
+
+
+def wake_channel(dsn):
+    with connect(dsn) as c:
+        new = c.execute("SELECT to_regprocedure('queue_ext._announce_at_commit(text)') IS NOT NULL").fetchone()[0]
+    return JOBS_CHANNEL if new else EVENTS_CHANNEL
+
+
+def latency_listener(dsn, queue, n, channel, ready, out):
+    """An idle worker: sleeps in LISTEN, and when woken for its queue claims until the queue is
+    empty (one wake-up may stand for several jobs: notifications coalesce)."""
     lat = []
+    deadline = time.time() + 300
     with connect(dsn) as listen, connect(dsn) as work:
-        listen.execute("LISTEN queue_ext_events")
+        listen.execute(f"LISTEN {channel}")
         ready.set()
-        while len(lat) < n:
+        while len(lat) < n and time.time() < deadline:
             for note in listen.notifies(timeout=5, stop_after=1):
-                ev = json.loads(note.payload)
-                if ev["status"] != "queued" or ev["queue"] != queue:
-                    continue
-                row = work.execute("SELECT payload, job_id, lease_token FROM queue_ext.get_next_job(%s, 'idle')",
-                                   [queue], prepare=True).fetchone()
-                if row:
+                if channel == JOBS_CHANNEL:
+                    if note.payload != queue:
+                        continue
+                else:
+                    ev = json.loads(note.payload)
+                    if ev["status"] != "queued" or ev["queue"] != queue:
+                        continue
+                while True:
+                    row = work.execute("SELECT payload, job_id, lease_token FROM queue_ext.get_next_job(%s, 'idle')",
+                                       [queue], prepare=True).fetchone()
+                    if row is None:
+                        break
                     lat.append(time.time() - row[0]["t0"])
                     work.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [row[1], row[2]], prepare=True)
     out.put(lat)
 
 
-def bench_latency(dsn, n, lean=False):
+def bench_latency(dsn, n, channel, config=None):
     queue = "bench_latency"
-    fresh_queue(dsn, queue, keep_history=not lean)
+    fresh_queue(dsn, queue, **(config or {}))
     ready, out = mp.Event(), mp.Queue()
-    p = mp.Process(target=latency_listener, args=(dsn, queue, n, ready, out))
+    p = mp.Process(target=latency_listener, args=(dsn, queue, n, channel, ready, out))
     p.start()
     ready.wait(10)
     with connect(dsn) as c:
         for _ in range(n):
             c.execute("SELECT queue_ext.enqueue_job(%s, jsonb_build_object('t0', %s::float8))", [queue, time.time()], prepare=True)
             time.sleep(0.003)
-    lat = sorted(out.get(timeout=60))
+    lat = sorted(out.get(timeout=360))
     p.join()
     if len(lat) != n:
-        raise Failure(f"latency: {len(lat)} of {n} jobs claimed")
-    check_exactly_once(dsn, queue, n, lean=lean)
+        raise Failure(f"latency: {len(lat)} of {n} jobs claimed after a wake-up on {channel}")
+    check_exactly_once(dsn, queue, n, lean=is_lean(config))
     return percentiles(lat)
 
 
@@ -311,8 +340,8 @@ def sink_stats(port):
 def bench_webhooks(dsn, sink_port, n, paced=False, lean=False):
     queue = "bench_hooks"
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{sink_port}/__reset", method="POST")).read()
-    fresh_queue(dsn, queue, notify_events=False, webhook_url=f"http://127.0.0.1:{sink_port}/hook",
-                webhook_max_in_flight=1000, keep_history=not lean)
+    fresh_queue(dsn, queue, webhook_url=f"http://127.0.0.1:{sink_port}/hook", webhook_max_in_flight=1000,
+                **(LEAN_CONFIG if lean else {}))
     ids = []
     t0 = time.perf_counter()
     with connect(dsn) as c:
@@ -346,7 +375,7 @@ def bench_webhooks(dsn, sink_port, n, paced=False, lean=False):
 def bench_webhooks_beside_slow(dsn, sink_port, n):
     """Fast-queue throughput while another queue's endpoint takes 5 s per request."""
     slow = "bench_slow"
-    fresh_queue(dsn, slow, notify_events=False, webhook_url=f"http://127.0.0.1:{sink_port}/slow",
+    fresh_queue(dsn, slow, webhook_url=f"http://127.0.0.1:{sink_port}/slow",
                 webhook_max_in_flight=50, webhook_timeout="30 seconds")
     with connect(dsn) as c:
         c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[200]))", [slow])
@@ -639,75 +668,98 @@ def history_setup(dsn, retained):
     return info
 
 
-FLOOR_SCRIPTS = {
-    "insert": """INSERT INTO floor_q (payload) VALUES ('{"n":1}');""",
-    "claim": "UPDATE floor_q SET status = 1 WHERE id = (SELECT id FROM floor_q WHERE status = 0 ORDER BY id "
-             "LIMIT 1 FOR UPDATE SKIP LOCKED);",
-    "delete": "DELETE FROM floor_q WHERE id = (SELECT id FROM floor_q WHERE status = 1 ORDER BY id "
-              "LIMIT 1 FOR UPDATE SKIP LOCKED);",
-}
+# --- the bare-SQL floor: a plain table driven by the same client, connections and call
+# pattern as the queues, in its own database. What Postgres itself allows on this machine for
+# each path: the queue's figure is then read as a share of it.
+
+FLOOR_DB = "floor_bench"
+FLOOR_CLAIM = ("UPDATE floor_q SET status = 1 WHERE id = (SELECT id FROM floor_q WHERE status = 0 "
+               "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id, payload")
+FLOOR_CLAIM_BATCH = ("UPDATE floor_q SET status = 1 WHERE id = ANY(ARRAY(SELECT id FROM floor_q WHERE status = 0 "
+                     "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)) RETURNING id, payload")
 
 
-def pgbench_floor(port, clients, per_client):
-    """Raw SQL on a plain table with pgbench: what Postgres itself allows on this machine.
-    A fixed number of transactions per client (not a duration), and each claim and delete
-    is checked to have found a row: an UPDATE/DELETE that matches nothing commits without
-    writing WAL and would inflate the figure."""
-    env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(port), "PGUSER": "postgres"}
-
-    def psql(sql):
-        res = subprocess.run(["psql", "-qAtX", "-v", "ON_ERROR_STOP=1", "-c", sql, "postgres"],
-                             env=env, check=True, capture_output=True, text=True)
-        return res.stdout.strip()
-
-    psql("DROP TABLE IF EXISTS floor_q")
-    psql("CREATE TABLE floor_q (id bigserial PRIMARY KEY, status int NOT NULL DEFAULT 0, payload jsonb)")
-    psql("CREATE INDEX ON floor_q (id) WHERE status = 0")
-    psql("CREATE INDEX ON floor_q (id) WHERE status = 1")
-    total = clients * per_client
-    out = {}
-    for name in ("insert", "claim", "delete"):
-        f = Path(f"/tmp/queue_ext_floor_{name}.sql")
-        f.write_text(FLOOR_SCRIPTS[name] + "\n")
-        f.chmod(0o644)
-        psql("VACUUM ANALYZE floor_q")
-        res = subprocess.run([PGBENCH, "-n", "-c", str(clients), "-j", str(clients), "-t", str(per_client),
-                              "-f", str(f), "postgres"], env=env, capture_output=True, text=True, check=True)
-        tps = [float(line.split("=")[1].split()[0]) for line in res.stdout.splitlines() if line.startswith("tps")]
-        out[name] = tps[0]
-        # The inserts made `total` rows; the claims must have marked each, the deletes removed each.
-        queued, claimed = map(int, psql("SELECT count(*) FILTER (WHERE status = 0), "
-                                        "count(*) FILTER (WHERE status = 1) FROM floor_q").split("|"))
-        want = {"insert": (total, 0), "claim": (0, total), "delete": (0, 0)}[name]
-        if (queued, claimed) != want:
-            raise Failure(f"floor {name}: {queued} queued, {claimed} claimed rows; expected {want}")
-    # One job's life is one of each; the floor for a full cycle is their harmonic combination.
-    out["cycle"] = 1 / sum(1 / out[k] for k in ("insert", "claim", "delete"))
-    out["claim_plus_delete"] = 1 / (1 / out["claim"] + 1 / out["delete"])
-    return out
+def floor_fresh(dsn):
+    with connect(dsn) as c:
+        c.execute("DROP TABLE IF EXISTS floor_q")
+        c.execute("CREATE TABLE floor_q (id bigserial PRIMARY KEY, status int NOT NULL DEFAULT 0, payload jsonb NOT NULL)")
+        c.execute("CREATE INDEX ON floor_q (id) WHERE status = 0")
 
 
-def print_vs_floor(cells):
-    """The queue's figures as a share of the raw-SQL floor with as many connections."""
-    def median(workload, variant):
-        cell = cells.get(("queue_ext", workload, variant))
-        return cell.summary()[0] if cell else None
+def floor_count(dsn):
+    with connect(dsn) as c:
+        return c.execute("SELECT count(*) FROM floor_q").fetchone()[0]
 
-    rows = []
-    for c in (1, 4):
-        floor_insert = median("floor", f"pgbench insert, {c} client(s)")
-        floor_drain = median("floor", f"pgbench claim_plus_delete, {c} client(s)")
-        pairs = [(f"enqueue, 1 per call, {c} connection(s)", median("enqueue", f"1 per call, {c} connection(s)"),
-                  "INSERT", floor_insert),
-                 (f"drain, claim+complete, {c} worker(s)", median("drain", f"claim+complete, {c} worker(s)"),
-                  "UPDATE SKIP LOCKED + DELETE", floor_drain),
-                 (f"drain, complete_and_get_next, {c} worker(s)", median("drain", f"complete_and_get_next, {c} worker(s)"),
-                  "UPDATE SKIP LOCKED + DELETE", floor_drain)]
-        rows += [(name, value, ref, floor) for name, value, ref, floor in pairs if value and floor]
-    if rows:
-        print("\n| queue_ext cell | jobs/s | raw SQL floor, same connections | ops/s | % of floor |\n|---|---:|---|---:|---:|")
-        for name, value, ref, floor in rows:
-            print(f"| {name} | {value:,.1f} | {ref} | {floor:,.1f} | {100 * value / floor:.0f}% |")
+
+def floor_enqueue_worker(dsn, n, batch, start):
+    with connect(dsn) as c:
+        start.wait(timeout=60)
+        if batch == 1:
+            for _ in range(n):
+                c.execute("INSERT INTO floor_q (payload) VALUES ('{\"n\":1}') RETURNING id", prepare=True)
+        else:
+            for _ in range(n // batch):
+                c.execute("INSERT INTO floor_q (payload) SELECT p FROM unnest(array_fill('{\"n\":1}'::jsonb, ARRAY[%s])) AS p",
+                          [batch], prepare=True)
+
+
+def floor_enqueue(dsn, conns, batch, n):
+    """A plain INSERT per call (autocommit), or one multi-row INSERT of `batch` rows."""
+    floor_fresh(dsn)
+    per = n // conns // batch * batch
+    elapsed, _ = run_procs(floor_enqueue_worker, [(dsn, per, batch)] * conns)
+    got = floor_count(dsn)
+    if got != per * conns:
+        raise Failure(f"floor enqueue: {got} rows stored, {per * conns} inserted")
+    return per * conns / elapsed
+
+
+def floor_drain_worker(dsn, batch, start, out):
+    """One per call: the claim (UPDATE ... SKIP LOCKED RETURNING) and the DELETE by id, each its
+    own commit; a batch: both in one transaction, the DELETE by id = ANY."""
+    ids = []
+    with connect(dsn) as c:
+        start.wait(timeout=60)
+        while True:
+            if batch == 1:
+                row = c.execute(FLOOR_CLAIM, prepare=True).fetchone()
+                if row is None:
+                    break
+                if c.execute("DELETE FROM floor_q WHERE id = %s", [row[0]], prepare=True).rowcount != 1:
+                    raise Failure(f"floor delete of row {row[0]} found nothing")
+                ids.append(row[0])
+            else:
+                with c.transaction():
+                    got = [r[0] for r in c.execute(FLOOR_CLAIM_BATCH, [batch], prepare=True)]
+                    if not got:
+                        break
+                    done = c.execute("DELETE FROM floor_q WHERE id = ANY(%s)", [got], prepare=True).rowcount
+                    if done != len(got):
+                        raise Failure(f"floor delete: {done} of {len(got)} rows")
+                ids += got
+    out.put(ids)
+
+
+def floor_drain(dsn, workers, batch, n):
+    floor_fresh(dsn)
+    with connect(dsn) as c:
+        for s in range(0, n, 5000):
+            c.execute("INSERT INTO floor_q (payload) SELECT p FROM unnest(array_fill('{\"n\":1}'::jsonb, ARRAY[%s])) AS p",
+                      [min(5000, n - s)])
+        c.execute("VACUUM ANALYZE floor_q")
+    elapsed, per_worker = run_procs(floor_drain_worker, [(dsn, batch)] * workers, collect=True)
+    ids = [i for got in per_worker for i in got]
+    left = floor_count(dsn)
+    if len(ids) != n or len(set(ids)) != n or left:
+        raise Failure(f"floor drain: {len(ids)} processed ({len(set(ids))} distinct) of {n}, {left} left")
+    return n / elapsed
+
+
+def floor_setup(dsn):
+    with connect(dsn) as c:
+        if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", [FLOOR_DB]).fetchone():
+            c.execute(f"CREATE DATABASE {FLOOR_DB}")
+    return db_dsn(dsn, FLOOR_DB)
 
 
 def settings(dsn, peers):
@@ -729,16 +781,30 @@ def settings(dsn, peers):
     return rows
 
 
-# queue_ext twice: as installed (every job's enqueue, claim and completion recorded in the
-# audit trail, completed jobs archived) and with keep_history off (what pgmq and
-# graphile-worker keep: nothing once a job is done).
+# queue_ext as a user gets it (create_queue(q) and nothing else: every job's enqueue, claim and
+# completion recorded in the audit trail, completed jobs archived), and each non-default
+# configuration as its own row named by the setting it changes: keep_history off (what pgmq
+# and graphile-worker keep: nothing once a job is done), and notify_events flipped from its
+# default (the per-job NOTIFY's cost), when create_queue has it.
 LEAN = "queue_ext, keep_history off"
-SYSTEMS = ("queue_ext", LEAN, "pgmq", "graphile-worker")
+LEAN_CONFIG = {"keep_history": False}
+NOTIFY_FLIP = "queue_ext, notify_events flipped"  # renamed in main() to say on or off
+PGMQ_DEL = "pgmq, delete instead of archive"
+FLOOR = "bare SQL floor"
+RLS_OFF = "queue_ext, row level security off"
+SYSTEMS = ["queue_ext", LEAN, NOTIFY_FLIP, RLS_OFF, "pgmq", PGMQ_DEL, "graphile-worker", FLOOR]
 OURS = ("queue_ext", LEAN)
-PEER_OF = {"pgmq": "pgmq", "graphile-worker": "graphile"}  # system -> its --only name
-WORKLOADS = ("enqueue", "drain", "latency", "webhooks", "floor", "history")
-QUICK_WORKLOADS = ("enqueue", "drain", "latency", "webhooks", "floor")
+PEER_OF = {"pgmq": "pgmq", PGMQ_DEL: "pgmq", "graphile-worker": "graphile"}  # system -> its --only name
+WORKLOADS = ("enqueue", "drain", "latency", "webhooks", "history")
+QUICK_WORKLOADS = ("enqueue", "drain", "latency", "webhooks")
 PEER_WORDS = {"pgmq": {"pgmq"}, "graphile": {"graphile"}, "peers": {"pgmq", "graphile"}}
+# The floor runs in every enqueue and drain cell it has (it needs nothing fetched); the word
+# stays accepted by --only and means those two workloads.
+ALIASES = {"floor": {"enqueue", "drain"}}
+
+
+def is_lean(config):
+    return bool(config) and config.get("keep_history") is False
 
 
 def selection(only, quick):
@@ -750,12 +816,13 @@ def selection(only, quick):
         workloads, peers = (set(QUICK_WORKLOADS), set()) if quick else (set(WORKLOADS), {"pgmq", "graphile"})
     else:
         words = set(only.split(","))
-        unknown = words - set(WORKLOADS) - set(PEER_WORDS)
+        unknown = words - set(WORKLOADS) - set(PEER_WORDS) - set(ALIASES)
         if unknown:
             raise SystemExit(f"--only: unknown {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(WORKLOADS + tuple(PEER_WORDS))}")
+                             f"known: {', '.join(WORKLOADS + tuple(PEER_WORDS) + tuple(ALIASES))}")
         peers = set().union(*(PEER_WORDS[w] for w in words & set(PEER_WORDS)))
-        workloads = (words & set(WORKLOADS)) or ({"enqueue", "drain", "latency"} if peers else set())
+        workloads = set().union(words & set(WORKLOADS), *(ALIASES[w] for w in words & set(ALIASES)))
+        workloads = workloads or ({"enqueue", "drain", "latency"} if peers else set())
     if not workloads & ({"drain"} if quick else {"enqueue", "drain", "latency"}):
         peers = set()
     return workloads, peers
@@ -787,82 +854,89 @@ def print_side_by_side(cells):
             med, lo, hi = by[s].summary()
             out.append(fmt(med, unit) + (f" ({fmt(lo, unit)}–{fmt(hi, unit)})" if len(by[s].values) > 1 else ""))
         print(f"| {workload} | {variant} | {unit} | " + " | ".join(out) + " |")
-    print("\nqueue_ext: enqueue_job / enqueue_jobs; get_next_job + complete_job (2 commits per job), as an "
-          "ordinary worker role; batches: get_next_jobs(100) + complete_jobs in one transaction; latency: "
-          "LISTEN queue_ext_events.\npgmq: send / send_batch; read(q, 30, 1) + delete (2 commits per message), "
-          "or + archive where named; batches: read(q, 30, 100) + delete(ids) in one transaction; latency: "
-          "LISTEN on its enable_notify_insert channel (no throttle).\ngraphile-worker: add_job / add_jobs from "
-          "Python; drains and latency by its own Node worker, run() with concurrency = workers, a no-op task, "
-          "timed from the first task start until its jobs table is empty; batches: localQueue size 100 and "
-          "completeJobBatchDelay 0 (its batched claim and completion).")
+    print("\nqueue_ext: create_queue(q) with nothing else unless the row names a setting; enqueue_job / "
+          "enqueue_jobs; get_next_job + complete_job (2 commits per job), as an ordinary worker role; batches: "
+          "get_next_jobs(100) + complete_jobs in one transaction.\npgmq: send / send_batch; read(q, 30, 1) + "
+          "archive (2 commits per message), or + delete where named; batches: read(q, 30, 100) + archive(ids) "
+          "in one transaction; latency: LISTEN on its enable_notify_insert channel (no throttle).\nbare SQL "
+          "floor: a plain table (bigserial id, status, jsonb payload) through the same client: INSERT; "
+          "INSERT ... SELECT FROM unnest(array) of 1,000; UPDATE ... SKIP LOCKED LIMIT 1 RETURNING then DELETE "
+          "by id, each its own commit; batches: UPDATE ... SKIP LOCKED LIMIT 100 RETURNING + DELETE WHERE id = "
+          "ANY in one transaction.\ngraphile-worker: add_job / add_jobs from Python; drains and latency by its "
+          "own Node worker, run() with concurrency = workers, a no-op task, timed from the first task start "
+          "until its jobs table is empty; batches: localQueue size 100 and completeJobBatchDelay 0 (its batched "
+          "claim and completion).")
 
 
-def targets(cells, history):
-    """The issue's targets, from the medians of this run."""
+def headline(cells, history, quick, batch):
+    """The issue's core paths with the defaults at 4 clients, beside pgmq and the bare-SQL floor
+    of the same run, with the ratios and the targets (medians of this run)."""
     def med(system, workload, variant):
         c = cells.get((system, workload, variant))
         return c.summary()[0] if c else None
 
-    def best(workload, variant, lower=False):
-        """queue_ext's best median of the cell, with history kept or not: (value, label)."""
-        got = [(med(s, workload, variant), s) for s in OURS]
-        got = [(v, "" if s == "queue_ext" else " (keep_history off)") for v, s in got if v is not None]
-        return (min if lower else max)(got, key=lambda g: g[0]) if got else (None, "")
+    rows = []
 
-    out = []
+    def add(path, unit, q, p, f, target, met):
+        rows.append({"path": path, "unit": unit, "queue_ext": q, "pgmq": p, "floor": f,
+                     "queue_ext_over_pgmq": q / p if q is not None and p else None,
+                     "queue_ext_over_floor": q / f if q is not None and f else None,
+                     "target": target, "met": None if quick or q is None else met})
 
-    def add(target, value, ref, ref_name, ratio, met, unit="jobs/s"):
-        out.append({"target": target, "queue_ext": value, "reference": ref, "reference_is": ref_name,
-                    "ratio": ratio, "met": met, "unit": unit})
+    def ge(q, ref, k):
+        return None if q is None or ref is None else q >= k * ref
 
-    for c in (1, 4):
-        v = f"1 per call, {c} connection(s)"
-        (q, how), p = best("enqueue", v), med("pgmq", "enqueue", v)
-        if q and p:
-            add(f"single-call enqueue ≥ 2× pgmq send, {c} connection(s){how}", q, p, "pgmq send", q / p, q >= 2 * p)
-    for w in (1, 4, 8):
-        mine = {}
-        for k in ("claim+complete", "complete_and_get_next"):
-            v, how = best("drain", f"{k}, {w} worker(s)")
-            if v:
-                mine[k + how] = v
-        theirs = {"pgmq read+delete": med("pgmq", "drain", f"claim+complete, {w} worker(s)"),
-                  "pgmq read+archive": med("pgmq", "drain", f"claim+complete, {w} worker(s), read + archive"),
-                  "graphile-worker": med("graphile-worker", "drain", f"claim+complete, {w} worker(s)")}
-        theirs = {k: v for k, v in theirs.items() if v}
-        if mine and theirs:
-            tk, tv = max(theirs.items(), key=lambda kv: kv[1])
-            for mk, mv in mine.items():
-                add(f"unbatched claim+complete ≥ 2× best peer unbatched drain, {w} worker(s) (queue_ext: {mk})",
-                    mv, tv, tk, mv / tv, mv >= 2 * tv)
-    batched = [(c.summary()[0], c.variant, c.system) for c in cells.values()
-               if c.system in OURS and c.workload == "drain" and c.variant.startswith("batches of")]
-    if batched:
-        v, variant, system = max(batched)
-        add(f"batched drain ≥ 50k/s ({variant}{'' if system == 'queue_ext' else ', keep_history off'})",
-            v, 50_000, "target", v / 50_000, v >= 50_000)
+    e1, eb = "1 per call, 4 connection(s)", f"batches of {batch:,}, 4 connection(s)"
+    d1, db = "claim+complete, 4 worker(s)", "batches of 100, 4 worker(s)"
+    q, p, f = (med(s, "enqueue", e1) for s in ("queue_ext", "pgmq", FLOOR))
+    met = None if ge(q, p, 1.0) is None or ge(q, f, 0.9) is None else ge(q, p, 1.0) and ge(q, f, 0.9)
+    add("single enqueue (`enqueue_job` / `send` / INSERT)", "jobs/s", q, p, f, "≥ 1.0× pgmq, ≥ 0.9× floor", met)
+    q, p, f = (med(s, "drain", d1) for s in ("queue_ext", "pgmq", FLOOR))
+    add("claim + complete, 1 per call (`get_next_job` + `complete_job` / `read` + `archive` / "
+        "UPDATE SKIP LOCKED + DELETE)", "jobs/s", q, p, f, "≥ 1.0× pgmq", ge(q, p, 1.0))
+    q = med("queue_ext", "drain", "complete_and_get_next, 4 worker(s)")
+    add("`complete_and_get_next` (against `read` + `archive` / UPDATE SKIP LOCKED + DELETE)", "jobs/s",
+        q, p, f, "≥ 1.5× pgmq", ge(q, p, 1.5))
+    q, p, f = (med(s, "enqueue", eb) for s in ("queue_ext", "pgmq", FLOOR))
+    add(f"enqueue, batches of {batch:,} (`enqueue_jobs` / `send_batch` / INSERT ... SELECT unnest)", "jobs/s",
+        q, p, f, "≥ 1.0× pgmq", ge(q, p, 1.0))
+    q, p, f = (med(s, "drain", db) for s in ("queue_ext", "pgmq", FLOOR))
+    add("drain, batches of 100 in one transaction (`get_next_jobs` + `complete_jobs` / `read` + "
+        "`archive(ids)` / UPDATE SKIP LOCKED + DELETE ANY)", "jobs/s", q, p, f, "≥ 1.0× pgmq", ge(q, p, 1.0))
     for k, limit in (("p50_ms", 2.0), ("p99_ms", 8.0)):
-        v, how = best("latency", f"idle enqueue->claim {k}", lower=True)
-        if v is not None:
-            add(f"idle latency {k[:3]} ≤ {limit:g} ms{how}", v, limit, "target", v / limit, v <= limit, "ms")
-    v, how = best("webhooks", "delivered per second")
-    if v is not None:
-        add(f"webhooks ≥ 20,000/s, none lost{how}", v, 20_000, "target", v / 20_000, v >= 20_000)
-    v, how = best("webhooks", "idle enqueue->request p50_ms", lower=True)
-    if v is not None:
-        add(f"webhook enqueue->request p50 ≤ 5 ms{how}", v, 5.0, "target", v / 5.0, v <= 5.0, "ms")
+        q, p = (med(s, "latency", f"idle enqueue->claim {k}") for s in ("queue_ext", "pgmq"))
+        add(f"idle latency enqueue → claim, {k[:3]}", "ms", q, p, None, f"≤ {limit:g} ms",
+            None if q is None else q <= limit)
+    q = med("queue_ext", "webhooks", "delivered per second")
+    if q is not None:
+        add("webhooks delivered by the dispatcher", "jobs/s", q, None, None, "≥ 20,000/s", q >= 20_000)
+    q = med("queue_ext", "webhooks", "idle enqueue->request p50_ms")
+    if q is not None:
+        add("webhook idle enqueue → request, p50", "ms", q, None, None, "≤ 5 ms", q <= 5.0)
     if history:
-        pct = history["pct_of_empty"]
-        add(f"{history['retained_jobs']:,} finished jobs retained: within 10% of empty-history throughput",
-            history["full_median"], history["empty_median"], "empty history", pct / 100, pct >= 90)
-    if out:
-        print("\n## Targets (medians of this run)\n")
-        print("| target | queue_ext | reference | ratio | met |\n|---|---:|---|---:|---|")
-        for t in out:
-            print(f"| {t['target']} | {fmt(t['queue_ext'], t['unit'])} {t['unit']} | "
-                  f"{fmt(t['reference'], t['unit'])} ({t['reference_is']}) | {t['ratio']:.2f} | "
-                  f"{'yes' if t['met'] else 'no'} |")
-    return out
+        add(f"claim + complete with {history['retained_jobs']:,} finished jobs retained, % of an empty history",
+            "%", history["pct_of_empty"], None, None, "≥ 90%", history["pct_of_empty"] >= 90)
+    return rows
+
+
+def headline_markdown(rows, quick):
+    def val(v, unit):
+        if v is None:
+            return "—"
+        return {"ms": f"{v:,.2f} ms", "%": f"{v:.0f}%"}.get(unit, f"{v:,.0f}/s")
+
+    def ratio(v):
+        return "—" if v is None else f"{v:.2f}×"
+
+    lines = ["## Headline (defaults, 4 clients)", "",
+             "| path | queue_ext | pgmq | floor | queue_ext/pgmq | queue_ext/floor | target | met |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        met = "not judged (--quick)" if quick else {True: "yes", False: "**no**", None: "—"}[r["met"]]
+        lines.append(f"| {r['path']} | {val(r['queue_ext'], r['unit'])} | {val(r['pgmq'], r['unit'])} | "
+                     f"{val(r['floor'], r['unit'])} | {ratio(r['queue_ext_over_pgmq'])} | "
+                     f"{ratio(r['queue_ext_over_floor'])} | {r['target']} | {met} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -873,7 +947,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default=None,
-                    help="comma-separated workloads (enqueue,drain,latency,webhooks,floor,history) and/or "
+                    help="comma-separated workloads (enqueue,drain,latency,webhooks,history; floor = enqueue,drain) and/or "
                          "peers (pgmq,graphile,peers); default: all of them (--quick: queue_ext's workloads "
                          "but history)")
     ap.add_argument("--retained", type=int, default=None, help="finished jobs retained for the history cell")
@@ -896,22 +970,34 @@ def main():
     pgmq_dsn, gw_dsn = db_dsn(dsn, "pgmq_bench"), db_dsn(dsn, "graphile_bench")
     gw_url = f"postgres://{conn.get('user', 'postgres')}@{conn.get('host', '127.0.0.1')}:{args.port}/graphile_bench"
 
+    global NOTIFY_FLIP
+    floor_dsn = floor_setup(dsn)
+    channel = wake_channel(dsn)
+    notify_default = create_queue_default(dsn, "notify_events", "notify")
+    flip = None if notify_default is None else {"notify_events": not notify_default}
+    if flip:
+        SYSTEMS[SYSTEMS.index(NOTIFY_FLIP)] = NOTIFY_FLIP = f"queue_ext, notify_events {'off' if notify_default else 'on'}"
     info = settings(dsn, peers)
+    info["latency_channel"] = channel
     print("# queue_ext benchmark")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"workloads: {', '.join(w for w in WORKLOADS if w in workloads)}; peers: {', '.join(sorted(peers)) or 'none'}")
+    print(f"workloads: {', '.join(w for w in WORKLOADS if w in workloads)}; peers: {', '.join(sorted(peers)) or 'none'}"
+          f"; the bare-SQL floor in every enqueue and drain cell")
+    print(f"queue_ext rows: create_queue(q) with its defaults (notify_events default: {notify_default}) unless the "
+          f"row names a setting; idle workers LISTEN on {channel}")
     print(f"job counts: {asdict(n)}; {reps} round(s), cells interleaved, systems rotating", flush=True)
     cells: dict[tuple, Cell] = {}
 
     def record(workload, variant, unit, value, system="queue_ext"):
         cells.setdefault((system, workload, variant), Cell(workload, variant, unit, system=system)).values.append(value)
-        print(f"  {system:<15} {workload:<8} {variant:<58} {value:>10.1f} {unit}", flush=True)
+        print(f"  {system:<32} {workload:<8} {variant:<45} {value:>10.1f} {unit}", flush=True)
 
     def cell(rep, workload, variant, unit, runs, in_quick=False):
         """Runs one cell for every selected system, back to back, the order rotating by round.
-        A run returning a dict (latency percentiles) records one cell per key."""
+        A run returning a dict (latency percentiles) records one cell per key. queue_ext's rows
+        and the floor always run; a peer's only when selected (in --quick, only in_quick cells)."""
         runs = [(s, fn) for s, fn in runs.items()
-                if s in OURS or (PEER_OF[s] in peers and (in_quick or not quick))]
+                if s in OURS or s in (FLOOR, NOTIFY_FLIP) or (PEER_OF[s] in peers and (in_quick or not quick))]
         k = rep % len(runs) if runs else 0
         for system, fn in runs[k:] + runs[:k]:
             got = fn()
@@ -923,46 +1009,56 @@ def main():
         print(f"round {rep + 1}/{reps}")
         if "enqueue" in workloads:
             for c in (1, 4):
-                cell(rep, "enqueue", f"1 per call, {c} connection(s)", "jobs/s", {
-                    "queue_ext": lambda: bench_enqueue(dsn, c, 1, n.enqueue),
-                    LEAN: lambda: bench_enqueue(dsn, c, 1, n.enqueue, lean=True),
-                    "pgmq": lambda: pgmq_enqueue(pgmq_dsn, c, 1, n.enqueue),
-                    "graphile-worker": lambda: gw_enqueue(gw_dsn, c, 1, n.enqueue)})
+                runs = {"queue_ext": lambda: bench_enqueue(dsn, c, 1, n.enqueue),
+                        LEAN: lambda: bench_enqueue(dsn, c, 1, n.enqueue, LEAN_CONFIG),
+                        "pgmq": lambda: pgmq_enqueue(pgmq_dsn, c, 1, n.enqueue),
+                        "graphile-worker": lambda: gw_enqueue(gw_dsn, c, 1, n.enqueue),
+                        FLOOR: lambda: floor_enqueue(floor_dsn, c, 1, n.enqueue)}
+                if c == 4 and flip:
+                    runs[NOTIFY_FLIP] = lambda: bench_enqueue(dsn, c, 1, n.enqueue, flip)
+                cell(rep, "enqueue", f"1 per call, {c} connection(s)", "jobs/s", runs, in_quick=(c == 4))
             b = n.enqueue_batch
-            cell(rep, "enqueue", f"batches of {b:,}", "jobs/s", {
-                "queue_ext": lambda: bench_enqueue(dsn, 1, b, n.enqueue_batched),
-                LEAN: lambda: bench_enqueue(dsn, 1, b, n.enqueue_batched, lean=True),
-                "pgmq": lambda: pgmq_enqueue(pgmq_dsn, 1, b, n.enqueue_batched),
-                "graphile-worker": lambda: gw_enqueue(gw_dsn, 1, b, n.enqueue_batched)})
+            for c in (1, 4):
+                cell(rep, "enqueue", f"batches of {b:,}, {c} connection(s)", "jobs/s", {
+                    "queue_ext": lambda: bench_enqueue(dsn, c, b, n.enqueue_batched),
+                    LEAN: lambda: bench_enqueue(dsn, c, b, n.enqueue_batched, LEAN_CONFIG),
+                    "pgmq": lambda: pgmq_enqueue(pgmq_dsn, c, b, n.enqueue_batched),
+                    "graphile-worker": lambda: gw_enqueue(gw_dsn, c, b, n.enqueue_batched),
+                    FLOOR: lambda: floor_enqueue(floor_dsn, c, b, n.enqueue_batched)}, in_quick=(c == 4))
         if "drain" in workloads:
             for w in (1, 4, 8):
-                cell(rep, "drain", f"claim+complete, {w} worker(s)", "jobs/s", {
-                    "queue_ext": lambda: bench_drain(dsn, w, 1, n.drain),
-                    LEAN: lambda: bench_drain(dsn, w, 1, n.drain, lean=True),
-                    "pgmq": lambda: pgmq_drain(pgmq_dsn, w, 1, n.drain),
-                    "graphile-worker": lambda: gw_drain(gw_dsn, gw_url, w, 1, n.drain)}, in_quick=(w == 4))
-            if not quick:
-                cell(rep, "drain", "claim+complete, 4 worker(s), read + archive", "jobs/s", {
-                    "pgmq": lambda: pgmq_drain(pgmq_dsn, 4, 1, n.drain, finish="archive")})
+                runs = {"queue_ext": lambda: bench_drain(dsn, w, 1, n.drain),
+                        LEAN: lambda: bench_drain(dsn, w, 1, n.drain, config=LEAN_CONFIG),
+                        "pgmq": lambda: pgmq_drain(pgmq_dsn, w, 1, n.drain, finish="archive"),
+                        "graphile-worker": lambda: gw_drain(gw_dsn, gw_url, w, 1, n.drain),
+                        FLOOR: lambda: floor_drain(floor_dsn, w, 1, n.drain)}
+                if w == 4:
+                    runs[PGMQ_DEL] = lambda: pgmq_drain(pgmq_dsn, w, 1, n.drain, finish="delete")
+                    if flip:
+                        runs[NOTIFY_FLIP] = lambda: bench_drain(dsn, w, 1, n.drain, config=flip)
+                cell(rep, "drain", f"claim+complete, {w} worker(s)", "jobs/s", runs, in_quick=(w == 4))
             for w in (1, 4):  # the same drain with row level security off (what RLS costs a claim)
-                record("drain", f"claim+complete, {w} worker(s), RLS off", "jobs/s",
-                       bench_drain(dsn, w, 1, n.drain, rls=False))
+                record("drain", f"claim+complete, {w} worker(s)", "jobs/s",
+                       bench_drain(dsn, w, 1, n.drain, rls=False), RLS_OFF)
             for w in (1, 4):
                 cell(rep, "drain", f"complete_and_get_next, {w} worker(s)", "jobs/s", {
                     "queue_ext": lambda: bench_drain(dsn, w, 0, n.drain),
-                    LEAN: lambda: bench_drain(dsn, w, 0, n.drain, lean=True)})
+                    LEAN: lambda: bench_drain(dsn, w, 0, n.drain, config=LEAN_CONFIG)})
             for w in (1, 4):
-                cell(rep, "drain", f"batches of 100, {w} worker(s)", "jobs/s", {
-                    "queue_ext": lambda: bench_drain(dsn, w, 100, n.drain_batched),
-                    LEAN: lambda: bench_drain(dsn, w, 100, n.drain_batched, lean=True),
-                    "pgmq": lambda: pgmq_drain(pgmq_dsn, w, 100, n.drain_batched),
-                    "graphile-worker": lambda: gw_drain(gw_dsn, gw_url, w, 100, n.drain_batched)})
+                runs = {"queue_ext": lambda: bench_drain(dsn, w, 100, n.drain_batched),
+                        LEAN: lambda: bench_drain(dsn, w, 100, n.drain_batched, config=LEAN_CONFIG),
+                        "pgmq": lambda: pgmq_drain(pgmq_dsn, w, 100, n.drain_batched, finish="archive"),
+                        "graphile-worker": lambda: gw_drain(gw_dsn, gw_url, w, 100, n.drain_batched),
+                        FLOOR: lambda: floor_drain(floor_dsn, w, 100, n.drain_batched)}
+                if w == 4:
+                    runs[PGMQ_DEL] = lambda: pgmq_drain(pgmq_dsn, w, 100, n.drain_batched, finish="delete")
+                cell(rep, "drain", f"batches of 100, {w} worker(s)", "jobs/s", runs, in_quick=(w == 4))
         if "latency" in workloads:
             cell(rep, "latency", "idle enqueue->claim", "ms", {
-                "queue_ext": lambda: bench_latency(dsn, n.latency),
-                LEAN: lambda: bench_latency(dsn, n.latency, lean=True),
+                "queue_ext": lambda: bench_latency(dsn, n.latency, channel),
+                LEAN: lambda: bench_latency(dsn, n.latency, channel, LEAN_CONFIG),
                 "pgmq": lambda: pgmq_latency(pgmq_dsn, n.latency),
-                "graphile-worker": lambda: gw_latency(gw_dsn, gw_url, n.latency)})
+                "graphile-worker": lambda: gw_latency(gw_dsn, gw_url, n.latency)}, in_quick=True)
         if "webhooks" in workloads:
             for system in (OURS if rep % 2 == 0 else OURS[::-1]):
                 hooks = bench_webhooks(dsn, args.sink_port, n.webhooks, lean=system == LEAN)
@@ -974,12 +1070,6 @@ def main():
                 paced = bench_webhooks(dsn, args.sink_port, n.webhooks_paced, paced=True, lean=system == LEAN)
                 for k in ("p50_ms", "p99_ms"):
                     record("webhooks", f"idle enqueue->request {k}", "ms", paced[k], system)
-        if "floor" in workloads:
-            for c in (1, 4):
-                floor = pgbench_floor(args.port, c, n.floor // c)
-                extra.setdefault(f"floor_{c}", []).append(floor)
-                for k, v in floor.items():
-                    record("floor", f"pgbench {k}, {c} client(s)", "ops/s", v)
 
     history = None
     if "history" in workloads:
@@ -1009,26 +1099,51 @@ def main():
     for c in cells.values():
         med, lo, hi = c.summary()
         print(f"| {c.system} | {c.workload} | {c.variant} | {med:,.1f} | {lo:,.1f} – {hi:,.1f} | {c.unit} |")
-    print_vs_floor(cells)
     print_side_by_side(cells)
     if history:
         print(f"\nhistory: with {history['retained_jobs']:,} finished jobs retained ({history['history_rows']:,} "
               f"history rows, {history['size']}) the 4-worker claim+complete drain runs at "
               f"{history['pct_of_empty']:.0f}% of the empty-history throughput (medians; per round: "
               + ", ".join(f"{p:.0f}%" for p in history["pct_paired_rounds"]) + ")")
-    goals = [] if quick else targets(cells, history)  # --quick counts are too small to mean anything
+    rows = headline(cells, history, quick, n.enqueue_batch)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    out = results / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if quick else ''}.json"
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if quick else ''}"
+    out = results / f"{stem}.json"
     out.write_text(json.dumps({"settings": info, "counts": asdict(n), "reps": reps,
                                "workloads": sorted(workloads), "peers": sorted(peers),
-                               "cells": [asdict(c) for c in cells.values()], "extra": extra, "targets": goals},
+                               "cells": [asdict(c) for c in cells.values()], "extra": extra, "headline": rows},
                               indent=2))
-    print(f"\nwrote {out}")
-    checked = ["every drain of every system processed each job exactly once"]
+    checked = ["every drain of every system (the floor too) processed each job exactly once",
+               "every enqueue stored what it sent", f"every latency job was claimed after a wake-up on {channel}"]
     if "webhooks" in workloads:
         checked.append("webhooks: none lost")
-    print("correctness: " + "; ".join(checked))
+    print("\ncorrectness: " + "; ".join(checked))
+    print(f"wrote {out}")
+    table = headline_markdown(rows, quick)
+    note = (f"queue_ext: create_queue(q) and nothing else; pgmq {info.get('pgmq', '(not run)')}, drains finishing "
+            f"with archive; floor: a plain table through the same client (psycopg), same connections. Medians of "
+            f"{reps} round(s), jobs/s unless marked (latency: lower is better, so a ratio under 1 is ahead). "
+            f"Latency: idle worker on LISTEN {channel}." + (" --quick: counts too small to judge speed." if quick else ""))
+    settings_line = "settings: " + ", ".join(f"{k}={v}" for k, v in info.items())
+    md = results / f"{stem}-headline.md"
+    md.write_text(f"{table}\n\n{note}\n\n{settings_line}\n")
+    print(f"wrote {md}\n\n{table}\n\n{note}")
+
+
+def create_queue_default(dsn, param, column):
+    """create_queue's default for one setting, read back from a queue made with nothing else
+    (None when create_queue has no such parameter): the non-default row is its opposite."""
+    with connect(dsn) as c:
+        if not c.execute("""SELECT bool_or(%s = ANY(p.proargnames)) FROM pg_proc AS p
+                            WHERE p.oid IN (SELECT oid FROM pg_proc WHERE proname = 'create_queue'
+                                            AND pronamespace = 'queue_ext'::regnamespace)""", [param]).fetchone()[0]:
+            return None
+        fresh_queue(dsn, "bench_probe")
+        got = c.execute("SELECT to_jsonb(q) -> %s FROM queue_ext.queues AS q WHERE q.queue_name = 'bench_probe'",
+                        [column]).fetchone()[0]
+        c.execute("SELECT queue_ext.drop_queue('bench_probe', force => true)")
+    return got if isinstance(got, bool) else None
 
 
 if __name__ == "__main__":

@@ -3,8 +3,12 @@
 # synchronous_commit on, fsync on) with a local webhook sink, and its peers (pgmq, graphile-worker)
 # side by side on the same cluster, each in its own database. Pass --quick for the smoke test.
 #   bash bench/run.sh [--quick] [--reps N] [--retained N]
-#                     [--only enqueue,drain,latency,webhooks,floor,history,pgmq,graphile,peers]
-# The default runs everything (history: 5 million finished jobs retained; it takes minutes).
+#                     [--only enqueue,drain,latency,webhooks,history,pgmq,graphile,peers]
+# The default runs everything (history: 5 million finished jobs retained; it takes minutes) and
+# ends with the headline table: queue_ext as created with its defaults against pgmq and a
+# bare-SQL floor (a plain table through the same client) at 4 clients, with the ratios and
+# targets (also written to bench/results/*-headline.md). The floor runs in every enqueue and
+# drain cell; `floor` in --only means enqueue,drain.
 # --quick runs queue_ext's workloads but history, no peers, and needs no network; peers or
 # history named in --only run small. Peers missing on this machine are fetched first from their
 # registries (bench/peers/setup.sh: the pgmq crate via cargo, graphile-worker via npm ci).
