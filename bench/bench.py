@@ -11,7 +11,7 @@ interleaved, reported as median and range:
                batches of 100 in one transaction; the unbatched drain with row level security
                off. Drain workers log in as an ordinary queue_ext_worker role.
   latency      an idle worker asleep in LISTEN (queue_ext_jobs when the installed build has
-               it, else queue_ext_events); enqueue -> claim p50/p95/p99
+               it, else queue_ext_events); jobs enqueued 10 ms apart; enqueue -> claim p50/p95/p99
   webhooks     jobs delivered by the background dispatcher to a local sink: delivered/s,
                enqueue -> request p50/p99, lost and duplicated counted at the sink
   history      the 4-worker claim+complete drain with an empty history and with 5,000,000
@@ -272,6 +272,10 @@ def bench_drain(dsn, workers, batch, n, rls=True, config=None):
 # commit); a build without it has only the status events on queue_ext_events (one JSON object
 # per transition, for queues with notify on). Chosen once per run by wake_channel().
 JOBS_CHANNEL, EVENTS_CHANNEL = "queue_ext_jobs", "queue_ext_events"
+# Between two enqueues of a latency cell (every system): long enough that the idle worker has
+# claimed and finished the previous job even when a commit takes several ms on a loaded machine,
+# so the figure is the wake-up and claim, not a backlog.
+LATENCY_GAP_S = 0.01
 
 
 def wake_channel(dsn):
@@ -281,10 +285,11 @@ def wake_channel(dsn):
 
 
 def latency_listener(dsn, queue, n, channel, ready, out):
-    """An idle worker: sleeps in LISTEN, and when woken for its queue claims until the queue is
-    empty (one wake-up may stand for several jobs: notifications coalesce)."""
+    """An idle worker: sleeps in LISTEN and claims when woken for its queue: on queue_ext_jobs
+    until the queue is empty (one wake-up may stand for several jobs), on queue_ext_events once
+    per 'queued' event (one event per job)."""
     lat = []
-    deadline = time.time() + 300
+    deadline = time.time() + 30 + 0.05 * n  # a missed wake-up fails the cell, not hangs it
     with connect(dsn) as listen, connect(dsn) as work:
         listen.execute(f"LISTEN {channel}")
         ready.set()
@@ -304,6 +309,8 @@ def latency_listener(dsn, queue, n, channel, ready, out):
                         break
                     lat.append(time.time() - row[0]["t0"])
                     work.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [row[1], row[2]], prepare=True)
+                    if channel == EVENTS_CHANNEL:
+                        break
     out.put(lat)
 
 
@@ -317,7 +324,7 @@ def bench_latency(dsn, n, channel, config=None):
     with connect(dsn) as c:
         for _ in range(n):
             c.execute("SELECT queue_ext.enqueue_job(%s, jsonb_build_object('t0', %s::float8))", [queue, time.time()], prepare=True)
-            time.sleep(0.003)
+            time.sleep(LATENCY_GAP_S)
     lat = sorted(out.get(timeout=360))
     p.join()
     if len(lat) != n:
@@ -506,7 +513,7 @@ def pgmq_latency(dsn, n):
     with connect(dsn) as c:
         for _ in range(n):
             c.execute("SELECT pgmq.send(%s, jsonb_build_object('t0', %s::float8))", [q, time.time()], prepare=True)
-            time.sleep(0.003)
+            time.sleep(LATENCY_GAP_S)
     lat, ids = out.get(timeout=360)
     p.join()
     left = pgmq_count(dsn, f"q_{q}")
@@ -586,7 +593,7 @@ def gw_latency(dsn, url, n):
             for _ in range(n):
                 c.execute("SELECT graphile_worker.add_job('lat', json_build_object('t0', %s::float8))",
                           [time.time()], prepare=True)
-                time.sleep(0.003)
+                time.sleep(LATENCY_GAP_S)
         rest, err = proc.communicate(timeout=360)
     finally:
         if proc.poll() is None:
