@@ -43,6 +43,7 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.job_status(uuid),
     queue_ext.list_queues(),
     queue_ext.queue_stats(),
+    queue_ext.metrics(),
     queue_ext.worker_health(),
     queue_ext.health(),
     queue_ext.dispatcher_status(),

@@ -67,6 +67,11 @@ extension_sql_file!(
     requires = ["events", status::dispatcher_states]
 );
 extension_sql_file!(
+    "../sql/metrics.sql",
+    name = "metrics",
+    requires = ["monitoring"]
+);
+extension_sql_file!(
     "../sql/integrations.sql",
     name = "integrations",
     requires = ["monitoring"]

@@ -70,6 +70,7 @@ FUNCTIONS = """
 | update_progress        | -        | x      | x     | -    |
 | process_jobs           | -        | x      | x     | -    |
 | queue_stats            | -        | x      | x     | -    |
+| metrics                | -        | x      | x     | -    |
 | worker_health          | -        | x      | x     | -    |
 | health                 | -        | x      | x     | -    |
 | dispatcher_status      | -        | x      | x     | -    |
