@@ -8,7 +8,7 @@ PGRX_VERSION=0.18.0
 
 need_apt=()
 for pkg in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo \
-           postgresql-$PG_MAJOR-cron python3 curl; do
+           postgresql-$PG_MAJOR-cron python3 curl chromium chromium-driver; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -29,6 +29,12 @@ fi
 if ! python3 -c "import psycopg, pytest" 2>/dev/null; then
   echo "setup: installing psycopg and pytest from PyPI"
   python3 -m pip install -q "psycopg[binary]==3.3.9" "pytest>=8"
+fi
+
+# The dashboard's tests: a real browser (Debian's chromium, above), the Prometheus parser.
+if ! python3 -c "import selenium, prometheus_client, requests" 2>/dev/null; then
+  echo "setup: installing selenium, prometheus_client and requests from PyPI"
+  python3 -m pip install -q "selenium==4.40.0" "prometheus_client==0.26.0" "requests==2.34.2"
 fi
 
 PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config

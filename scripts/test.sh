@@ -18,6 +18,7 @@ step() { echo; echo "=== $* ==="; }
 step "1/6 cargo fmt --check and clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets --features pg_test -- -D warnings
+cargo clippy -p queue_ext-dashboard --all-targets -- -D warnings
 
 step "2/6 cargo pgrx test (unit and in-database tests)"
 pgdata=/tmp/queue_ext_pgrx_test
@@ -37,6 +38,9 @@ bash pg_test/isolation/run.sh
 bash pg_test/upgrade.sh
 
 step "5/6 pytest (tests/)"
+# tests/test_dashboard.py runs this binary (target/debug/queue_ext-dashboard).
+cargo build -p queue_ext-dashboard
+cargo test -p queue_ext-dashboard
 python3 -m pytest -q tests
 
 step "6/6 benchmark smoke test (bench --quick)"
