@@ -4,7 +4,7 @@ Every page and action, with and without a token, read-only, without the CSRF tok
 role that may not act; hostile payloads rendered as text; /metrics parsed by prometheus_client
 and each value compared with SQL; headless Chromium sees counts change live and retries a
 dead job from the page. Screenshots of every page go to tests/screenshots/."""
-import json
+import datetime
 import os
 import re
 import socket
@@ -247,6 +247,17 @@ def test_actions(cluster, jobs, admin):
         assert [state(j) for j in many] == ["queued", "queued", "dead"]
         assert admin.post("/dead/purge", {"csrf": token, "queue": "mail", "older_than": "0 seconds"}).status_code == 303
         assert conn.execute("SELECT count(*) FROM queue_ext.job_dead_letter WHERE queue_name = 'mail'").fetchone()[0] == 0
+        # Limits, through set_rate_limit and set_concurrency_limit.
+        assert admin.post("/limits", {"csrf": token, "kind": "rate", "key": "tenant-1", "max": "5",
+                                      "per": "10 seconds", "burst": "2"}).status_code == 303
+        assert conn.execute("SELECT max_jobs, per, burst FROM queue_ext.rate_limits WHERE key = 'tenant-1'").fetchone() \
+            == (5, datetime.timedelta(seconds=10), 2)
+        assert admin.post("/limits", {"csrf": token, "kind": "concurrency", "key": "acct-9", "max": "3"}).status_code == 303
+        assert conn.execute("SELECT max_running FROM queue_ext.concurrency_limits WHERE key = 'acct-9'").fetchone() == (3,)
+        assert "<td>tenant-1</td><td>5</td><td>00:00:10</td><td>2</td>" in admin.get("/").text
+        assert admin.post("/limits", {"csrf": token, "kind": "rate", "key": "k", "max": "many"}).status_code == 400
+        assert admin.post("/limits", {"csrf": token, "kind": "rate", "key": "k", "max": "0"}).status_code == 400
+
         # A hostile dead letter again, for the browser test.
         conn.execute("SELECT queue_ext.create_queue('spam')")
         jobs["dead"] = conn.execute("SELECT queue_ext.enqueue_job('spam', jsonb_build_object('html', %s::text))",
@@ -274,7 +285,8 @@ def test_read_only_hides_and_refuses(cluster, jobs, admin):
         dead = ro.get("/dead").text
         assert "retry-one" not in dead and 'action="/dead/purge"' not in dead
         token = admin.csrf()  # a real token from the other process: still refused
-        for path in ("/queues/mail/pause", f"/jobs/{jobs['dead']}/retry", "/dead/purge"):
+        assert 'id="set-limit"' not in page
+        for path in ("/queues/mail/pause", f"/jobs/{jobs['dead']}/retry", "/dead/purge", "/limits"):
             r = ro.post(path, {"csrf": token})
             assert r.status_code == 403 and "read-only" in r.text, path
         with cluster.connect() as conn:

@@ -417,7 +417,65 @@ impl Db {
         }))
     }
 
+    pub async fn limits(&self) -> Result<Vec<Limit>> {
+        let rows = self
+            .rows(
+                "SELECT l.kind, l.key, l.max_jobs, l.per::text, l.burst, l.tokens, l.max_running,
+                        l.active, l.waiting, l.runnable
+                 FROM queue_ext.list_limits() AS l ORDER BY 1, 2",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Limit {
+                kind: r.get(0),
+                key: r.get(1),
+                max_jobs: r.get(2),
+                per: r.get(3),
+                burst: r.get(4),
+                tokens: r.get(5),
+                max_running: r.get(6),
+                active: r.get(7),
+                waiting: r.get(8),
+                runnable: r.get(9),
+            })
+            .collect())
+    }
+
     // Actions: queue_ext's own functions, which check the caller's role.
+
+    /// A rate limit (`max` jobs per `per`, `burst`) or a concurrency limit (`max` running).
+    pub async fn set_limit(
+        &self,
+        kind: &str,
+        key: &str,
+        max: i32,
+        per: Option<&str>,
+        burst: Option<i32>,
+    ) -> Result<()> {
+        match kind {
+            "rate" => self
+                .rows(
+                    "SELECT queue_ext.set_rate_limit($1, $2, coalesce($3::text::interval, interval '1 second'),
+                                                     coalesce($4::int, 1))",
+                    &[&key, &max, &per.filter(|p| !p.is_empty()), &burst],
+                )
+                .await
+                .map(|_| ()),
+            "concurrency" => self
+                .rows(
+                    "SELECT queue_ext.set_concurrency_limit($1, $2)",
+                    &[&key, &max],
+                )
+                .await
+                .map(|_| ()),
+            other => Err(DbError {
+                code: Some("22023".into()),
+                message: format!("unknown limit kind {:?}", truncate(other, 40)),
+            }),
+        }
+    }
 
     pub async fn pause(&self, queue: &str, pause: bool) -> Result<()> {
         let sql = if pause {
@@ -499,6 +557,20 @@ pub struct QueueCounts {
     pub retrying: i64,
     pub running: i64,
     pub dead: i64,
+}
+
+#[derive(Serialize)]
+pub struct Limit {
+    pub kind: String,
+    pub key: String,
+    pub max_jobs: Option<i32>,
+    pub per: Option<String>,
+    pub burst: Option<i32>,
+    pub tokens: Option<f64>,
+    pub max_running: Option<i32>,
+    pub active: Option<i32>,
+    pub waiting: Option<i64>,
+    pub runnable: Option<i64>,
 }
 
 #[derive(Serialize)]

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use serde_json::Value;
 
-use crate::db::{DeadRow, Dispatcher, JobDetail, JobFilter, JobRow, QueueCounts};
+use crate::db::{DeadRow, Dispatcher, JobDetail, JobFilter, JobRow, Limit, QueueCounts};
 
 pub struct View {
     pub csrf: String,
@@ -132,6 +132,7 @@ pub fn overview(
     throughput: &[(String, i32, i64, f64)],
     dispatchers: &[Dispatcher],
     health: &Value,
+    limits: &[Limit],
 ) -> String {
     let mut b = String::new();
     // health(): status and reasons.
@@ -256,6 +257,38 @@ pub fn overview(
         );
     }
     b.push_str("</tbody></table></section>");
+
+    b.push_str(r#"<section id="limits"><h2>Limits</h2><table id="limit-table"><thead><tr><th>Kind</th><th>Key</th><th>Max</th><th>Per</th><th>Burst</th><th>Tokens</th><th>Running</th><th>Waiting</th><th>Runnable</th></tr></thead><tbody>"#);
+    let num = |n: Option<i64>| n.map(|n| n.to_string()).unwrap_or_default();
+    for l in limits {
+        let max = if l.kind == "rate" {
+            l.max_jobs
+        } else {
+            l.max_running
+        };
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&l.kind),
+            esc(&l.key),
+            num(max.map(i64::from)),
+            opt(&l.per),
+            num(l.burst.map(i64::from)),
+            l.tokens.map(|t| format!("{t:.1}")).unwrap_or_default(),
+            num(l.active.map(i64::from)),
+            num(l.waiting),
+            num(l.runnable)
+        );
+    }
+    b.push_str("</tbody></table>");
+    if !v.read_only {
+        let _ = write!(
+            b,
+            r#"<form method="post" action="/limits" id="set-limit" data-confirm="Change this limit?"><input type="hidden" name="csrf" value="{}"><select name="kind"><option value="rate">rate</option><option value="concurrency">concurrency</option></select> <input name="key" placeholder="key"> max <input name="max" size="5"> per <input name="per" placeholder="1 second" size="10"> burst <input name="burst" size="4"> <button>Set limit</button></form>"#,
+            esc(&v.csrf)
+        );
+    }
+    b.push_str("</section>");
     layout(v, "Overview", &b)
 }
 

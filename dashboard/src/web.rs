@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dead", get(dead_page))
         .route("/dead/retry", post(retry_many))
         .route("/dead/purge", post(purge))
+        .route("/limits", post(set_limit))
         .route("/login", get(login_page).post(login))
         .route("/logout", post(logout))
         .route("/events", get(events))
@@ -171,6 +172,7 @@ async fn overview(State(s): State<AppState>) -> Response {
     let throughput = s.db.throughput().await.unwrap_or_default();
     let dispatchers = s.db.dispatchers().await.unwrap_or_default();
     let health = s.db.health().await.unwrap_or(serde_json::Value::Null);
+    let limits = s.db.limits().await.unwrap_or_default();
     Html(pages::overview(
         &s.view(),
         &counts,
@@ -178,6 +180,7 @@ async fn overview(State(s): State<AppState>) -> Response {
         &throughput,
         &dispatchers,
         &health,
+        &limits,
     ))
     .into_response()
 }
@@ -363,6 +366,42 @@ async fn purge(State(s): State<AppState>, body: Bytes) -> Response {
         .await
     {
         Ok(_) => Redirect::to(&form.back("/dead")).into_response(),
+        Err(e) => db_error(e, false),
+    }
+}
+
+async fn set_limit(State(s): State<AppState>, body: Bytes) -> Response {
+    let form = Form::parse(&body);
+    if let Some(r) = check_action(&s, &form) {
+        return r;
+    }
+    let number = |name: &str| {
+        form.get(name)
+            .filter(|v| !v.is_empty())
+            .map(str::parse::<i32>)
+    };
+    let (max, burst) = match (number("max"), number("burst")) {
+        (Some(Ok(m)), None) => (m, None),
+        (Some(Ok(m)), Some(Ok(b))) => (m, Some(b)),
+        _ => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "max (and burst) must be whole numbers",
+            )
+        }
+    };
+    match s
+        .db
+        .set_limit(
+            form.get("kind").unwrap_or(""),
+            form.get("key").unwrap_or(""),
+            max,
+            form.get("per"),
+            burst,
+        )
+        .await
+    {
+        Ok(()) => Redirect::to("/#limits").into_response(),
         Err(e) => db_error(e, false),
     }
 }
