@@ -161,6 +161,11 @@ def test_every_page_renders_what_sql_says(cluster, jobs, admin):
     by_payload = admin.get("/queues/mail", params={"key": "user", "value": "bob"}).text
     assert set(re.findall(r'<a href="/jobs/([0-9a-f-]{36})">', by_payload)) == {str(jobs["queued"])}
     assert admin.get("/queues/nope").status_code == 404
+    ids = lambda **p: set(re.findall(r'<a href="/jobs/([0-9a-f-]{36})">', admin.get("/queues/mail", params=p).text))
+    assert ids(state="completed", since="2000-01-01") == {str(jobs["done"])}
+    assert ids(state="completed", until="2000-01-01") == set()
+    assert ids(state="completed", since="2999-01-01 00:00") == set()
+    assert admin.get("/queues/mail", params={"since": "yesterday-ish"}).status_code == 400
 
     done = admin.get(f"/jobs/{jobs['done']}").text
     assert '<span id="state">completed</span>' in done and "&quot;sent&quot;: true" in done

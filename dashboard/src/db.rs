@@ -231,6 +231,8 @@ impl Db {
                AND ($3::text IS NULL OR j.payload ->> $3 = $4)
                AND ($5::text IS NULL OR j.priority::text = $5)
                AND ($6::text IS NULL OR j.id < $6::text::uuid)
+               AND ($8::text IS NULL OR j.{time_col} >= $8::text::timestamptz)
+               AND ($9::text IS NULL OR j.{time_col} < $9::text::timestamptz)
              ORDER BY j.id DESC LIMIT $7"
         );
         let before = match f.before.as_deref().filter(|s| !s.is_empty()) {
@@ -241,6 +243,8 @@ impl Db {
         let key = f.key.clone().filter(|s| !s.is_empty());
         let priority = f.priority.clone().filter(|s| !s.is_empty());
         let limit = f.limit;
+        let since = f.since.clone().filter(|s| !s.is_empty());
+        let until = f.until.clone().filter(|s| !s.is_empty());
         let rows = self
             .rows(
                 &sql,
@@ -252,6 +256,8 @@ impl Db {
                     &priority,
                     &before,
                     &limit,
+                    &since,
+                    &until,
                 ],
             )
             .await?;
@@ -596,6 +602,9 @@ pub struct JobFilter {
     pub value: Option<String>,
     pub priority: Option<String>,
     pub before: Option<String>,
+    /// Bounds on the job's time: created (live jobs), finished or died.
+    pub since: Option<String>,
+    pub until: Option<String>,
     #[serde(skip)]
     pub limit: i64,
 }

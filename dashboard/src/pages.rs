@@ -348,7 +348,7 @@ pub fn queue(v: &View, c: &QueueCounts, f: &JobFilter, jobs: &[JobRow], more: bo
     });
     let _ = write!(
         b,
-        r#"<form method="get" action="{}" class="filters">{} {} <input name="key" placeholder="payload key" value="{}"> = <input name="value" placeholder="value" value="{}"> <button>Filter</button></form>"#,
+        r#"<form method="get" action="{}" class="filters">{} {} <input name="key" placeholder="payload key" value="{}"> = <input name="value" placeholder="value" value="{}"> from <input name="since" placeholder="2026-01-31 12:00" value="{}"> to <input name="until" placeholder="time" value="{}"> <button>Filter</button></form>"#,
         esc(&back),
         select("state", &STATES, f.state.as_deref(), "live (any state)"),
         select(
@@ -358,7 +358,9 @@ pub fn queue(v: &View, c: &QueueCounts, f: &JobFilter, jobs: &[JobRow], more: bo
             "any priority"
         ),
         opt(&f.key),
-        opt(&f.value)
+        opt(&f.value),
+        opt(&f.since),
+        opt(&f.until)
     );
     b.push_str(r#"<table id="jobs"><thead><tr><th>Job</th><th>State</th><th>Priority</th><th>Attempt</th><th>Time</th><th>Payload</th><th>Last error</th></tr></thead><tbody>"#);
     for j in jobs {
@@ -390,6 +392,8 @@ pub fn queue(v: &View, c: &QueueCounts, f: &JobFilter, jobs: &[JobRow], more: bo
                 ("priority", &f.priority),
                 ("key", &f.key),
                 ("value", &f.value),
+                ("since", &f.since),
+                ("until", &f.until),
             ] {
                 if let Some(val) = val.as_deref().filter(|x| !x.is_empty()) {
                     qs.append_pair(k, val);
