@@ -232,6 +232,11 @@ def test_actions(cluster, jobs, admin):
         assert r.status_code == 303 and paused() is True
         assert "<td data-k=\"paused\">paused</td>" in admin.get("/").text
         assert admin.post("/queues/mail/resume", {"csrf": token}).status_code == 303 and paused() is False
+        # Where to go afterwards is a path of ours, never another site or a header.
+        for back in ("//evil.example/", "https://evil.example/", "/\r\nSet-Cookie: a=b", "/\u00e9"):
+            r = admin.post("/queues/mail/resume", {"csrf": token, "back": back})
+            assert r.status_code == 303 and r.headers["location"] == "/", back
+        assert admin.post("/queues/mail/resume", {"csrf": token, "back": "/dead"}).headers["location"] == "/dead"
 
         victim = conn.execute("SELECT queue_ext.enqueue_job('mail', '{\"cancel\": true}')").fetchone()[0]
         assert admin.post(f"/jobs/{victim}/cancel", {"csrf": token}).status_code == 303
@@ -326,9 +331,12 @@ def test_token_auth(cluster, jobs):
         cookies = {"queue_ext_session": r.cookies["queue_ext_session"]}
         assert d.get("/", cookies=cookies).status_code == 200
         assert d.get("/", cookies={"queue_ext_session": "f" * 64}).status_code == 401
-        # Logged in, actions still need the CSRF token.
+        # Logged in, actions still need the CSRF token, which the public login page does not show.
+        action_csrf = d.csrf(cookies=cookies)
+        assert action_csrf != csrf
         assert d.post("/queues/mail/pause", {}, cookies=cookies).status_code == 403
-        assert d.post("/logout", {"csrf": csrf}, cookies=cookies).status_code == 303
+        assert d.post("/queues/mail/pause", {"csrf": csrf}, cookies=cookies).status_code == 403
+        assert d.post("/logout", {"csrf": action_csrf}, cookies=cookies).status_code == 303
         assert d.get("/api/queues", cookies=cookies).status_code == 401
     finally:
         d.stop()

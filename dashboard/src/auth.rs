@@ -12,7 +12,11 @@ use std::sync::Mutex;
 
 pub struct Auth {
     token: Option<String>,
+    /// For actions: printed only into pages that passed authentication.
     pub csrf: String,
+    /// For the login form, which anyone who reaches the port can load: a different value,
+    /// so that learning it tells nothing about the one actions need.
+    pub login_csrf: String,
     sessions: Mutex<HashSet<String>>,
 }
 
@@ -39,6 +43,7 @@ impl Auth {
         Auth {
             token,
             csrf: random_hex(32),
+            login_csrf: random_hex(32),
             sessions: Mutex::new(HashSet::new()),
         }
     }

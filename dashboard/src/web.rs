@@ -271,7 +271,13 @@ impl Form {
     /// Where to go afterwards: a path of ours, never another site.
     fn back(&self, default: &str) -> String {
         match self.get("back") {
-            Some(b) if b.starts_with('/') && !b.starts_with("//") && !b.contains('\\') => {
+            // Visible ASCII only: it becomes a Location header.
+            Some(b)
+                if b.starts_with('/')
+                    && !b.starts_with("//")
+                    && !b.contains('\\')
+                    && b.bytes().all(|c| (0x21..0x7f).contains(&c)) =>
+            {
                 b.to_string()
             }
             _ => default.to_string(),
@@ -412,7 +418,7 @@ async fn login_page(State(s): State<AppState>) -> Response {
     if !s.auth.required() {
         return Redirect::to("/").into_response();
     }
-    Html(pages::login(&s.auth.csrf, false)).into_response()
+    Html(pages::login(&s.auth.login_csrf, false)).into_response()
 }
 
 async fn login(State(s): State<AppState>, body: Bytes) -> Response {
@@ -420,13 +426,16 @@ async fn login(State(s): State<AppState>, body: Bytes) -> Response {
     if !s.auth.required() {
         return Redirect::to("/").into_response();
     }
-    if !s.auth.csrf_ok(form.get("csrf")) {
+    if !form
+        .get("csrf")
+        .is_some_and(|c| auth::same(&s.auth.login_csrf, c))
+    {
         return refuse(StatusCode::FORBIDDEN, "missing or wrong CSRF token");
     }
     if !s.auth.token_ok(form.get("token").unwrap_or("")) {
         return (
             StatusCode::UNAUTHORIZED,
-            Html(pages::login(&s.auth.csrf, true)),
+            Html(pages::login(&s.auth.login_csrf, true)),
         )
             .into_response();
     }
