@@ -78,12 +78,13 @@ BEGIN
         END IF;
         RAISE EXCEPTION 'job % does not exist', retry_dead_job.job_id USING ERRCODE = '42704';
     END IF;
-    IF (queue_ext._queue(d.queue_name)).is_webhook THEN  -- raises if the queue was dropped since
-        PERFORM queue_ext._wake_dispatcher_at_commit();
-    END IF;
+    PERFORM queue_ext._queue(d.queue_name);  -- raises if the queue was dropped since
     PERFORM queue_ext._check_limit_keys(d.rate_limit_key, d.concurrency_key);
     IF d.concurrency_key IS NOT NULL AND NOT queue_ext._take_slot(d.concurrency_key) THEN
         initial := 'waiting';
+    END IF;
+    IF initial = 'queued' THEN
+        PERFORM queue_ext._announce(d.queue_name);
     END IF;
     INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, attempt, max_attempts,
         last_error, errors, enqueued_by, created_at, rate_limit_key, concurrency_key)

@@ -87,9 +87,7 @@ BEGIN
         CONTINUE WHEN NOT FOUND;
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
         VALUES (j.id, j.queue_name, 'waiting', 'queued', j.attempt, j.enqueued_by);
-        IF (SELECT is_webhook FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
-            PERFORM queue_ext._wake_dispatcher_at_commit();
-        END IF;
+        PERFORM queue_ext._announce(j.queue_name);
     END LOOP;
 END
 $$;

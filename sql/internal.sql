@@ -243,3 +243,21 @@ BEGIN
     RAISE EXCEPTION 'job % does not exist', job_id USING ERRCODE = '42704';
 END
 $$;
+
+-- Tells whoever drains queue_name that it has runnable jobs once the transaction commits:
+-- the dispatcher (which claims if it is a webhook queue) and SQL workers, with
+-- `NOTIFY queue_ext_jobs, '<queue>'`. The dispatcher sends that after the commit, one per
+-- queue per turn, so producers never take NOTIFY's database-wide commit lock; with no
+-- dispatcher attached to this database (not preloaded, or not up yet) the transaction
+-- sends it itself. For the rarer transitions; enqueues do the same inline.
+CREATE FUNCTION queue_ext._announce(queue_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM queue_ext._wake_dispatcher_at_commit();
+    IF NOT queue_ext._announce_at_commit(queue_name) THEN
+        PERFORM pg_notify('queue_ext_jobs', queue_name);
+    END IF;
+END
+$$;

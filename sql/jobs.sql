@@ -119,8 +119,14 @@ BEGIN
         -- No history row to publish it: say so directly, so that LISTENing workers wake up.
         PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL);
     END IF;
-    IF q.is_webhook AND initial = 'queued' THEN
+    -- Webhook queues are the dispatcher's to deliver; SQL workers hear of the others
+    -- (inline rather than _announce(): this is the hottest path).
+    IF initial <> 'queued' OR start > now() THEN
+        NULL;
+    ELSIF q.is_webhook THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
+    ELSIF NOT queue_ext._announce_at_commit(q.queue_name) THEN
+        PERFORM pg_notify('queue_ext_jobs', q.queue_name);
     END IF;
     RETURN new_id;
 END
@@ -174,8 +180,12 @@ BEGIN
         WHERE l.key = enqueue_jobs.concurrency_key;
     END IF;
 
-    IF q.is_webhook THEN
+    IF (free IS NOT NULL AND free = 0) OR start > now() THEN
+        NULL;
+    ELSIF q.is_webhook THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
+    ELSIF NOT queue_ext._announce_at_commit(q.queue_name) THEN
+        PERFORM pg_notify('queue_ext_jobs', q.queue_name);
     END IF;
     WITH new_jobs AS (
         INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
@@ -478,15 +488,27 @@ $$;
 
 -- One job. Plain SQL wrappers without a SET clause of their own (get_next_jobs pins the
 -- path), so that they cost no more than a call to get_next_jobs.
+-- PL/pgSQL, not SQL: a VOLATILE SQL function is never inlined, and PostgreSQL 15 plans its
+-- body again on every call (measured: 45 us of a 400 us claim + complete).
 CREATE FUNCTION queue_ext.get_next_job(queue_name text, worker_id text DEFAULT NULL, lease interval DEFAULT NULL)
 RETURNS SETOF queue_ext.claimed_job
-LANGUAGE sql VOLATILE
-AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_name, 1, worker_id, lease) $$;
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM queue_ext.get_next_jobs(get_next_job.queue_name, 1, get_next_job.worker_id,
+                                                      get_next_job.lease);
+END
+$$;
 
 CREATE FUNCTION queue_ext.get_next_job(queue_names text[], worker_id text DEFAULT NULL, lease interval DEFAULT NULL)
 RETURNS SETOF queue_ext.claimed_job
-LANGUAGE sql VOLATILE
-AS $$ SELECT * FROM queue_ext.get_next_jobs(queue_names, 1, worker_id, lease) $$;
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM queue_ext.get_next_jobs(get_next_job.queue_names, 1, get_next_job.worker_id,
+                                                      get_next_job.lease);
+END
+$$;
 
 -- Completes a running job if the lease allows. Returns its new state ('completed', or
 -- 'cancelled' when cancel_job() was called while it ran), or NULL when it matched no
@@ -793,12 +815,10 @@ BEGIN
             WHERE id = j.id;
             INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
             VALUES (j.id, j.queue_name, 'running', 'queued', j.attempt, j.worker_id, reason, j.enqueued_by);
+            PERFORM queue_ext._announce(j.queue_name);
         END IF;
         handled := handled + 1;
     END LOOP;
-    IF handled > 0 THEN
-        PERFORM queue_ext._wake_dispatcher_at_commit();
-    END IF;
     RETURN handled;
 END
 $$;

@@ -7,6 +7,10 @@
 -- failure or claim of the queue raised 22008.
 -- The internal queue_ext.* queues are the extension's: pausing, resuming, altering or
 -- dropping them raises 42501 (_refuse_internal).
+-- notify_events (off unless asked for) publishes every state change of the queue's jobs on
+-- queue_ext_events from inside the transaction that makes it: its subscribers get each event
+-- in commit order, and every such commit takes NOTIFY's database-wide lock. Workers need
+-- none of that to wake up: queue_ext_jobs announces new work without it (internal.sql).
 
 -- Checks the queue settings given (NULL: not given) and that the cap is not below the base.
 CREATE FUNCTION queue_ext._check_queue_settings(max_attempts integer, backoff_base interval, backoff_cap interval,
@@ -32,7 +36,7 @@ CREATE FUNCTION queue_ext.create_queue(
     backoff_cap    interval DEFAULT '1 hour',
     lease_duration interval DEFAULT '5 minutes',
     if_not_exists  boolean  DEFAULT false,
-    notify_events  boolean  DEFAULT true,
+    notify_events  boolean  DEFAULT false,
     webhook_url              text     DEFAULT NULL,
     webhook_method           text     DEFAULT NULL,
     webhook_headers          jsonb    DEFAULT NULL,
@@ -62,7 +66,7 @@ BEGIN
     INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration, notify,
                                   keep_history)
     VALUES (create_queue.queue_name, create_queue.max_attempts, create_queue.backoff_base,
-            create_queue.backoff_cap, create_queue.lease_duration, coalesce(create_queue.notify_events, true),
+            create_queue.backoff_cap, create_queue.lease_duration, coalesce(create_queue.notify_events, false),
             coalesce(create_queue.keep_history, true))
     ON CONFLICT (queue_name) DO NOTHING;
     IF NOT FOUND THEN
@@ -149,6 +153,7 @@ BEGIN
     PERFORM queue_ext._refuse_internal(resume_queue.queue_name, 'resume');
     UPDATE queue_ext.queues SET paused = false, updated_at = now() WHERE queue_name = resume_queue.queue_name;
     PERFORM queue_ext._wake_dispatcher_at_commit();
+    PERFORM queue_ext._announce(resume_queue.queue_name);
 END
 $$;
 

@@ -33,7 +33,7 @@ CREATE TABLE queue_ext.queues (
     is_webhook       boolean     NOT NULL DEFAULT false,
     has_callback     boolean     NOT NULL DEFAULT false,
     -- Publish every state change of this queue's jobs with NOTIFY on queue_ext_events.
-    notify           boolean     NOT NULL DEFAULT true,
+    notify           boolean     NOT NULL DEFAULT false,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     -- false: the three routine records of every job (its enqueue, claim and completion rows

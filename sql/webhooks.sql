@@ -180,6 +180,7 @@ CREATE FUNCTION queue_ext._dispatch_claim(worker_id text, capacity integer, busy
 RETURNS jsonb
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
 AS $$
 DECLARE
     t record;
@@ -197,6 +198,13 @@ BEGIN
         WHERE q.is_webhook AND NOT q.paused
           AND (only_queue IS NULL OR q.queue_name = only_queue)
           AND (w.url IS NOT NULL OR q.queue_name = 'queue_ext.callbacks')
+          -- A queue with nothing to send costs a probe of its claim index, not a claim.
+          AND (EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                       WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
+                         AND j.rate_limit_key IS NULL AND j.run_at <= now())
+               OR EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                          WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
+                            AND j.rate_limit_key IS NOT NULL AND j.run_at <= now()))
         ORDER BY random()  -- no queue always goes first when capacity is short
     LOOP
         EXIT WHEN room <= 0;

@@ -32,6 +32,9 @@ const WORKER_ID: &str = "queue_ext-dispatcher";
 /// How often expired leases are swept, the extension's presence checked, and the delivery
 /// log trimmed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// At most one announcement transaction per this long: under a stream of commits they
+/// coalesce (each costs a commit record), while the first after a quiet spell goes at once.
+const ANNOUNCE_GAP: Duration = Duration::from_millis(2);
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// A recurring warning is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
@@ -162,6 +165,9 @@ struct Dispatcher {
     recovered: bool,
     last_sweep: Instant,
     last_purge: Instant,
+    /// When the last claim turn began: the poll interval counts from there.
+    last_claim: Instant,
+    last_announce: Instant,
     /// When the next token of a rate limit holding back a webhook job comes: sleep no longer.
     next_token_in: Option<Duration>,
     warnings: Warnings,
@@ -191,6 +197,7 @@ impl Dispatcher {
             slot.pid
                 .store(unsafe { pg_sys::MyProcPid }, Ordering::Release);
             slot.set_state(SlotState::Running);
+            wakeup::announce_everything(slot);
         }
         let stale = Instant::now() - PURGE_EVERY;
         Ok(Dispatcher {
@@ -206,6 +213,8 @@ impl Dispatcher {
             recovered: false,
             last_sweep: stale,
             last_purge: stale,
+            last_claim: Instant::now(),
+            last_announce: stale,
             next_token_in: None,
             warnings: Warnings::default(),
         })
@@ -213,6 +222,7 @@ impl Dispatcher {
 
     /// The loop; returns why it ended.
     fn run(&mut self) -> &'static str {
+        let mut claim_due = true;
         loop {
             // Both flags reset when read: read each once per turn.
             if BackgroundWorker::sighup_received() {
@@ -230,7 +240,11 @@ impl Dispatcher {
             if !self.recovered {
                 self.recover();
             }
-            let more_work = self.record_and_claim();
+            self.announce();
+            let more_work = claim_due && {
+                self.last_claim = Instant::now();
+                self.record_and_claim()
+            };
             if !self.maintain() {
                 // DROP EXTENSION: nothing left to deliver or record here.
                 if let Some(slot) = self.slot {
@@ -243,14 +257,33 @@ impl Dispatcher {
                 slot.in_flight
                     .store(self.in_flight.len() as u32, Ordering::Relaxed);
             }
-            if !more_work {
-                let mut timeout = gucs::poll_interval().min(SWEEP_EVERY);
-                if let Some(t) = self.next_token_in {
-                    timeout = timeout.min(t.max(Duration::from_millis(1)));
-                }
-                self.wait(timeout);
-            }
+            claim_due = more_work || self.wait_for_work();
         }
+    }
+
+    /// Sleeps until something needs doing; true when that includes claiming or recording:
+    /// webhook work committed, a request finished, the poll interval or a rate limit's next
+    /// token came. A wake-up that only has queues to announce returns false, so a busy
+    /// producer on a SQL worker's queue costs the dispatcher a NOTIFY, not a claim.
+    fn wait_for_work(&mut self) -> bool {
+        let mut next = gucs::poll_interval().min(SWEEP_EVERY);
+        if let Some(t) = self.next_token_in {
+            next = next.min(t.max(Duration::from_millis(1)));
+        }
+        let due_at = self.last_claim + next;
+        let mut timeout = due_at.saturating_duration_since(Instant::now());
+        if timeout.is_zero() {
+            return true;
+        }
+        if self.slot.is_some_and(wakeup::has_announcements) {
+            let announce_at = self.last_announce + ANNOUNCE_GAP;
+            timeout = timeout.min(announce_at.saturating_duration_since(Instant::now()));
+        }
+        let woke = self.wait(timeout);
+        let delivery = self
+            .slot
+            .is_none_or(|slot| slot.deliver_pending.swap(false, Ordering::AcqRel));
+        delivery || woke & pg_sys::WL_SOCKET_READABLE as i32 != 0 || Instant::now() >= due_at
     }
 
     /// Rebuilds the HTTP client when its settings changed. Requests in flight finish on the
@@ -294,6 +327,49 @@ impl Dispatcher {
             }
         }
         self.recovered = true;
+    }
+
+    /// Publishes `NOTIFY queue_ext_jobs, '<queue>'` for each queue whose jobs became runnable
+    /// in transactions that committed since the last turn: one short transaction for all of
+    /// them, without waiting for its commit to reach disk (it changes no data). Webhook
+    /// queues are ours to drain, so nobody else is told about them.
+    fn announce(&mut self) {
+        let Some(slot) = self.slot else { return };
+        if self.last_announce.elapsed() < ANNOUNCE_GAP && wakeup::has_announcements(slot) {
+            // Busy: let this turn's commits join the next announcement (wait_for_work wakes
+            // for it). An idle queue's first job is announced at once.
+            return;
+        }
+        let bits = wakeup::take_announcements(slot);
+        if bits.iter().all(|w| *w == 0) {
+            return;
+        }
+        let sent = db::transaction(|| {
+            Spi::run("SET LOCAL synchronous_commit = off")?;
+            let queues: Vec<String> = Spi::connect(|client| {
+                client
+                    .select(
+                        "SELECT queue_name FROM queue_ext.queues WHERE NOT is_webhook AND NOT paused",
+                        None,
+                        &[],
+                    )?
+                    .filter_map(|row| row.get::<String>(1).transpose())
+                    .filter(|name| name.as_ref().map_or(true, |n| wakeup::is_announced(&bits, n)))
+                    .collect::<Result<_, _>>()
+            })?;
+            if !queues.is_empty() {
+                Spi::run_with_args(
+                    "SELECT pg_notify('queue_ext_jobs', q) FROM unnest($1::text[]) AS q",
+                    &[queues.into()],
+                )?;
+            }
+            Ok(())
+        });
+        self.last_announce = Instant::now();
+        if let Err(e) = sent {
+            self.warnings
+                .warn("announce", || format!("announcing new jobs failed: {e}"));
+        }
     }
 
     /// Records every finished request and claims what there is room for, in one transaction
@@ -453,16 +529,17 @@ impl Dispatcher {
         true
     }
 
-    /// Sleeps until the latch is set (a commit, a signal), a request finishes, or `timeout`.
-    fn wait(&self, timeout: Duration) {
+    /// Sleeps until the latch is set (a commit, a signal), a request finishes, or `timeout`;
+    /// returns the events that ended the sleep.
+    fn wait(&self, timeout: Duration) -> i32 {
         let events = pg_sys::WL_LATCH_SET
             | pg_sys::WL_SOCKET_READABLE
             | pg_sys::WL_TIMEOUT
             | pg_sys::WL_EXIT_ON_PM_DEATH;
         // SAFETY: waiting on our own latch and eventfd from the main thread; the postmaster's
         // death ends the process inside the call (WL_EXIT_ON_PM_DEATH).
-        unsafe {
-            pg_sys::WaitLatchOrSocket(
+        let woke = unsafe {
+            let woke = pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
                 events as i32,
                 self.eventfd,
@@ -472,8 +549,10 @@ impl Dispatcher {
             pg_sys::ResetLatch(pg_sys::MyLatch);
             let mut counter: u64 = 0;
             libc::read(self.eventfd, (&mut counter as *mut u64).cast(), 8);
-        }
+            woke
+        };
         pg_sys::check_for_interrupts!();
+        woke
     }
 
     /// SIGTERM: claim nothing more, give requests in flight `queue_ext.shutdown_grace` to

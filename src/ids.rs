@@ -7,7 +7,8 @@ use pgrx::prelude::*;
 #[pg_extern(volatile, parallel_safe)]
 pub fn uuid_generate_v7() -> pgrx::Uuid {
     // uuid's now_v7 keeps a counter in the random bits, so ids made in the same millisecond
-    // by this backend still increase.
+    // by this backend still increase. Its random bits come from a thread-local generator
+    // seeded by the OS (fast-rng), not a getrandom() system call per id.
     pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes())
 }
 

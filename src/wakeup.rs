@@ -4,7 +4,12 @@
 //!
 //! A transaction that enqueues webhook work only raises a backend-local flag. When it
 //! commits, our transaction callback sets the latch of its database's dispatcher, so the
-//! dispatcher wakes the instant the jobs become visible. CREATE EXTENSION raises another flag
+//! dispatcher wakes the instant the jobs become visible. A transaction that makes jobs of
+//! any queue runnable also marks the queue's bucket in a backend-local bitmap; at commit
+//! the bitmap is OR-ed into the dispatcher's slot, and the dispatcher publishes one
+//! `NOTIFY queue_ext_jobs, '<queue>'` per marked queue for SQL workers, after the fact and
+//! off the producers' commits (NOTIFY serialises every committing transaction that sends
+//! one on a database-wide lock). CREATE EXTENSION raises another flag
 //! that wakes the launcher at commit, so a new install is served at once. A rollback clears
 //! both: nothing wakes, nothing is sent. The callback does no more than that, because an
 //! error there would take the backend down.
@@ -16,6 +21,28 @@ use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
 
 /// Databases served at once (one dispatcher each). More are reported as `no_slot`.
 pub const MAX_DISPATCHERS: usize = 32;
+
+/// Announcement buckets: 256 bits per database. Two queues sharing a bucket are announced
+/// together, which costs their workers one empty claim, never a missed job.
+pub const ANNOUNCE_WORDS: usize = 4;
+pub type AnnounceBits = [u64; ANNOUNCE_WORDS];
+
+/// Which bit stands for a queue (FNV-1a of its name): the backend that marks it and the
+/// dispatcher that reads it agree without sharing anything else.
+pub fn announce_bucket(queue_name: &str) -> (usize, u64) {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in queue_name.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let bit = (h % (ANNOUNCE_WORDS as u64 * 64)) as usize;
+    (bit / 64, 1u64 << (bit % 64))
+}
+
+pub fn is_announced(bits: &AnnounceBits, queue_name: &str) -> bool {
+    let (word, mask) = announce_bucket(queue_name);
+    bits[word] & mask != 0
+}
 
 /// What a slot's dispatcher is doing, as the launcher and the dispatcher record it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +110,11 @@ pub struct Slot {
     /// comes back after the first delay, however often that happens.
     pub terminated: AtomicBool,
     pub in_flight: AtomicU32,
+    /// A commit made webhook work: the dispatcher claims on its next turn. (An announcement
+    /// alone wakes it too, but only to publish: a claim costs far more than a NOTIFY.)
+    pub deliver_pending: AtomicBool,
+    /// Queues with newly runnable jobs to announce, by bucket (`announce_bucket`).
+    pub announce: [AtomicU64; ANNOUNCE_WORDS],
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub failed: AtomicU64,
@@ -110,7 +142,7 @@ pub struct Shared {
 // SAFETY: only atomics inside; no pointers into one process's memory.
 unsafe impl PGRXSharedMemory for Shared {}
 
-static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"queue_ext_shared_v2") };
+static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"queue_ext_shared_v3") };
 
 /// True in the postmaster and its children when we were preloaded and own shared memory.
 static SHMEM_READY: AtomicBool = AtomicBool::new(false);
@@ -118,6 +150,9 @@ static SHMEM_READY: AtomicBool = AtomicBool::new(false);
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// This backend's transaction installed queue_ext: wake the launcher at commit.
 static WAKE_LAUNCHER_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// Queues this backend's transaction made runnable, by bucket: announced at commit.
+static ANNOUNCE_AT_COMMIT: [AtomicU64; ANNOUNCE_WORDS] =
+    [const { AtomicU64::new(0) }; ANNOUNCE_WORDS];
 
 /// Called from `_PG_init` while preloading.
 pub fn init_shmem() {
@@ -153,9 +188,12 @@ unsafe extern "C-unwind" fn on_xact_event(
 ) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
+            let announce = take_local_announcements();
+            let deliver = WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
+            if deliver || announce.iter().any(|w| *w != 0) {
                 // SAFETY: reading this backend's database id.
-                wake_dispatchers(unsafe { pg_sys::MyDatabaseId });
+                let db = unsafe { pg_sys::MyDatabaseId };
+                post_to_dispatchers(db, deliver, &announce);
             }
             if WAKE_LAUNCHER_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_launcher();
@@ -166,6 +204,7 @@ unsafe extern "C-unwind" fn on_xact_event(
         | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
             WAKE_LAUNCHER_AT_COMMIT.store(false, Ordering::Relaxed);
+            take_local_announcements();
         }
         _ => {}
     }
@@ -185,15 +224,56 @@ fn set_latch_of(procno: i32) {
     }
 }
 
-/// Sets the latch of every live dispatcher serving `db`.
-pub fn wake_dispatchers(db: pg_sys::Oid) {
+fn take_local_announcements() -> AnnounceBits {
+    std::array::from_fn(|i| ANNOUNCE_AT_COMMIT[i].swap(0, Ordering::Relaxed))
+}
+
+/// Tells every live dispatcher serving `db` what a commit made (webhook work to deliver,
+/// queues to announce) and wakes it.
+fn post_to_dispatchers(db: pg_sys::Oid, deliver: bool, bits: &AnnounceBits) {
     let Some(slots) = slots() else { return };
     for slot in slots {
         if slot.pid.load(Ordering::Acquire) != 0
             && slot.db_oid.load(Ordering::Relaxed) == db.to_u32()
         {
+            if deliver {
+                slot.deliver_pending.store(true, Ordering::Release);
+            }
+            for (word, b) in slot.announce.iter().zip(bits) {
+                if *b != 0 {
+                    word.fetch_or(*b, Ordering::AcqRel);
+                }
+            }
             set_latch_of(slot.procno.load(Ordering::Relaxed));
         }
+    }
+}
+
+/// True when a dispatcher is attached to `db` to publish announcements.
+fn dispatcher_attached(db: pg_sys::Oid) -> bool {
+    slots().is_some_and(|slots| {
+        slots.iter().any(|slot| {
+            slot.pid.load(Ordering::Acquire) != 0
+                && slot.db_oid.load(Ordering::Relaxed) == db.to_u32()
+                && slot.state() == SlotState::Running
+        })
+    })
+}
+
+pub fn has_announcements(slot: &Slot) -> bool {
+    slot.announce.iter().any(|w| w.load(Ordering::Acquire) != 0)
+}
+
+/// Takes (and clears) what `slot`'s dispatcher has to announce.
+pub fn take_announcements(slot: &Slot) -> AnnounceBits {
+    std::array::from_fn(|i| slot.announce[i].swap(0, Ordering::AcqRel))
+}
+
+/// Marks every bucket, so that a dispatcher that starts announces every queue once: what was
+/// enqueued while none ran is not left waiting for a poll.
+pub fn announce_everything(slot: &Slot) {
+    for word in &slot.announce {
+        word.store(u64::MAX, Ordering::Release);
     }
 }
 
@@ -212,6 +292,21 @@ fn _wake_dispatcher_at_commit() {
     if SHMEM_READY.load(Ordering::Relaxed) {
         WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
     }
+}
+
+/// Asks for `queue_name` to be announced on `queue_ext_jobs` once the current transaction
+/// commits, by this database's dispatcher. False when no dispatcher runs here (not
+/// preloaded, or not started yet): the caller then sends the NOTIFY itself.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _announce_at_commit(queue_name: &str) -> bool {
+    // SAFETY: reading this backend's database id.
+    if !SHMEM_READY.load(Ordering::Relaxed) || !dispatcher_attached(unsafe { pg_sys::MyDatabaseId })
+    {
+        return false;
+    }
+    let (word, mask) = announce_bucket(queue_name);
+    ANNOUNCE_AT_COMMIT[word].fetch_or(mask, Ordering::Relaxed);
+    true
 }
 
 /// Asks for the launcher to look at every database when the current transaction commits.

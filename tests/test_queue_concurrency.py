@@ -242,8 +242,8 @@ def test_dependency_failure_cancels_dependents_transitively(cluster, conn):
 
 
 def test_state_changes_are_published_with_notify(cluster, conn):
-    queue = new_queue(conn)
-    quiet = new_queue(conn, notify_events=False)
+    queue = new_queue(conn, notify_events=True)
+    quiet = new_queue(conn)  # events are off unless asked for
     with cluster.connect() as listener:
         listener.execute("LISTEN queue_ext_events")
         job = conn.execute("SELECT queue_ext.enqueue_job(%s, '{}')", [queue]).fetchone()[0]
@@ -332,7 +332,7 @@ def test_queue_without_history_drains_exactly_once_and_keeps_nothing(cluster, co
 def test_queue_without_history_still_publishes_queued_and_failures(cluster, conn):
     """Its routine rows are not written, so LISTENers get the enqueue (to wake up on) and the
     exceptional transitions, not running/completed."""
-    queue = new_queue(conn, keep_history=False, max_attempts=1)
+    queue = new_queue(conn, keep_history=False, max_attempts=1, notify_events=True)
     with cluster.connect() as listener:
         listener.execute("LISTEN queue_ext_events")
         one = conn.execute("SELECT queue_ext.enqueue_job(%s, '{}')", [queue]).fetchone()[0]

@@ -139,7 +139,7 @@ def cluster():
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(login)))
             if role:
                 conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(login)))
-        conn.execute("SELECT queue_ext.create_queue('work', backoff_base => '1 hour')")
+        conn.execute("SELECT queue_ext.create_queue('work', backoff_base => '1 hour', notify_events => true)")
         conn.execute("SELECT queue_ext.create_queue('once', max_attempts => 1)")
         for name, port in (("hook_ok", HOOK_PORT), ("hook_down", DOWN_PORT)):
             conn.execute("SELECT queue_ext.create_queue(%s, webhook_url => %s, backoff_base => '1 hour', "

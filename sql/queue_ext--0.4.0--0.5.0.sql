@@ -1,0 +1,772 @@
+-- queue_ext 0.4.0 -> 0.5.0: fast as shipped. Producers and workers no longer send NOTIFY
+-- from their own transactions: the dispatcher announces new work on queue_ext_jobs after
+-- the commit, and status events on queue_ext_events become opt-in per queue. Prometheus
+-- metrics from SQL (metrics()).
+--
+-- Written once for this release and not changed afterwards; the tests check that a database
+-- upgraded with it matches a fresh 0.5.0 install object for object (pg_test/upgrade.sh).
+\echo Use "ALTER EXTENSION queue_ext UPDATE TO '0.5.0'" to load this file. \quit
+
+-- New queues publish status events only when asked (create_queue(..., notify_events => true)).
+-- Existing queues keep the setting they have: their subscribers keep hearing them.
+ALTER TABLE queue_ext.queues ALTER COLUMN notify SET DEFAULT false;
+
+CREATE FUNCTION queue_ext."_announce_at_commit"(
+	"queue_name" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_announce_at_commit_wrapper';
+
+-- Every function whose definition changed or that is new, as in sql/.
+CREATE OR REPLACE FUNCTION queue_ext._announce(queue_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM queue_ext._wake_dispatcher_at_commit();
+    IF NOT queue_ext._announce_at_commit(queue_name) THEN
+        PERFORM pg_notify('queue_ext_jobs', queue_name);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.create_queue(
+    queue_name     text,
+    max_attempts   integer  DEFAULT 5,
+    backoff_base   interval DEFAULT '1 second',
+    backoff_cap    interval DEFAULT '1 hour',
+    lease_duration interval DEFAULT '5 minutes',
+    if_not_exists  boolean  DEFAULT false,
+    notify_events  boolean  DEFAULT false,
+    webhook_url              text     DEFAULT NULL,
+    webhook_method           text     DEFAULT NULL,
+    webhook_headers          jsonb    DEFAULT NULL,
+    webhook_timeout          interval DEFAULT NULL,
+    webhook_max_in_flight    integer  DEFAULT NULL,
+    webhook_secret           text     DEFAULT NULL,
+    callback_url             text     DEFAULT NULL,
+    webhook_follow_redirects boolean  DEFAULT NULL,
+    keep_history             boolean  DEFAULT true
+) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._check_queue_name(create_queue.queue_name);
+    IF create_queue.queue_name LIKE 'queue\_ext.%' THEN
+        RAISE EXCEPTION 'queue names starting with "queue_ext." are reserved' USING ERRCODE = '42939';
+    END IF;
+    IF create_queue.max_attempts IS NULL OR create_queue.backoff_base IS NULL OR create_queue.backoff_cap IS NULL
+       OR create_queue.lease_duration IS NULL THEN
+        RAISE EXCEPTION 'max_attempts, backoff_base, backoff_cap and lease_duration must not be null'
+            USING ERRCODE = '22004';
+    END IF;
+    PERFORM queue_ext._check_queue_settings(create_queue.max_attempts, create_queue.backoff_base,
+                                            create_queue.backoff_cap, create_queue.lease_duration);
+    INSERT INTO queue_ext.queues (queue_name, max_attempts, backoff_base, backoff_cap, lease_duration, notify,
+                                  keep_history)
+    VALUES (create_queue.queue_name, create_queue.max_attempts, create_queue.backoff_base,
+            create_queue.backoff_cap, create_queue.lease_duration, coalesce(create_queue.notify_events, false),
+            coalesce(create_queue.keep_history, true))
+    ON CONFLICT (queue_name) DO NOTHING;
+    IF NOT FOUND THEN
+        IF create_queue.if_not_exists THEN
+            RETURN;
+        END IF;
+        RAISE EXCEPTION 'queue "%" already exists', create_queue.queue_name USING ERRCODE = '42710';
+    END IF;
+    PERFORM queue_ext._set_webhook(create_queue.queue_name, create_queue.webhook_url, create_queue.webhook_method,
+        create_queue.webhook_headers, create_queue.webhook_timeout, create_queue.webhook_max_in_flight,
+        create_queue.webhook_secret, create_queue.callback_url, create_queue.webhook_follow_redirects);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.resume_queue(queue_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._queue(resume_queue.queue_name);
+    PERFORM queue_ext._refuse_internal(resume_queue.queue_name, 'resume');
+    UPDATE queue_ext.queues SET paused = false, updated_at = now() WHERE queue_name = resume_queue.queue_name;
+    PERFORM queue_ext._wake_dispatcher_at_commit();
+    PERFORM queue_ext._announce(resume_queue.queue_name);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.enqueue_job(
+    queue_name      text,
+    payload         jsonb,
+    priority        text        DEFAULT 'normal',
+    run_at          timestamptz DEFAULT NULL,
+    delay           interval    DEFAULT NULL,
+    max_attempts    integer     DEFAULT NULL,
+    dedupe_key      text        DEFAULT NULL,
+    depends_on      uuid[]      DEFAULT NULL,
+    rate_limit_key  text        DEFAULT NULL,
+    concurrency_key text        DEFAULT NULL
+) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(enqueue_job.queue_name);
+    new_id uuid := queue_ext.uuid_generate_v7();
+    who name := queue_ext._invoker();
+    start timestamptz := queue_ext._start_time(enqueue_job.run_at, enqueue_job.delay);
+    existing uuid;
+    initial queue_ext.job_state := 'queued';
+    blocked_by uuid;
+    took_slot boolean := false;
+BEGIN
+    PERFORM queue_ext._refuse_internal(q.queue_name, 'enqueue into');
+    PERFORM queue_ext._check_payload(enqueue_job.payload);
+    IF enqueue_job.max_attempts IS NOT NULL THEN
+        PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
+    END IF;
+    IF enqueue_job.rate_limit_key IS NOT NULL OR enqueue_job.concurrency_key IS NOT NULL THEN
+        PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+    END IF;
+    -- The key is indexed (job_queue_dedupe_idx): a longer one fails inside the index with a
+    -- message about index rows instead.
+    IF octet_length(enqueue_job.dedupe_key) > 1000 THEN
+        RAISE EXCEPTION 'dedupe_key must be at most 1000 bytes (got %)', octet_length(enqueue_job.dedupe_key)
+            USING ERRCODE = '22023';
+    END IF;
+    IF enqueue_job.depends_on IS NOT NULL AND cardinality(enqueue_job.depends_on) > 0 THEN
+        SELECT w.state, w.blocked_by INTO initial, blocked_by
+        FROM queue_ext._dependency_state(new_id, enqueue_job.depends_on) AS w;
+        IF initial = 'cancelled' THEN
+            -- A dependency is already dead or cancelled: this job can never run.
+            INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+                last_error, enqueued_by, created_at, run_at, rate_limit_key, concurrency_key)
+            VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), 'cancelled',
+                0, coalesce(enqueue_job.max_attempts, q.max_attempts),
+                format('dependency %s is dead or cancelled', blocked_by), who, now(), start,
+                enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+            INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, error, enqueued_by)
+            VALUES (new_id, q.queue_name, 'cancelled', 0, format('dependency %s is dead or cancelled', blocked_by), who);
+            RETURN new_id;
+        END IF;
+    END IF;
+    IF enqueue_job.concurrency_key IS NOT NULL AND initial = 'queued' THEN
+        -- No free slot: wait for one (admitted in enqueue order, limits.sql).
+        took_slot := queue_ext._take_slot(enqueue_job.concurrency_key);
+        IF NOT took_slot THEN
+            initial := 'waiting';
+        END IF;
+    END IF;
+    IF enqueue_job.dedupe_key IS NULL THEN
+        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
+                                         rate_limit_key, concurrency_key)
+        VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial, start,
+                coalesce(enqueue_job.max_attempts, q.max_attempts), who,
+                enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+    ELSE
+        -- Race-free: a concurrent enqueue with the same key makes us wait for its commit,
+        -- then we see its job instead of inserting our own.
+        LOOP
+            INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts,
+                                             enqueued_by, dedupe_key, rate_limit_key, concurrency_key)
+            VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial,
+                    start, coalesce(enqueue_job.max_attempts, q.max_attempts), who, enqueue_job.dedupe_key,
+                    enqueue_job.rate_limit_key, enqueue_job.concurrency_key)
+            ON CONFLICT (queue_name, enqueued_by, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
+            EXIT WHEN FOUND;
+            SELECT id INTO existing FROM queue_ext.job_queue
+            WHERE queue_name = q.queue_name AND enqueued_by = who AND dedupe_key = enqueue_job.dedupe_key;
+            IF FOUND THEN
+                DELETE FROM queue_ext.job_dependencies WHERE job_id = new_id;
+                IF took_slot THEN
+                    -- We hold the key's lock, so nothing was admitted meanwhile: give it back.
+                    UPDATE queue_ext.concurrency_limits AS l SET active = l.active - 1
+                    WHERE l.key = enqueue_job.concurrency_key;
+                END IF;
+                RETURN existing;
+            END IF;
+            -- The other job finished between the two statements: try again.
+        END LOOP;
+    END IF;
+    IF q.keep_history THEN
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
+        VALUES (new_id, q.queue_name, initial, 0, who);
+    ELSIF q.notify THEN
+        -- No history row to publish it: say so directly, so that LISTENing workers wake up.
+        PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL);
+    END IF;
+    -- Webhook queues are the dispatcher's to deliver; SQL workers hear of the others
+    -- (inline rather than _announce(): this is the hottest path).
+    IF initial <> 'queued' OR start > now() THEN
+        NULL;
+    ELSIF q.is_webhook THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    ELSIF NOT queue_ext._announce_at_commit(q.queue_name) THEN
+        PERFORM pg_notify('queue_ext_jobs', q.queue_name);
+    END IF;
+    RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.enqueue_jobs(
+    queue_name      text,
+    payloads        jsonb[],
+    priority        text        DEFAULT 'normal',
+    run_at          timestamptz DEFAULT NULL,
+    delay           interval    DEFAULT NULL,
+    max_attempts    integer     DEFAULT NULL,
+    rate_limit_key  text        DEFAULT NULL,
+    concurrency_key text        DEFAULT NULL
+) RETURNS SETOF uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    q queue_ext.queues := queue_ext._queue(enqueue_jobs.queue_name);
+    who name := queue_ext._invoker();
+    start timestamptz := queue_ext._start_time(enqueue_jobs.run_at, enqueue_jobs.delay);
+    prio queue_ext.job_priority := queue_ext._priority(enqueue_jobs.priority);
+    slots queue_ext.concurrency_limits;
+    free integer;  -- how many of the batch get a slot now; NULL: all
+    ids uuid[];
+    states queue_ext.job_state[];
+    limit_bytes integer := queue_ext.max_payload_bytes();
+BEGIN
+    PERFORM queue_ext._refuse_internal(q.queue_name, 'enqueue into');
+    PERFORM queue_ext._check_max_attempts(enqueue_jobs.max_attempts);
+    PERFORM queue_ext._check_limit_keys(enqueue_jobs.rate_limit_key, enqueue_jobs.concurrency_key);
+    IF enqueue_jobs.payloads IS NULL THEN
+        RAISE EXCEPTION 'payloads must not be null' USING ERRCODE = '22004';
+    END IF;
+    -- Validate all before inserting any, so an error names the first bad payload: one pass
+    -- over the batch finds it, and _check_payload then raises its error (a call per payload
+    -- cost more than the insert itself).
+    PERFORM queue_ext._check_payload(u.p, u.i::integer)
+    FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i)
+    WHERE u.i = (SELECT min(b.i) FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS b(p, i)
+                 WHERE b.p IS NULL OR jsonb_typeof(b.p) <> 'object'
+                    OR pg_column_size(b.p) > limit_bytes);
+    IF enqueue_jobs.concurrency_key IS NOT NULL THEN
+        slots := queue_ext._lock_key(enqueue_jobs.concurrency_key);
+        free := CASE WHEN slots.max_running IS NOT NULL THEN greatest(slots.max_running - slots.active, 0) END;
+        UPDATE queue_ext.concurrency_limits AS l
+        SET active = l.active + least(coalesce(free, cardinality(enqueue_jobs.payloads)), cardinality(enqueue_jobs.payloads))
+        WHERE l.key = enqueue_jobs.concurrency_key;
+    END IF;
+
+    IF (free IS NOT NULL AND free = 0) OR start > now() THEN
+        NULL;
+    ELSIF q.is_webhook THEN
+        PERFORM queue_ext._wake_dispatcher_at_commit();
+    ELSIF NOT queue_ext._announce_at_commit(q.queue_name) THEN
+        PERFORM pg_notify('queue_ext_jobs', q.queue_name);
+    END IF;
+    WITH new_jobs AS (
+        INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
+                                         rate_limit_key, concurrency_key)
+        SELECT queue_ext.uuid_generate_v7(), q.queue_name, p, prio,
+               CASE WHEN free IS NULL OR i <= free THEN 'queued' ELSE 'waiting' END::queue_ext.job_state,
+               start, coalesce(enqueue_jobs.max_attempts, q.max_attempts), who,
+               enqueue_jobs.rate_limit_key, enqueue_jobs.concurrency_key
+        FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i)
+        ORDER BY i
+        RETURNING id, status
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
+        SELECT id, q.queue_name, status, 0, who FROM new_jobs WHERE q.keep_history
+    )
+    -- v7 ids generated in insertion order sort in payload order.
+    SELECT array_agg(id ORDER BY id), array_agg(status ORDER BY id) INTO ids, states FROM new_jobs;
+    IF NOT q.keep_history AND q.notify THEN
+        -- No history rows to publish them (see enqueue_job).
+        PERFORM queue_ext._notify(u.id, q.queue_name, u.state::text, 0, NULL)
+        FROM unnest(ids, states) AS u(id, state);
+    END IF;
+    RETURN QUERY SELECT unnest(ids);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.get_next_job(queue_name text, worker_id text DEFAULT NULL, lease interval DEFAULT NULL)
+RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM queue_ext.get_next_jobs(get_next_job.queue_name, 1, get_next_job.worker_id,
+                                                      get_next_job.lease);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.get_next_job(queue_names text[], worker_id text DEFAULT NULL, lease interval DEFAULT NULL)
+RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM queue_ext.get_next_jobs(get_next_job.queue_names, 1, get_next_job.worker_id,
+                                                      get_next_job.lease);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._return_running(only_worker text, reason text, queue_names text[] DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    j queue_ext.job_queue;
+    handled integer := 0;
+BEGIN
+    FOR j IN
+        SELECT * FROM queue_ext.job_queue AS t
+        WHERE t.status = 'running'
+          AND CASE WHEN only_worker IS NULL THEN t.lease_expires_at <= now() ELSE t.worker_id = only_worker END
+          AND (queue_names IS NULL OR t.queue_name = ANY (queue_names))
+        ORDER BY t.lease_expires_at
+        FOR UPDATE SKIP LOCKED
+    LOOP
+        j.errors := j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempt, 'error', reason, 'at', now(), 'worker_id', j.worker_id));
+        j.last_error := reason;
+        IF j.attempt >= j.max_attempts THEN
+            DELETE FROM queue_ext.job_queue WHERE id = j.id;
+            PERFORM queue_ext._bury(j, format('%s on the last of %s attempts', reason, j.max_attempts), reason);
+        ELSE
+            UPDATE queue_ext.job_queue
+            SET status = 'queued', run_at = now(), lease_token = NULL, lease_expires_at = NULL,
+                last_error = j.last_error, errors = j.errors
+            WHERE id = j.id;
+            INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+            VALUES (j.id, j.queue_name, 'running', 'queued', j.attempt, j.worker_id, reason, j.enqueued_by);
+            PERFORM queue_ext._announce(j.queue_name);
+        END IF;
+        handled := handled + 1;
+    END LOOP;
+    RETURN handled;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._release_dependents(completed uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    dependents uuid[];
+    dep uuid;
+    slot_key text;
+    j queue_ext.job_queue;
+BEGIN
+    WITH gone AS (
+        DELETE FROM queue_ext.job_dependencies AS e WHERE e.depends_on = completed RETURNING e.job_id
+    )
+    SELECT array_agg(job_id) INTO dependents FROM gone;
+    IF dependents IS NULL THEN
+        RETURN;
+    END IF;
+    FOREACH dep IN ARRAY dependents LOOP
+        -- A job with a concurrency key needs a slot too: lock the key before the job, the
+        -- order every slot change takes (limits.sql), then let the key admit it in turn.
+        SELECT t.concurrency_key INTO slot_key FROM queue_ext.job_queue AS t WHERE t.id = dep;
+        IF slot_key IS NOT NULL THEN
+            PERFORM queue_ext._lock_key(slot_key);
+        END IF;
+        PERFORM 1 FROM queue_ext.job_queue AS t WHERE t.id = dep FOR UPDATE;
+        CONTINUE WHEN EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.job_id = dep);
+        IF slot_key IS NOT NULL THEN
+            PERFORM queue_ext._admit_waiting(slot_key);
+            CONTINUE;
+        END IF;
+        UPDATE queue_ext.job_queue AS t SET status = 'queued', run_at = greatest(t.run_at, now())
+        WHERE t.id = dep AND t.status = 'waiting'
+        RETURNING * INTO j;
+        CONTINUE WHEN NOT FOUND;
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
+        VALUES (j.id, j.queue_name, 'waiting', 'queued', j.attempt, j.enqueued_by);
+        PERFORM queue_ext._announce(j.queue_name);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._admit_waiting(key text) RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    c queue_ext.concurrency_limits;
+    admitted integer;
+    queues text[];
+BEGIN
+    SELECT * INTO c FROM queue_ext.concurrency_limits AS l WHERE l.key = _admit_waiting.key;
+    IF c.max_running IS NOT NULL AND c.active >= c.max_running THEN
+        RETURN 0;
+    END IF;
+    WITH next AS (
+        SELECT t.id FROM queue_ext.job_queue AS t
+        WHERE t.concurrency_key = _admit_waiting.key AND t.status = 'waiting'
+          AND NOT EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.job_id = t.id)
+        ORDER BY t.id
+        LIMIT c.max_running - c.active   -- NULL: no limit
+        FOR UPDATE OF t
+    ), admitted AS (
+        UPDATE queue_ext.job_queue AS t SET status = 'queued', run_at = greatest(t.run_at, now())
+        FROM next WHERE t.id = next.id
+        RETURNING t.*
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
+        SELECT id, queue_name, 'waiting', 'queued', attempt, enqueued_by FROM admitted
+    )
+    SELECT count(*), array_agg(DISTINCT a.queue_name) INTO admitted, queues FROM admitted AS a;
+    IF admitted > 0 THEN
+        UPDATE queue_ext.concurrency_limits AS l SET active = l.active + admitted WHERE l.key = _admit_waiting.key;
+    END IF;
+    PERFORM queue_ext._announce(n) FROM unnest(queues) AS n;
+    RETURN admitted;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._rate_limit_wait() RETURNS interval
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM queue_ext.rate_limits) THEN
+        RETURN NULL;
+    END IF;
+    RETURN (SELECT min(make_interval(secs => greatest(0, 1 - queue_ext._tokens(r)) * extract(epoch FROM r.per) / r.max_jobs))
+    FROM queue_ext.rate_limits AS r
+    WHERE EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                  JOIN queue_ext.queues AS q ON q.queue_name = j.queue_name AND q.is_webhook AND NOT q.paused
+                  WHERE j.rate_limit_key = r.key AND j.status IN ('queued', 'retrying') AND j.run_at <= now()));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.retry_dead_job(job_id uuid) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    d queue_ext.job_dead_letter;
+    initial queue_ext.job_state := 'queued';
+BEGIN
+    DELETE FROM queue_ext.job_dead_letter WHERE id = retry_dead_job.job_id RETURNING * INTO d;
+    IF NOT FOUND THEN
+        IF retry_dead_job.job_id IS NULL THEN
+            RAISE EXCEPTION 'job id must not be null' USING ERRCODE = '22004';
+        END IF;
+        IF EXISTS (SELECT 1 FROM queue_ext.job_queue WHERE id = retry_dead_job.job_id)
+           OR EXISTS (SELECT 1 FROM queue_ext.job_archive WHERE id = retry_dead_job.job_id) THEN
+            RAISE EXCEPTION 'job % is not in the dead letter queue', retry_dead_job.job_id USING ERRCODE = '55000';
+        END IF;
+        RAISE EXCEPTION 'job % does not exist', retry_dead_job.job_id USING ERRCODE = '42704';
+    END IF;
+    PERFORM queue_ext._queue(d.queue_name);  -- raises if the queue was dropped since
+    PERFORM queue_ext._check_limit_keys(d.rate_limit_key, d.concurrency_key);
+    IF d.concurrency_key IS NOT NULL AND NOT queue_ext._take_slot(d.concurrency_key) THEN
+        initial := 'waiting';
+    END IF;
+    IF initial = 'queued' THEN
+        PERFORM queue_ext._announce(d.queue_name);
+    END IF;
+    INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, attempt, max_attempts,
+        last_error, errors, enqueued_by, created_at, rate_limit_key, concurrency_key)
+    VALUES (d.id, d.queue_name, d.payload, d.priority, initial, now(), 0, d.max_attempts,
+        d.last_error, d.errors, d.enqueued_by, d.created_at, d.rate_limit_key, d.concurrency_key);
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by, error)
+    VALUES (d.id, d.queue_name, 'dead', initial, 0, d.enqueued_by, 'redriven from the dead letter queue');
+    RETURN d.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._dispatch_claim(worker_id text, capacity integer, busy jsonb, only_queue text,
+                                          default_timeout interval)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+AS $$
+DECLARE
+    t record;
+    room integer := capacity;
+    n integer;
+    claimed jsonb := '[]';
+    batch jsonb;
+    callback_lease interval;
+BEGIN
+    FOR t IN
+        SELECT q.queue_name, w.url, w.method, w.headers, coalesce(w.timeout, default_timeout) AS timeout,
+               w.max_in_flight, w.secret, w.follow_redirects
+        FROM queue_ext.queues AS q
+        LEFT JOIN queue_ext.webhook_targets AS w ON w.queue_name = q.queue_name
+        WHERE q.is_webhook AND NOT q.paused
+          AND (only_queue IS NULL OR q.queue_name = only_queue)
+          AND (w.url IS NOT NULL OR q.queue_name = 'queue_ext.callbacks')
+          -- A queue with nothing to send costs a probe of its claim index, not a claim.
+          AND (EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                       WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
+                         AND j.rate_limit_key IS NULL AND j.run_at <= now())
+               OR EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                          WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
+                            AND j.rate_limit_key IS NOT NULL AND j.run_at <= now()))
+        ORDER BY random()  -- no queue always goes first when capacity is short
+    LOOP
+        EXIT WHEN room <= 0;
+        n := least(room, coalesce(t.max_in_flight, 1000) - coalesce((busy ->> t.queue_name)::integer, 0));
+        CONTINUE WHEN n <= 0;
+        IF t.queue_name = 'queue_ext.callbacks' THEN
+            -- Each event goes to the callback_url of the queue it reports on, signed with
+            -- that queue's secret.
+            SELECT greatest(default_timeout, max(w.timeout)) + interval '30 seconds' INTO callback_lease
+            FROM queue_ext.webhook_targets AS w WHERE w.callback_url IS NOT NULL;
+            SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'job_id', c.job_id, 'lease_token', c.lease_token, 'attempt', c.attempt,
+                       'max_attempts', c.max_attempts, 'queue_name', c.queue_name, 'body', c.payload::text,
+                       'url', w.callback_url, 'method', 'POST', 'headers', coalesce(w.headers, '{}'),
+                       'timeout_ms', (extract(epoch FROM coalesce(w.timeout, default_timeout)) * 1000)::bigint,
+                       'secret', w.secret, 'follow_redirects', coalesce(w.follow_redirects, false))), '[]')
+            INTO batch
+            FROM queue_ext.get_next_jobs(t.queue_name, n, worker_id, callback_lease) AS c
+            LEFT JOIN queue_ext.webhook_targets AS w ON w.queue_name = c.payload ->> 'queue';
+        ELSE
+            SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'job_id', c.job_id, 'lease_token', c.lease_token, 'attempt', c.attempt,
+                       'max_attempts', c.max_attempts, 'queue_name', c.queue_name, 'body', c.payload::text,
+                       'url', t.url, 'method', t.method, 'headers', t.headers,
+                       'timeout_ms', (extract(epoch FROM t.timeout) * 1000)::bigint,
+                       'secret', t.secret, 'follow_redirects', t.follow_redirects)), '[]')
+            INTO batch
+            FROM queue_ext.get_next_jobs(t.queue_name, n, worker_id, t.timeout + interval '30 seconds') AS c;
+        END IF;
+        room := room - jsonb_array_length(batch);
+        claimed := claimed || batch;
+    END LOOP;
+    RETURN claimed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._history_since(since timestamptz) RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lo bigint;
+    hi bigint;
+    mid bigint;
+    probe_id bigint;
+    probe_at timestamptz;
+BEGIN
+    SELECT min(h.id), max(h.id) INTO lo, hi FROM queue_ext.job_status_history AS h;
+    IF hi IS NULL THEN
+        RETURN NULL;
+    END IF;
+    WHILE lo < hi LOOP
+        mid := lo + (hi - lo) / 2;
+        SELECT h.id, h.at INTO probe_id, probe_at
+        FROM queue_ext.job_status_history AS h WHERE h.id >= mid ORDER BY h.id LIMIT 1;
+        IF probe_at >= since THEN
+            hi := mid;
+        ELSE
+            lo := probe_id + 1;
+        END IF;
+    END LOOP;
+    RETURN lo;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._metric_label(value text) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT '"' || replace(replace(replace(value, E'\\', E'\\\\'), '"', E'\\"'), E'\n', E'\\n') || '"'
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.metrics() RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER
+-- The estimates of the correlated per-queue subqueries run into the millions, which makes
+-- the planner JIT-compile a query that then runs in milliseconds (JIT alone took ~2 s).
+SET jit = off
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH
+    -- Histogram bounds in seconds (le); +Inf is the count.
+    job_bounds(b) AS (VALUES (ARRAY[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                                   300, 900, 3600]::double precision[])),
+    http_bounds(b) AS (VALUES (ARRAY[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                                    30]::double precision[])),
+    since(t) AS (VALUES (now() - interval '5 minutes')),
+    queues AS (SELECT q.queue_name, q.paused FROM queue_ext.queues AS q),
+    -- The one read that grows with the backlog: a pass over the live jobs (~0.3 s per
+    -- million on a small machine).
+    live AS (
+        SELECT j.queue_name, j.status, count(*) AS n FROM queue_ext.job_queue AS j GROUP BY 1, 2
+    ),
+    dead AS (SELECT d.queue_name, count(*) AS n FROM queue_ext.job_dead_letter AS d GROUP BY 1),
+    states(state) AS (VALUES ('waiting'), ('queued'), ('retrying'), ('running')),
+    jobs AS (
+        SELECT q.queue_name, s.state, coalesce(l.n, 0) AS n
+        FROM queues AS q CROSS JOIN states AS s
+        LEFT JOIN live AS l ON l.queue_name = q.queue_name AND l.status::text = s.state
+        UNION ALL
+        SELECT q.queue_name, 'dead', coalesce(d.n, 0) FROM queues AS q LEFT JOIN dead AS d USING (queue_name)
+    ),
+    -- The earliest run_at among runnable jobs, read from the head of the claim indexes (one
+    -- probe per priority); the job waits only if that moment has passed. Rate-limited jobs
+    -- are read from their own index, all of the queue's.
+    oldest AS (
+        SELECT q.queue_name,
+               greatest(extract(epoch FROM now() - least(
+                   (SELECT min(head.run_at) FROM unnest(enum_range(NULL::queue_ext.job_priority)) AS p(priority),
+                        LATERAL (SELECT j.run_at FROM queue_ext.job_queue AS j
+                                 WHERE j.queue_name = q.queue_name AND j.priority = p.priority
+                                   AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+                                 ORDER BY j.run_at LIMIT 1) AS head),
+                   (SELECT min(j.run_at) FROM queue_ext.job_queue AS j
+                    WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
+                      AND j.rate_limit_key IS NOT NULL))), 0) AS age
+        FROM queues AS q
+    ),
+    finished AS (
+        SELECT a.queue_name, a.status, a.started_at, a.run_at, a.finished_at
+        FROM queue_ext.job_archive AS a, since
+        WHERE a.finished_at > since.t
+    ),
+    died AS (
+        SELECT d.queue_name, count(*) AS n FROM queue_ext.job_dead_letter AS d, since
+        WHERE d.died_at > since.t GROUP BY 1
+    ),
+    -- Failed attempts: every transition out of running into retrying or dead. The search
+    -- starts a minute early (see _history_since).
+    failures AS (
+        SELECT h.queue_name, count(*) AS n
+        FROM queue_ext.job_status_history AS h, since
+        WHERE h.id >= queue_ext._history_since(since.t - interval '1 minute')
+          AND h.at > since.t AND h.from_status = 'running' AND h.to_status IN ('retrying', 'dead')
+        GROUP BY 1
+    ),
+    throughput AS (
+        SELECT q.queue_name,
+               (SELECT count(*) FROM finished AS f WHERE f.queue_name = q.queue_name AND f.status = 'completed') AS completed,
+               coalesce((SELECT n FROM failures AS f WHERE f.queue_name = q.queue_name), 0) AS failed,
+               coalesce((SELECT n FROM died AS d WHERE d.queue_name = q.queue_name), 0) AS dead
+        FROM queues AS q
+    ),
+    samples AS (
+        SELECT 'queue_ext_job_wait_seconds' AS metric, f.queue_name AS label,
+               extract(epoch FROM f.started_at - f.run_at)::double precision AS v
+        FROM finished AS f WHERE f.started_at IS NOT NULL
+        UNION ALL
+        SELECT 'queue_ext_job_run_seconds', f.queue_name, extract(epoch FROM f.finished_at - f.started_at)::double precision
+        FROM finished AS f WHERE f.status = 'completed' AND f.started_at IS NOT NULL
+    ),
+    deliveries AS (
+        SELECT w.queue_name, w.outcome, w.duration_ms / 1000.0 AS v
+        FROM queue_ext.webhook_deliveries AS w, since
+        WHERE w.delivered_at > since.t
+    ),
+    -- One pass per histogram: each sample lands in bucket i = how many bounds are <= it;
+    -- bucket k's cumulative count is then the samples with i < k.
+    job_hist AS (
+        SELECT s.metric, s.label, width_bucket(s.v, jb.b) AS i, count(*) AS n, sum(s.v) AS total
+        FROM samples AS s, job_bounds AS jb GROUP BY 1, 2, 3
+    ),
+    http_hist AS (
+        SELECT d.queue_name AS label, width_bucket(d.v, hb.b) AS i, count(*) AS n, sum(d.v) AS total
+        FROM deliveries AS d, http_bounds AS hb WHERE d.v IS NOT NULL GROUP BY 1, 2
+    ),
+    hist_lines(metric, label, lines) AS (
+        SELECT m.metric, q.queue_name,
+               (SELECT string_agg(format('%s_bucket{queue=%s,le="%s"} %s', m.metric, queue_ext._metric_label(q.queue_name),
+                                         k.le, coalesce((SELECT sum(h.n) FROM job_hist AS h
+                                                         WHERE h.metric = m.metric AND h.label = q.queue_name AND h.i < k.ord), 0)),
+                                  E'\n' ORDER BY k.ord)
+                FROM job_bounds AS jb, unnest(jb.b) WITH ORDINALITY AS k(le, ord))
+               || format(E'\n%1$s_bucket{queue=%2$s,le="+Inf"} %3$s\n%1$s_sum{queue=%2$s} %4$s\n%1$s_count{queue=%2$s} %3$s',
+                         m.metric, queue_ext._metric_label(q.queue_name),
+                         coalesce((SELECT sum(h.n) FROM job_hist AS h WHERE h.metric = m.metric AND h.label = q.queue_name), 0),
+                         coalesce((SELECT sum(h.total) FROM job_hist AS h WHERE h.metric = m.metric AND h.label = q.queue_name), 0))
+        FROM (VALUES ('queue_ext_job_wait_seconds'), ('queue_ext_job_run_seconds')) AS m(metric), queues AS q
+    ),
+    http_lines(label, lines) AS (
+        SELECT q.queue_name,
+               (SELECT string_agg(format('queue_ext_webhook_delivery_seconds_bucket{queue=%s,le="%s"} %s',
+                                         queue_ext._metric_label(q.queue_name), k.le,
+                                         coalesce((SELECT sum(h.n) FROM http_hist AS h WHERE h.label = q.queue_name AND h.i < k.ord), 0)),
+                                  E'\n' ORDER BY k.ord)
+                FROM http_bounds AS hb, unnest(hb.b) WITH ORDINALITY AS k(le, ord))
+               || format(E'\nqueue_ext_webhook_delivery_seconds_bucket{queue=%1$s,le="+Inf"} %2$s'
+                         || E'\nqueue_ext_webhook_delivery_seconds_sum{queue=%1$s} %3$s'
+                         || E'\nqueue_ext_webhook_delivery_seconds_count{queue=%1$s} %2$s',
+                         queue_ext._metric_label(q.queue_name),
+                         coalesce((SELECT sum(h.n) FROM http_hist AS h WHERE h.label = q.queue_name), 0),
+                         coalesce((SELECT sum(h.total) FROM http_hist AS h WHERE h.label = q.queue_name), 0))
+        FROM queues AS q WHERE q.queue_name IN (SELECT d.queue_name FROM deliveries AS d)
+    ),
+    outcomes(outcome) AS (VALUES ('delivered'), ('retry'), ('failed'), ('stale')),
+    dispatchers AS (SELECT s.database, s.running, s.delivered, s.retried, s.failed FROM queue_ext.dispatcher_status() AS s),
+    families(ord, header, body) AS (
+        SELECT 1, E'# HELP queue_ext_jobs Jobs by queue and state now: live jobs (waiting, queued, retrying, running) and dead letters kept.\n# TYPE queue_ext_jobs gauge',
+               (SELECT string_agg(format('queue_ext_jobs{queue=%s,state="%s"} %s', queue_ext._metric_label(j.queue_name), j.state, j.n),
+                                  E'\n' ORDER BY j.queue_name, j.state) FROM jobs AS j)
+        UNION ALL
+        SELECT 2, E'# HELP queue_ext_queue_paused 1 when the queue is paused.\n# TYPE queue_ext_queue_paused gauge',
+               (SELECT string_agg(format('queue_ext_queue_paused{queue=%s} %s', queue_ext._metric_label(q.queue_name), q.paused::int),
+                                  E'\n' ORDER BY q.queue_name) FROM queues AS q)
+        UNION ALL
+        SELECT 3, E'# HELP queue_ext_oldest_queued_job_age_seconds How long the oldest runnable (queued or retrying, due) job has waited; 0 when none.\n# TYPE queue_ext_oldest_queued_job_age_seconds gauge',
+               (SELECT string_agg(format('queue_ext_oldest_queued_job_age_seconds{queue=%s} %s', queue_ext._metric_label(o.queue_name),
+                                         round(o.age::numeric, 3)), E'\n' ORDER BY o.queue_name) FROM oldest AS o)
+        UNION ALL
+        SELECT 4, E'# HELP queue_ext_jobs_completed_last_5m Jobs completed in the last 5 minutes (from job_archive: queues with keep_history => false are not counted).\n# TYPE queue_ext_jobs_completed_last_5m gauge',
+               (SELECT string_agg(format('queue_ext_jobs_completed_last_5m{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.completed),
+                                  E'\n' ORDER BY t.queue_name) FROM throughput AS t)
+        UNION ALL
+        SELECT 5, E'# HELP queue_ext_jobs_failed_last_5m Failed attempts (running to retrying or dead) in the last 5 minutes.\n# TYPE queue_ext_jobs_failed_last_5m gauge',
+               (SELECT string_agg(format('queue_ext_jobs_failed_last_5m{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.failed),
+                                  E'\n' ORDER BY t.queue_name) FROM throughput AS t)
+        UNION ALL
+        SELECT 6, E'# HELP queue_ext_jobs_dead_last_5m Jobs moved to the dead letter queue in the last 5 minutes (still there).\n# TYPE queue_ext_jobs_dead_last_5m gauge',
+               (SELECT string_agg(format('queue_ext_jobs_dead_last_5m{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.dead),
+                                  E'\n' ORDER BY t.queue_name) FROM throughput AS t)
+        UNION ALL
+        SELECT 7, E'# HELP queue_ext_job_wait_seconds Time from run_at to claim, of jobs finished in the last 5 minutes (a window, not a running total).\n# TYPE queue_ext_job_wait_seconds histogram',
+               (SELECT string_agg(h.lines, E'\n' ORDER BY h.label) FROM hist_lines AS h WHERE h.metric = 'queue_ext_job_wait_seconds')
+        UNION ALL
+        SELECT 8, E'# HELP queue_ext_job_run_seconds Time from claim to completion, of jobs completed in the last 5 minutes (a window, not a running total).\n# TYPE queue_ext_job_run_seconds histogram',
+               (SELECT string_agg(h.lines, E'\n' ORDER BY h.label) FROM hist_lines AS h WHERE h.metric = 'queue_ext_job_run_seconds')
+        UNION ALL
+        SELECT 9, E'# HELP queue_ext_webhook_deliveries_last_5m Webhook delivery attempts in the last 5 minutes, by outcome.\n# TYPE queue_ext_webhook_deliveries_last_5m gauge',
+               (SELECT string_agg(format('queue_ext_webhook_deliveries_last_5m{queue=%s,outcome="%s"} %s',
+                                         queue_ext._metric_label(q.queue_name), o.outcome,
+                                         (SELECT count(*) FROM deliveries AS d WHERE d.queue_name = q.queue_name AND d.outcome = o.outcome)),
+                                  E'\n' ORDER BY q.queue_name, o.outcome)
+                FROM queues AS q CROSS JOIN outcomes AS o
+                WHERE q.queue_name IN (SELECT d.queue_name FROM deliveries AS d))
+        UNION ALL
+        SELECT 10, E'# HELP queue_ext_webhook_delivery_seconds Duration of webhook delivery attempts in the last 5 minutes (a window).\n# TYPE queue_ext_webhook_delivery_seconds histogram',
+               (SELECT string_agg(h.lines, E'\n' ORDER BY h.label) FROM http_lines AS h)
+        UNION ALL
+        SELECT 11, E'# HELP queue_ext_dispatcher_up 1 when the dispatcher of the database is running.\n# TYPE queue_ext_dispatcher_up gauge',
+               (SELECT string_agg(format('queue_ext_dispatcher_up{database=%s} %s', queue_ext._metric_label(d.database), d.running::int),
+                                  E'\n' ORDER BY d.database) FROM dispatchers AS d)
+        UNION ALL
+        SELECT 12, E'# HELP queue_ext_dispatcher_deliveries_total Webhook jobs the dispatcher finished since it started, by outcome.\n# TYPE queue_ext_dispatcher_deliveries_total counter',
+               (SELECT string_agg(format('queue_ext_dispatcher_deliveries_total{database=%s,outcome="%s"} %s',
+                                         queue_ext._metric_label(d.database), o.outcome, o.n),
+                                  E'\n' ORDER BY d.database, o.outcome)
+                FROM dispatchers AS d,
+                     LATERAL (VALUES ('delivered', d.delivered), ('retried', d.retried), ('failed', d.failed)) AS o(outcome, n))
+    )
+    SELECT string_agg(f.header || coalesce(E'\n' || f.body, ''), E'\n' ORDER BY f.ord) || E'\n'
+    FROM families AS f
+$$;
+
+-- New functions are created executable by PUBLIC: take that away, as grants.sql does, and
+-- grant what a fresh install grants.
+REVOKE ALL ON FUNCTION
+    queue_ext._announce_at_commit(text),
+    queue_ext._announce(text),
+    queue_ext._history_since(timestamptz),
+    queue_ext._metric_label(text),
+    queue_ext.metrics()
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION queue_ext.metrics() TO queue_ext_worker;
