@@ -466,6 +466,16 @@ def test_browser_live_counts_retry_and_screenshots(cluster, jobs, admin, browser
     assert browser.execute_script("return window.notReloaded === true"), "the page was not reloaded"
     browser.save_screenshot(str(SHOTS / "overview.png"))
 
+    # A queue's first page follows new jobs without a reload too.
+    browser.get(admin.url + "/queues/mail")
+    WebDriverWait(browser, 5).until(lambda b: b.find_element(By.ID, "live").text.startswith("live"))
+    browser.execute_script("window.notReloaded = true")
+    with cluster.connect() as conn:
+        new = str(conn.execute("SELECT queue_ext.enqueue_job('mail', '{\"<b>\": \"listed live\"}')").fetchone()[0])
+    WebDriverWait(browser, 2).until(lambda b: new in b.find_element(By.ID, "jobs").text)
+    assert browser.execute_script("return window.notReloaded === true")
+    assert '{"<b>": "listed live"}' in browser.find_element(By.ID, "jobs").text, "inserted as text"
+
     for name, path in (("queue", "/queues/mail"), ("job", f"/jobs/{jobs['done']}"),
                        ("job-hostile", f"/jobs/{jobs['dead']}"), ("dead", "/dead")):
         browser.get(admin.url + path)

@@ -36,7 +36,48 @@ document.addEventListener("submit", function (ev) {
       });
     });
     if (live) { live.textContent = "live " + new Date().toLocaleTimeString(); }
+    refreshJobs(byName);
   });
+  // A queue's first page of jobs, reloaded from the JSON API when its counts change.
+  var jobs = document.querySelector("table[data-live]");
+  var seen = null;
+  function refreshJobs(byName) {
+    if (!jobs) { return; }
+    var q = byName[jobs.dataset.queueName];
+    var sig = q ? JSON.stringify(q) : "";
+    if (seen === null || sig === seen) { seen = sig; return; }
+    seen = sig;
+    fetch(jobs.dataset.live, { credentials: "same-origin" }).then(function (r) {
+      return r.ok ? r.json() : null;
+    }).then(function (data) {
+      if (!data || !data.jobs) { return; }
+      var body = document.createElement("tbody");
+      data.jobs.forEach(function (j) {
+        var tr = document.createElement("tr");
+        var link = document.createElement("a");
+        link.href = "/jobs/" + encodeURIComponent(j.id);
+        link.textContent = j.id;
+        var first = document.createElement("td");
+        first.appendChild(link);
+        tr.appendChild(first);
+        [j.state, j.priority, String(j.attempt), j.at || "", j.payload, (j.last_error || "").slice(0, 200)]
+          .forEach(function (text, i) {
+            var td = document.createElement("td");
+            if (i === 4) {
+              var code = document.createElement("code");
+              code.textContent = text;
+              td.appendChild(code);
+            } else {
+              td.textContent = text;
+            }
+            tr.appendChild(td);
+          });
+        body.appendChild(tr);
+      });
+      jobs.replaceChild(body, jobs.tBodies[0]);
+    }).catch(function () {});
+  }
+
   source.onerror = function () {
     if (live) { live.textContent = "reconnecting…"; }
   };

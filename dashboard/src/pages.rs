@@ -362,7 +362,34 @@ pub fn queue(v: &View, c: &QueueCounts, f: &JobFilter, jobs: &[JobRow], more: bo
         opt(&f.since),
         opt(&f.until)
     );
-    b.push_str(r#"<table id="jobs"><thead><tr><th>Job</th><th>State</th><th>Priority</th><th>Attempt</th><th>Time</th><th>Payload</th><th>Last error</th></tr></thead><tbody>"#);
+    // The first page follows the queue live: the script reloads it from the JSON API when
+    // the queue's counts change. Deeper pages stay put (their window is fixed by `before`).
+    let live_src = if f.before.as_deref().unwrap_or("").is_empty() {
+        let mut qs = form_urlencoded::Serializer::new(String::new());
+        for (k, val) in [
+            ("state", &f.state),
+            ("priority", &f.priority),
+            ("key", &f.key),
+            ("value", &f.value),
+            ("since", &f.since),
+            ("until", &f.until),
+        ] {
+            if let Some(val) = val.as_deref().filter(|x| !x.is_empty()) {
+                qs.append_pair(k, val);
+            }
+        }
+        format!(
+            r#" data-live="/api/queues/{}/jobs?{}" data-queue-name="{q}""#,
+            url_path(&c.queue),
+            esc(&qs.finish())
+        )
+    } else {
+        String::new()
+    };
+    let _ = write!(
+        b,
+        r#"<table id="jobs"{live_src}><thead><tr><th>Job</th><th>State</th><th>Priority</th><th>Attempt</th><th>Time</th><th>Payload</th><th>Last error</th></tr></thead><tbody>"#
+    );
     for j in jobs {
         let _ = write!(
             b,
