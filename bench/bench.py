@@ -615,11 +615,11 @@ def db_dsn(dsn, db):
     return f"{dsn} dbname={db}"  # libpq: the last dbname wins
 
 
-def history_setup(dsn, retained):
-    """Two databases with queue_ext, identical but for the history: one gets `retained`
-    finished jobs (95% completed: queued, running, completed history rows; 5% cancelled while
-    queued: two rows), spread over a week and four other queues, one INSERT ... SELECT per
-    table, then VACUUM ANALYZE and a checkpoint."""
+def history_databases(dsn):
+    """The history cell's two databases with queue_ext, made when the run starts: the
+    extension's install script is read from disk by CREATE EXTENSION, so it must come from the
+    same install as the library the server loaded then (a reinstall during the run would
+    otherwise fail the cell)."""
     with connect(dsn) as c:
         for db in HISTORY_DBS:
             c.execute(f"DROP DATABASE IF EXISTS {db}")
@@ -627,6 +627,13 @@ def history_setup(dsn, retained):
     for db in HISTORY_DBS:
         with connect(db_dsn(dsn, db)) as c:
             c.execute("CREATE EXTENSION queue_ext")
+
+
+def history_setup(dsn, retained):
+    """Two databases with queue_ext (history_databases()), identical but for the history: one
+    gets `retained` finished jobs (95% completed: queued, running, completed history rows; 5%
+    cancelled while queued: two rows), spread over a week and four other queues, one
+    INSERT ... SELECT per table, then VACUUM ANALYZE and a checkpoint."""
     t0 = time.perf_counter()
     with connect(db_dsn(dsn, HISTORY_DBS[1])) as c:
         c.execute("ALTER TABLE queue_ext.job_status_history DISABLE TRIGGER publish_transitions")  # no NOTIFY storm
@@ -979,6 +986,8 @@ def main():
 
     global NOTIFY_FLIP
     floor_dsn = floor_setup(dsn)
+    if "history" in workloads:
+        history_databases(dsn)
     channel = wake_channel(dsn)
     notify_default = create_queue_default(dsn, "notify_events", "notify")
     flip = None if notify_default is None else {"notify_events": not notify_default}
