@@ -94,12 +94,14 @@ FUNCTIONS = """
 """
 
 
-# What LISTEN queue_ext_events delivers about bob's jobs: NOTIFY has no privileges, so every
-# role that can connect, ours or not, hears every job's id, queue, state and error.
+# What LISTEN delivers about bob's jobs: NOTIFY has no privileges, so every role that can
+# connect, ours or not, hears every job's id, queue and state (queue_ext_events, queues with
+# notify_events on) and the names of queues that got work (queue_ext_jobs); never an error.
 EVENTS = """
 | channel                | producer | worker | admin | none |
 |------------------------|----------|--------|-------|------|
 | queue_ext_events       | all      | all    | all   | all  |
+| queue_ext_jobs         | all      | all    | all   | all  |
 """
 
 
@@ -442,12 +444,13 @@ def test_delivery_log_and_errors_carry_no_credentials(cluster):
 
 
 def test_event_channel_matrix(cluster):
-    expected = parse(EVENTS)["queue_ext_events"]
+    expected = parse(EVENTS)
     print("\n" + EVENTS.strip())
     listeners = {col: connect(cluster, login) for col, login in WHO.items()}
     try:
         for conn in listeners.values():
             conn.execute("LISTEN queue_ext_events")
+            conn.execute("LISTEN queue_ext_jobs")
         with connect(cluster, "bob") as bob, connect(cluster, "wendy") as w:
             job = bob.execute("SELECT queue_ext.enqueue_job('work', '{}', priority => 'critical')").fetchone()[0]
             got, tok = w.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('work', 'w')").fetchone()
@@ -455,15 +458,20 @@ def test_event_channel_matrix(cluster):
             w.execute("SELECT queue_ext.fail_job(%s, 'card 4242 declined', %s)", [job, tok])
         bad = []
         for col, conn in listeners.items():
-            heard = [n.payload for n in conn.notifies(timeout=0.5) if str(job) in n.payload]
-            seen = "all" if heard else "-"
+            notes = list(conn.notifies(timeout=1))
+            heard = {
+                "queue_ext_events": [n.payload for n in notes if n.channel == "queue_ext_events" and str(job) in n.payload],
+                "queue_ext_jobs": [n.payload for n in notes if n.channel == "queue_ext_jobs" and n.payload == "work"],
+            }
             if col == "none":
-                print("a role with none of ours hears:", *heard, sep="\n  ")
-            if seen != expected[col]:
-                bad.append(f"queue_ext_events as {col}: hears {seen} ({heard[:3]}), want {expected[col]}")
-            # Anyone may LISTEN, so events carry no error text: that stays behind job_status().
-            if any("4242" in h for h in heard):
-                bad.append(f"queue_ext_events as {col}: the job's error text is in an event: {heard}")
+                print("a role with none of ours hears:", *[p for ps in heard.values() for p in ps], sep="\n  ")
+            for channel, payloads in heard.items():
+                seen = "all" if payloads else "-"
+                if seen != expected[channel][col]:
+                    bad.append(f"{channel} as {col}: hears {seen} ({payloads[:3]}), want {expected[channel][col]}")
+                # Anyone may LISTEN, so nothing carries error text: that stays behind job_status().
+                if any("4242" in p for p in payloads):
+                    bad.append(f"{channel} as {col}: the job's error text is in a notification: {payloads}")
         assert not bad, "\n".join(bad)
     finally:
         for conn in listeners.values():
