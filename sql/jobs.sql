@@ -546,6 +546,7 @@ BEGIN
         VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
     END IF;
     IF final = 'completed' THEN
+        PERFORM queue_ext._count_at_commit(j.queue_name, 'completed', 1);
         -- Most jobs have no dependents: one index probe instead of a call. (An enqueue that
         -- adds a dependent holds a lock on this job's row, which our DELETE waited for.)
         IF EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = j.id) THEN
@@ -598,6 +599,7 @@ AS $$
 DECLARE
     done_ids uuid[];
     done_states queue_ext.job_state[];
+    done_queues text[];
     follow queue_ext.job_queue[];        -- jobs that need more than the set-based part
     follow_states queue_ext.job_state[];
     follow_results jsonb[];
@@ -642,11 +644,13 @@ BEGIN
                OR EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d.id) AS needs_more
         FROM done AS d JOIN queue_ext.queues AS q ON q.queue_name = d.queue_name
     )
-    SELECT array_agg(id), array_agg(final),
+    SELECT array_agg(id), array_agg(final), array_agg(queue_name),
            array_agg(job) FILTER (WHERE needs_more), array_agg(final) FILTER (WHERE needs_more),
            array_agg(new_result) FILTER (WHERE needs_more), array_agg(has_callback) FILTER (WHERE needs_more)
-    INTO done_ids, done_states, follow, follow_states, follow_results, follow_callbacks
+    INTO done_ids, done_states, done_queues, follow, follow_states, follow_results, follow_callbacks
     FROM flagged;
+    PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*))
+    FROM unnest(done_queues, done_states) AS u(q, s) WHERE u.s = 'completed' GROUP BY u.q;
 
     -- The rest is per job, and rare: dependents to release or cancel, callbacks to send.
     FOR k IN 1 .. coalesce(cardinality(follow), 0) LOOP
@@ -679,6 +683,7 @@ BEGIN
         j.rate_limit_key, j.concurrency_key);
     INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, j.status, 'dead', j.attempt, j.worker_id, error, j.enqueued_by);
+    PERFORM queue_ext._count_at_commit(j.queue_name, 'dead', 1);
     PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s is dead', j.id));
     IF (SELECT has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
         PERFORM queue_ext._emit_callback(j, 'job.dead', NULL);
@@ -725,6 +730,7 @@ BEGIN
     failure := jsonb_build_object('attempt', j.attempt, 'error', message, 'at', now(), 'worker_id', j.worker_id);
     j.errors := j.errors || jsonb_build_array(failure);
     j.last_error := message;
+    PERFORM queue_ext._count_at_commit(j.queue_name, 'failed', 1);
 
     IF coalesce(_fail.permanent, false) OR j.attempt >= j.max_attempts THEN
         DELETE FROM queue_ext.job_queue WHERE id = j.id;
@@ -805,6 +811,7 @@ BEGIN
         j.errors := j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempt, 'error', reason, 'at', now(), 'worker_id', j.worker_id));
         j.last_error := reason;
+        PERFORM queue_ext._count_at_commit(j.queue_name, 'failed', 1);
         IF j.attempt >= j.max_attempts THEN
             DELETE FROM queue_ext.job_queue WHERE id = j.id;
             PERFORM queue_ext._bury(j, format('%s on the last of %s attempts', reason, j.max_attempts), reason);

@@ -10,9 +10,11 @@
 --     retained history of any size costs nothing.
 -- Per-queue totals since the beginning cannot be had that way (purge_jobs() deletes the
 -- rows a total would count, and queues with keep_history => false never write them), so the
--- throughput series are windows, named *_last_5m, and the histograms cover the same
--- window: read them as they are (histogram_quantile() works on them directly), not through
--- rate(). The dispatcher's own counters are real totals since it started.
+-- *_total counters come from shared memory instead (counters.rs: each completion, failure
+-- and dead letter adds to them when its transaction commits; they start at 0 when the
+-- server does, as Prometheus counters may). The *_last_5m series and the histograms are
+-- windows over the tables: read them as they are (histogram_quantile() works on them
+-- directly), not through rate(). The dispatcher's own counters are totals since it started.
 
 -- The first history id written at or after `since`. Ids grow with time (an identity), so a
 -- binary search over the primary key finds it in ~40 index probes whatever the table's size.
@@ -178,6 +180,7 @@ AS $$
     ),
     outcomes(outcome) AS (VALUES ('delivered'), ('retry'), ('failed'), ('stale')),
     dispatchers AS (SELECT s.database, s.running, s.delivered, s.retried, s.failed FROM queue_ext.dispatcher_status() AS s),
+    totals AS (SELECT c.* FROM queue_ext._job_counters(ARRAY(SELECT q.queue_name FROM queues AS q)) AS c),
     families(ord, header, body) AS (
         SELECT 1, E'# HELP queue_ext_jobs Jobs by queue and state now: live jobs (waiting, queued, retrying, running) and dead letters kept.\n# TYPE queue_ext_jobs gauge',
                (SELECT string_agg(format('queue_ext_jobs{queue=%s,state="%s"} %s', queue_ext._metric_label(j.queue_name), j.state, j.n),
@@ -223,6 +226,18 @@ AS $$
         SELECT 11, E'# HELP queue_ext_dispatcher_up 1 when the dispatcher of the database is running.\n# TYPE queue_ext_dispatcher_up gauge',
                (SELECT string_agg(format('queue_ext_dispatcher_up{database=%s} %s', queue_ext._metric_label(d.database), d.running::int),
                                   E'\n' ORDER BY d.database) FROM dispatchers AS d)
+        UNION ALL
+        SELECT 13, E'# HELP queue_ext_jobs_completed_total Jobs completed since the server started (resets on restart; needs shared_preload_libraries).\n# TYPE queue_ext_jobs_completed_total counter',
+               (SELECT string_agg(format('queue_ext_jobs_completed_total{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.completed),
+                                  E'\n' ORDER BY t.queue_name) FROM totals AS t)
+        UNION ALL
+        SELECT 14, E'# HELP queue_ext_jobs_failed_total Failed attempts (to a retry or to the dead letter queue, lost leases included) since the server started.\n# TYPE queue_ext_jobs_failed_total counter',
+               (SELECT string_agg(format('queue_ext_jobs_failed_total{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.failed),
+                                  E'\n' ORDER BY t.queue_name) FROM totals AS t)
+        UNION ALL
+        SELECT 15, E'# HELP queue_ext_jobs_dead_total Jobs moved to the dead letter queue since the server started.\n# TYPE queue_ext_jobs_dead_total counter',
+               (SELECT string_agg(format('queue_ext_jobs_dead_total{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.dead),
+                                  E'\n' ORDER BY t.queue_name) FROM totals AS t)
         UNION ALL
         SELECT 12, E'# HELP queue_ext_dispatcher_deliveries_total Webhook jobs the dispatcher finished since it started, by outcome.\n# TYPE queue_ext_dispatcher_deliveries_total counter',
                (SELECT string_agg(format('queue_ext_dispatcher_deliveries_total{database=%s,outcome="%s"} %s',

@@ -18,6 +18,27 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_announce_at_commit_wrapper';
 
+CREATE FUNCTION queue_ext."_count_at_commit"(
+	"queue_name" TEXT, /* & str */
+	"kind" TEXT, /* & str */
+	"n" bigint /* i64 */
+) RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_count_at_commit_wrapper';
+
+CREATE FUNCTION queue_ext."_job_counters"(
+	"queue_names" TEXT[] /* Vec < Option < String > > */
+) RETURNS TABLE (
+	"queue_name" TEXT,  /* String */
+	"completed" bigint,  /* i64 */
+	"failed" bigint,  /* i64 */
+	"dead" bigint  /* i64 */
+)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_job_counters_wrapper';
+
 -- Every function whose definition changed or that is new, as in sql/.
 CREATE OR REPLACE FUNCTION queue_ext._announce(queue_name text) RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -310,6 +331,223 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION queue_ext._complete(job_id uuid, result jsonb, lease_token uuid) RETURNS queue_ext.job_state
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+DECLARE
+    j queue_ext.job_queue;
+    q queue_ext.queues;
+    final queue_ext.job_state;
+BEGIN
+    DELETE FROM queue_ext.job_queue
+    WHERE id = _complete.job_id AND status = 'running'
+      AND (_complete.lease_token IS NULL
+           OR (lease_token = _complete.lease_token AND lease_expires_at > now()))
+    RETURNING * INTO j;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO q FROM queue_ext.queues AS t WHERE t.queue_name = j.queue_name;
+    final := CASE WHEN j.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END;
+    -- A queue without history deletes its completed jobs (cancelled ones are still kept).
+    IF q.keep_history OR final = 'cancelled' THEN
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+            rate_limit_key, concurrency_key)
+        VALUES (j.id, j.queue_name, j.payload, j.priority, final, j.attempt, j.max_attempts,
+            j.worker_id, _complete.result, coalesce(j.cancel_requested, j.last_error), j.errors,
+            CASE WHEN final = 'completed' THEN 100 ELSE j.progress END, j.progress_details,
+            j.enqueued_by, j.created_at, j.run_at, j.started_at, j.rate_limit_key, j.concurrency_key);
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
+    END IF;
+    IF final = 'completed' THEN
+        PERFORM queue_ext._count_at_commit(j.queue_name, 'completed', 1);
+        -- Most jobs have no dependents: one index probe instead of a call. (An enqueue that
+        -- adds a dependent holds a lock on this job's row, which our DELETE waited for.)
+        IF EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = j.id) THEN
+            PERFORM queue_ext._release_dependents(j.id);
+        END IF;
+    ELSE
+        PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));
+    END IF;
+    IF q.has_callback THEN
+        PERFORM queue_ext._emit_callback(j, CASE final WHEN 'completed' THEN 'job.completed' ELSE 'job.cancelled' END,
+                                         _complete.result);
+    END IF;
+    RETURN final;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.complete_jobs(job_ids uuid[], lease_tokens uuid[] DEFAULT NULL, results jsonb[] DEFAULT NULL)
+RETURNS TABLE (job_id uuid, status queue_ext.job_state)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    done_ids uuid[];
+    done_states queue_ext.job_state[];
+    done_queues text[];
+    follow queue_ext.job_queue[];        -- jobs that need more than the set-based part
+    follow_states queue_ext.job_state[];
+    follow_results jsonb[];
+    follow_callbacks boolean[];
+BEGIN
+    IF complete_jobs.job_ids IS NULL THEN
+        RAISE EXCEPTION 'job_ids must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF cardinality(complete_jobs.lease_tokens) <> cardinality(complete_jobs.job_ids)
+       OR cardinality(complete_jobs.results) <> cardinality(complete_jobs.job_ids) THEN
+        RAISE EXCEPTION 'lease_tokens and results must have one element per job id (% job ids)',
+            cardinality(complete_jobs.job_ids) USING ERRCODE = '22023';
+    END IF;
+    WITH input AS (
+        SELECT u.id, u.token, u.result
+        FROM unnest(complete_jobs.job_ids, complete_jobs.lease_tokens, complete_jobs.results) AS u(id, token, result)
+    ), done AS (
+        DELETE FROM queue_ext.job_queue AS t
+        USING input AS i
+        WHERE t.id = i.id AND t.status = 'running'
+          AND (i.token IS NULL OR (t.lease_token = i.token AND t.lease_expires_at > now()))
+        RETURNING t AS job, t.*, i.result AS new_result,
+                  CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final
+    ), kept AS (
+        -- What the archive and the history keep (queues.keep_history: all, or the cancelled).
+        SELECT d.* FROM done AS d JOIN queue_ext.queues AS q ON q.queue_name = d.queue_name
+        WHERE q.keep_history OR d.final = 'cancelled'
+    ), archived AS (
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+            rate_limit_key, concurrency_key)
+        SELECT id, queue_name, payload, priority, final, attempt, max_attempts, worker_id, new_result,
+               coalesce(cancel_requested, last_error), errors, CASE WHEN final = 'completed' THEN 100 ELSE progress END,
+               progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
+        FROM kept
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        SELECT id, queue_name, 'running', final, attempt, worker_id, cancel_requested, enqueued_by FROM kept
+    ), flagged AS (
+        SELECT d.*, q.has_callback,
+               d.final = 'cancelled' OR q.has_callback
+               OR EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d.id) AS needs_more
+        FROM done AS d JOIN queue_ext.queues AS q ON q.queue_name = d.queue_name
+    )
+    SELECT array_agg(id), array_agg(final), array_agg(queue_name),
+           array_agg(job) FILTER (WHERE needs_more), array_agg(final) FILTER (WHERE needs_more),
+           array_agg(new_result) FILTER (WHERE needs_more), array_agg(has_callback) FILTER (WHERE needs_more)
+    INTO done_ids, done_states, done_queues, follow, follow_states, follow_results, follow_callbacks
+    FROM flagged;
+    PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*))
+    FROM unnest(done_queues, done_states) AS u(q, s) WHERE u.s = 'completed' GROUP BY u.q;
+
+    -- The rest is per job, and rare: dependents to release or cancel, callbacks to send.
+    FOR k IN 1 .. coalesce(cardinality(follow), 0) LOOP
+        IF follow_states[k] = 'completed' THEN
+            PERFORM queue_ext._release_dependents(follow[k].id);
+        ELSE
+            PERFORM queue_ext._cancel_dependents(follow[k].id, format('dependency %s was cancelled', follow[k].id));
+        END IF;
+        IF follow_callbacks[k] THEN
+            PERFORM queue_ext._emit_callback(follow[k],
+                CASE follow_states[k] WHEN 'completed' THEN 'job.completed' ELSE 'job.cancelled' END, follow_results[k]);
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT u.id, f.state
+                 FROM unnest(complete_jobs.job_ids) WITH ORDINALITY AS u(id, i)
+                 LEFT JOIN unnest(done_ids, done_states) AS f(id, state) ON f.id = u.id
+                 ORDER BY u.i;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._bury(j queue_ext.job_queue, reason text, error text) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    INSERT INTO queue_ext.job_dead_letter (id, queue_name, payload, priority, attempt, max_attempts,
+        worker_id, last_error, errors, reason, enqueued_by, created_at, started_at, rate_limit_key, concurrency_key)
+    VALUES (j.id, j.queue_name, j.payload, j.priority, j.attempt, j.max_attempts,
+        j.worker_id, j.last_error, j.errors, reason, j.enqueued_by, j.created_at, j.started_at,
+        j.rate_limit_key, j.concurrency_key);
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    VALUES (j.id, j.queue_name, j.status, 'dead', j.attempt, j.worker_id, error, j.enqueued_by);
+    PERFORM queue_ext._count_at_commit(j.queue_name, 'dead', 1);
+    PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s is dead', j.id));
+    IF (SELECT has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+        PERFORM queue_ext._emit_callback(j, 'job.dead', NULL);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._fail(
+    job_id      uuid,
+    error       text,
+    lease_token uuid,
+    permanent   boolean,
+    retry_in    interval
+) RETURNS queue_ext.job_state
+LANGUAGE plpgsql VOLATILE
+AS $$
+#variable_conflict use_column
+DECLARE
+    j queue_ext.job_queue;
+    q queue_ext.queues;
+    -- Bounded: every attempt's error is kept in the row (errors), its history and its
+    -- callback, so an unbounded one let a worker grow a job by megabytes per retry.
+    message text := left(coalesce(_fail.error, 'unknown error'), 10000);
+    failure jsonb;
+BEGIN
+    PERFORM queue_ext._check_interval('retry_in', _fail.retry_in, '0', '100 years');
+    SELECT * INTO j FROM queue_ext.job_queue
+    WHERE id = _fail.job_id AND status = 'running'
+      AND (_fail.lease_token IS NULL
+           OR (lease_token = _fail.lease_token AND lease_expires_at > now()))
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF j.cancel_requested IS NOT NULL THEN
+        -- Cancelled while running: the failure ends it, no retry.
+        PERFORM queue_ext._complete(j.id, jsonb_build_object('error', message), NULL);
+        RETURN 'cancelled';
+    END IF;
+    failure := jsonb_build_object('attempt', j.attempt, 'error', message, 'at', now(), 'worker_id', j.worker_id);
+    j.errors := j.errors || jsonb_build_array(failure);
+    j.last_error := message;
+    PERFORM queue_ext._count_at_commit(j.queue_name, 'failed', 1);
+
+    IF coalesce(_fail.permanent, false) OR j.attempt >= j.max_attempts THEN
+        DELETE FROM queue_ext.job_queue WHERE id = j.id;
+        PERFORM queue_ext._bury(j,
+            CASE WHEN _fail.permanent THEN 'permanent failure'
+                 ELSE format('failed %s of %s attempts', j.attempt, j.max_attempts) END,
+            message);
+        RETURN 'dead';
+    END IF;
+
+    SELECT * INTO q FROM queue_ext.queues WHERE queue_name = j.queue_name;
+    UPDATE queue_ext.job_queue
+    SET status = 'retrying',
+        run_at = now() + coalesce(_fail.retry_in,
+                                  queue_ext._backoff(coalesce(q.backoff_base, interval '1 second'),
+                                                     coalesce(q.backoff_cap, interval '1 hour'), j.attempt)),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        last_error = j.last_error,
+        errors = j.errors
+    WHERE id = j.id;
+    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    VALUES (j.id, j.queue_name, 'running', 'retrying', j.attempt, j.worker_id, message, j.enqueued_by);
+    IF q.has_callback THEN
+        PERFORM queue_ext._emit_callback(j, 'job.failed', NULL);
+    END IF;
+    RETURN 'retrying';
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queue_ext._return_running(only_worker text, reason text, queue_names text[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
@@ -330,6 +568,7 @@ BEGIN
         j.errors := j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempt, 'error', reason, 'at', now(), 'worker_id', j.worker_id));
         j.last_error := reason;
+        PERFORM queue_ext._count_at_commit(j.queue_name, 'failed', 1);
         IF j.attempt >= j.max_attempts THEN
             DELETE FROM queue_ext.job_queue WHERE id = j.id;
             PERFORM queue_ext._bury(j, format('%s on the last of %s attempts', reason, j.max_attempts), reason);
@@ -544,6 +783,97 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION queue_ext._dispatch_record(outcomes jsonb) RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    o jsonb;
+    delivered jsonb;       -- job id -> its 'delivered' outcome
+    delivered_ids uuid[];
+    fast uuid[] := '{}';
+    fast_queues text[];
+    unlogged uuid[] := '{}';  -- delivered jobs of queues without history: no archive or log row
+    applied uuid[] := '{}';
+    ok boolean;
+    response jsonb;
+BEGIN
+    -- The common case, set-based: successful deliveries of jobs with no cancel request in
+    -- queues without callbacks are archived and logged by one statement each, instead of a
+    -- function call per job (the dispatcher's throughput is bound here). The outcomes are
+    -- looked up by job id in a JSON object, not joined: the planner cannot estimate a
+    -- jsonb_array_elements() join and chose a nested loop over it, quadratic in the batch
+    -- (measured: 154 ms for 250 outcomes, 0.6 ms a job).
+    SELECT jsonb_object_agg(e ->> 'job_id', e), array_agg((e ->> 'job_id')::uuid)
+    INTO delivered, delivered_ids
+    FROM jsonb_array_elements(outcomes) AS e
+    WHERE e ->> 'outcome' = 'delivered';
+    IF delivered_ids IS NOT NULL THEN
+        WITH done AS (
+            DELETE FROM queue_ext.job_queue AS j
+            WHERE j.id = ANY (delivered_ids) AND j.status = 'running'
+              AND j.lease_token = (delivered -> j.id::text ->> 'lease_token')::uuid AND j.lease_expires_at > now()
+              AND j.cancel_requested IS NULL
+              AND NOT (SELECT q.has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
+            RETURNING j.*, delivered -> j.id::text AS e,
+                      (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) AS keep
+        ), archived AS (
+            INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+                worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+                rate_limit_key, concurrency_key)
+            SELECT id, queue_name, payload, priority, 'completed', attempt, max_attempts, worker_id,
+                   jsonb_build_object('status', (e ->> 'status_code')::integer, 'headers', e -> 'response_headers',
+                                      'body', e ->> 'response_body', 'duration_ms', (e ->> 'duration_ms')::float8),
+                   last_error, errors, 100, progress_details, enqueued_by, created_at, run_at, started_at,
+                   rate_limit_key, concurrency_key
+            FROM done WHERE keep
+        ), history AS (
+            INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+            SELECT id, queue_name, 'running', 'completed', attempt, worker_id, enqueued_by FROM done WHERE keep
+        )
+        SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE NOT keep), '{}'),
+               coalesce(array_agg(queue_name), '{}')
+        INTO fast, unlogged, fast_queues FROM done;
+        PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*)) FROM unnest(fast_queues) AS u(q) GROUP BY u.q;
+        PERFORM queue_ext._release_dependents(d) FROM unnest(fast) AS d
+        WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);
+    END IF;
+
+    -- Everything else, one at a time: failures, cancellations, callbacks, stale leases.
+    FOR o IN SELECT value FROM jsonb_array_elements(outcomes)
+             WHERE cardinality(fast) < jsonb_array_length(outcomes)
+               AND NOT ((value ->> 'job_id')::uuid = ANY (fast)) LOOP
+        IF o ->> 'outcome' = 'delivered' THEN
+            response := jsonb_build_object('status', (o ->> 'status_code')::integer,
+                                           'headers', o -> 'response_headers',
+                                           'body', o ->> 'response_body',
+                                           'duration_ms', (o ->> 'duration_ms')::float8);
+            ok := queue_ext._complete((o ->> 'job_id')::uuid, response, (o ->> 'lease_token')::uuid) IS NOT NULL;
+        ELSE
+            ok := queue_ext._fail((o ->> 'job_id')::uuid, o ->> 'error', (o ->> 'lease_token')::uuid,
+                                  o ->> 'outcome' = 'failed',
+                                  make_interval(secs => (o ->> 'retry_after_ms')::float8 / 1000)) IS NOT NULL;
+        END IF;
+        IF ok THEN
+            applied := applied || (o ->> 'job_id')::uuid;
+        END IF;
+    END LOOP;
+
+    INSERT INTO queue_ext.webhook_deliveries (job_id, queue_name, attempt, url, outcome, status_code, error,
+                                              duration_ms, response_headers, response_body)
+    SELECT (e ->> 'job_id')::uuid, e ->> 'queue_name', (e ->> 'attempt')::integer, e ->> 'url',
+           CASE WHEN (e ->> 'job_id')::uuid = ANY (fast || applied) THEN e ->> 'outcome' ELSE 'stale' END,
+           (e ->> 'status_code')::integer, e ->> 'error', (e ->> 'duration_ms')::float8,
+           e -> 'response_headers', e ->> 'response_body'
+    FROM jsonb_array_elements(outcomes) AS e
+    WHERE cardinality(unlogged) < jsonb_array_length(outcomes)
+      AND (cardinality(unlogged) = 0 OR NOT ((e ->> 'job_id')::uuid = ANY (unlogged)));
+    RETURN cardinality(fast) + cardinality(applied);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queue_ext._history_since(since timestamptz) RETURNS bigint
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -703,6 +1033,7 @@ AS $$
     ),
     outcomes(outcome) AS (VALUES ('delivered'), ('retry'), ('failed'), ('stale')),
     dispatchers AS (SELECT s.database, s.running, s.delivered, s.retried, s.failed FROM queue_ext.dispatcher_status() AS s),
+    totals AS (SELECT c.* FROM queue_ext._job_counters(ARRAY(SELECT q.queue_name FROM queues AS q)) AS c),
     families(ord, header, body) AS (
         SELECT 1, E'# HELP queue_ext_jobs Jobs by queue and state now: live jobs (waiting, queued, retrying, running) and dead letters kept.\n# TYPE queue_ext_jobs gauge',
                (SELECT string_agg(format('queue_ext_jobs{queue=%s,state="%s"} %s', queue_ext._metric_label(j.queue_name), j.state, j.n),
@@ -749,6 +1080,18 @@ AS $$
                (SELECT string_agg(format('queue_ext_dispatcher_up{database=%s} %s', queue_ext._metric_label(d.database), d.running::int),
                                   E'\n' ORDER BY d.database) FROM dispatchers AS d)
         UNION ALL
+        SELECT 13, E'# HELP queue_ext_jobs_completed_total Jobs completed since the server started (resets on restart; needs shared_preload_libraries).\n# TYPE queue_ext_jobs_completed_total counter',
+               (SELECT string_agg(format('queue_ext_jobs_completed_total{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.completed),
+                                  E'\n' ORDER BY t.queue_name) FROM totals AS t)
+        UNION ALL
+        SELECT 14, E'# HELP queue_ext_jobs_failed_total Failed attempts (to a retry or to the dead letter queue, lost leases included) since the server started.\n# TYPE queue_ext_jobs_failed_total counter',
+               (SELECT string_agg(format('queue_ext_jobs_failed_total{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.failed),
+                                  E'\n' ORDER BY t.queue_name) FROM totals AS t)
+        UNION ALL
+        SELECT 15, E'# HELP queue_ext_jobs_dead_total Jobs moved to the dead letter queue since the server started.\n# TYPE queue_ext_jobs_dead_total counter',
+               (SELECT string_agg(format('queue_ext_jobs_dead_total{queue=%s} %s', queue_ext._metric_label(t.queue_name), t.dead),
+                                  E'\n' ORDER BY t.queue_name) FROM totals AS t)
+        UNION ALL
         SELECT 12, E'# HELP queue_ext_dispatcher_deliveries_total Webhook jobs the dispatcher finished since it started, by outcome.\n# TYPE queue_ext_dispatcher_deliveries_total counter',
                (SELECT string_agg(format('queue_ext_dispatcher_deliveries_total{database=%s,outcome="%s"} %s',
                                          queue_ext._metric_label(d.database), o.outcome, o.n),
@@ -765,6 +1108,8 @@ $$;
 REVOKE ALL ON FUNCTION
     queue_ext._announce_at_commit(text),
     queue_ext._announce(text),
+    queue_ext._count_at_commit(text, text, bigint),
+    queue_ext._job_counters(text[]),
     queue_ext._history_since(timestamptz),
     queue_ext._metric_label(text),
     queue_ext.metrics()

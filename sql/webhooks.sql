@@ -259,6 +259,7 @@ DECLARE
     delivered jsonb;       -- job id -> its 'delivered' outcome
     delivered_ids uuid[];
     fast uuid[] := '{}';
+    fast_queues text[];
     unlogged uuid[] := '{}';  -- delivered jobs of queues without history: no archive or log row
     applied uuid[] := '{}';
     ok boolean;
@@ -297,8 +298,10 @@ BEGIN
             INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
             SELECT id, queue_name, 'running', 'completed', attempt, worker_id, enqueued_by FROM done WHERE keep
         )
-        SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE NOT keep), '{}')
-        INTO fast, unlogged FROM done;
+        SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE NOT keep), '{}'),
+               coalesce(array_agg(queue_name), '{}')
+        INTO fast, unlogged, fast_queues FROM done;
+        PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*)) FROM unnest(fast_queues) AS u(q) GROUP BY u.q;
         PERFORM queue_ext._release_dependents(d) FROM unnest(fast) AS d
         WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);
     END IF;

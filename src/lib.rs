@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod counters;
 mod db;
 mod ddl;
 mod delivery;
@@ -69,7 +70,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/metrics.sql",
     name = "metrics",
-    requires = ["monitoring"]
+    requires = ["monitoring", counters::_job_counters]
 );
 extension_sql_file!(
     "../sql/integrations.sql",
@@ -87,9 +88,11 @@ extension_sql_file!(
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     wakeup::init_callbacks();
+    counters::init_callbacks();
     // SAFETY: reading a flag the postmaster sets while it loads shared_preload_libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         wakeup::init_shmem();
+        counters::init_shmem();
         ddl::init();
         launcher::register();
     }
