@@ -37,6 +37,20 @@ if ! python3 -c "import selenium, prometheus_client, requests" 2>/dev/null; then
   python3 -m pip install -q "selenium==4.40.0" "prometheus_client==0.26.0" "requests==2.34.2"
 fi
 
+# The examples' webhook receivers verify signatures with the Standard Webhooks library; the
+# Node examples install exactly their committed package-lock.json.
+if ! python3 -c "import standardwebhooks" 2>/dev/null; then
+  echo "setup: installing standardwebhooks from PyPI"
+  python3 -m pip install -q "standardwebhooks==1.1.0"
+fi
+for dir in examples/node-worker examples/node-receiver; do
+  dir="$(dirname "$0")/../$dir"
+  if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    echo "setup: npm ci in ${dir#*/../}"
+    npm ci --prefix "$dir" --no-audit --no-fund --silent
+  fi
+done
+
 PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
 if ! grep -qs "pg$PG_MAJOR" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
   echo "setup: cargo pgrx init --pg$PG_MAJOR $PG_CONFIG"

@@ -40,6 +40,8 @@ bash pg_test/upgrade.sh
 step "5/6 pytest (tests/)"
 # tests/test_dashboard.py runs this binary (target/debug/queue_ext-dashboard).
 cargo build -p queue_ext-dashboard
+# tests/test_examples.py runs the example worker (target/debug/queue_ext-rust-worker).
+cargo build -p queue_ext-rust-worker
 cargo test -p queue_ext-dashboard
 python3 -m pytest -q tests
 
