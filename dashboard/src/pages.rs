@@ -207,7 +207,10 @@ pub fn overview(
                 )
             })
             .unwrap_or_default();
-        let toggle = if c.paused {
+        // The extension's own queues (queue_ext.*) cannot be paused: no button that would fail.
+        let toggle = if c.queue.starts_with("queue_ext.") {
+            String::new()
+        } else if c.paused {
             action(
                 v,
                 &format!("/queues/{}/resume", url_path(&c.queue)),
@@ -329,7 +332,9 @@ pub fn queue(v: &View, c: &QueueCounts, f: &JobFilter, jobs: &[JobRow], more: bo
         r#"<input type="hidden" name="back" value="{}">"#,
         esc(&back)
     );
-    b.push_str(&if c.paused {
+    b.push_str(&if c.queue.starts_with("queue_ext.") {
+        String::new()
+    } else if c.paused {
         action(
             v,
             &format!("{back}/resume"),
