@@ -187,8 +187,7 @@ impl Dispatcher {
         if let Some(slot) = slot {
             // SAFETY: reading this process's own identifiers.
             unsafe {
-                slot.procno
-                    .store((*pg_sys::MyProc).pgprocno, Ordering::Relaxed);
+                slot.procno.store(wakeup::my_procno(), Ordering::Relaxed);
             }
             slot.started_at_ms
                 .store(wakeup::now_ms(), Ordering::Relaxed);

@@ -70,7 +70,7 @@ pub extern "C-unwind" fn queue_ext_launcher_main(_arg: pg_sys::Datum) {
     unsafe {
         shared
             .launcher_procno
-            .store((*pg_sys::MyProc).pgprocno, Ordering::Relaxed);
+            .store(wakeup::my_procno(), Ordering::Relaxed);
         shared
             .launcher_pid
             .store(pg_sys::MyProcPid, Ordering::Release);

@@ -210,6 +210,21 @@ unsafe extern "C-unwind" fn on_xact_event(
     }
 }
 
+/// This process's PGPROC number, the index `set_latch_of` takes. PostgreSQL 17 removed
+/// `PGPROC.pgprocno` in favour of the `MyProcNumber` global.
+///
+/// # Safety
+/// Call on a backend's main thread after it has its PGPROC (`MyProc` is set).
+pub unsafe fn my_procno() -> i32 {
+    // SAFETY: the caller guarantees MyProc points at this process's PGPROC.
+    #[cfg(not(feature = "pg18"))]
+    let procno = unsafe { (*pg_sys::MyProc).pgprocno };
+    // SAFETY: MyProcNumber is set before MyProc and never changes afterwards.
+    #[cfg(feature = "pg18")]
+    let procno = unsafe { pg_sys::MyProcNumber };
+    procno
+}
+
 /// Sets the latch of the process whose PGPROC number is `procno`.
 fn set_latch_of(procno: i32) {
     if procno < 0 {
