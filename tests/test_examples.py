@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from pgcluster import Cluster, wait_for
@@ -39,7 +40,9 @@ RECEIVERS = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("examples", PORT, ["queue_ext.http_allowlist = '127.0.0.1'"])
+    # The dispatcher serves `postgres` only: the database `uploads` stands for a managed one
+    # without it, where pg_cron drains webhook queues with process_jobs().
+    c = Cluster("examples", PORT, ["queue_ext.http_allowlist = '127.0.0.1'", "queue_ext.database = 'postgres'"])
     c.start(fresh=True)
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION queue_ext")
@@ -202,6 +205,7 @@ def test_receiver_verifies_real_deliveries_and_refuses_tampered_ones(conn, kind)
         ids = [str(row[0]) for row in conn.execute(
             "SELECT queue_ext.enqueue_job(%s, jsonb_build_object('n', n)) FROM generate_series(1, 5) AS n", (q,))]
         wait_for(lambda: completed(conn, q) == 5, 20, what="deliveries accepted")
+        wait_for(lambda: len([l for l in r.lines if "webhook_id" in l]) == 5, 10, what=f"receiver output {r.lines}")
         got = {l["webhook_id"]: l for l in r.lines if "webhook_id" in l}
         assert set(got) == {f"msg_{i}" for i in ids}
         assert sorted(l["payload"]["n"] for l in got.values()) == [1, 2, 3, 4, 5]
@@ -225,8 +229,108 @@ def test_receiver_verifies_real_deliveries_and_refuses_tampered_ones(conn, kind)
                                                  + base64.b64encode(b"x" * 32).decode()}) == 401
         assert post(r.url + "/hook", real.body, {**headers, "webhook-timestamp": str(int(time.time()) - 3600)}) == 401
         assert post(r.url + "/hook", real.body, {"content-type": "application/json"}) == 400
-        accepted = [l for l in r.lines if "webhook_id" in l]
-        assert len(accepted) == 6 and accepted[-1]["payload"] == {"amount": 10}
+        wait_for(lambda: len([l for l in r.lines if "webhook_id" in l]) == 6, 10, what="receiver output")
+        assert [l for l in r.lines if "webhook_id" in l][-1]["payload"] == {"amount": 10}
     finally:
         sink.close()
         assert r.stop() == 0
+
+
+def test_psql_walkthrough(conn):
+    out = subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1", "-f", str(EXAMPLES / "psql-walkthrough.sql"), URL_DSN],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert 'Asynchronous notification "queue_ext_jobs" with payload "walkthrough"' in out.stdout
+    assert "urgent@example.com" in out.stdout.split("== 4.")[0].split("== 3.")[1]  # critical first
+    assert "mailbox full | failed 1 of 1 attempts" in out.stdout
+    assert count(conn, "SELECT count(*) FROM queue_ext.queues WHERE queue_name = 'walkthrough'") == 0
+
+
+def run_seed(name, **env) -> dict:
+    script = next((EXAMPLES / "seeds").glob(f"{name}_*.py"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DATABASE_URL": URL_DSN, **env})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.fixture
+def receiver():
+    secret = new_secret()
+    r = start_receiver("python", secret)
+    r.secret = secret
+    yield r
+    r.stop()
+
+
+def accepted(r, path):
+    return [l for l in r.lines if l.get("path") == path]
+
+
+def test_seed_000_database_webhooks_on_insert(conn, receiver):
+    got = run_seed("000", ENDPOINT_URL=receiver.url, WEBHOOK_SECRET=receiver.secret, SERVICE_ROLE_KEY="k-000")
+    assert got["delivered"] == {"process-image-generation": 3, "process-video-generation": 1}
+    # The receiver prints each delivery before answering it; its output may still be in transit.
+    wait_for(lambda: len(accepted(receiver, "/functions/v1/process-image-generation")) == 3, 10, what="output")
+    images = accepted(receiver, "/functions/v1/process-image-generation")
+    assert sorted(l["payload"]["record"]["prompt"] for l in images) == ["scene 0", "scene 1", "scene 2"]
+    assert {(l["payload"]["type"], l["payload"]["table"], l["authorization"]) for l in images} == \
+        {("INSERT", "image_generation_requests", "Bearer k-000")}
+    assert [l["payload"]["record"]["prompt"] for l in accepted(receiver, "/functions/v1/process-video-generation")] == ["trailer"]
+    commands = dict(conn.execute("SELECT jobname, command FROM cron.job WHERE jobname LIKE 'process-%-generation-fallback'").fetchall())
+    assert commands["process-image-generation-fallback"] == \
+        "SELECT count(*) FROM queue_ext.process_jobs('process-image-generation', 50)"
+
+
+def test_seed_001_upload_trigger_worker_status(cluster, conn, receiver):
+    conn.execute("CREATE DATABASE uploads")
+    uploads = URL_DSN.rsplit("/", 1)[0] + "/uploads"
+    with psycopg.connect(uploads, autocommit=True) as db:
+        db.execute("CREATE EXTENSION queue_ext")
+    got = run_seed("001", DATABASE_URL=uploads, CRON_DATABASE_URL=URL_DSN, ENDPOINT_URL=receiver.url,
+                   WEBHOOK_SECRET=receiver.secret)
+    # No dispatcher serves this database: the jobs waited for the tick, which delivered them.
+    assert got["before"] == [["uploads/a.pdf", "queued"], ["uploads/b.csv", "queued"]]
+    assert [(o, c) for _, o, c in got["tick"]] == [("delivered", 204), ("delivered", 204)]
+    assert got["after"] == [["uploads/a.pdf", "completed", 1], ["uploads/b.csv", "completed", 1]]
+    wait_for(lambda: len(accepted(receiver, "/functions/v1/worker-pull")) == 2, 10, what="receiver output")
+    assert sorted(l["payload"]["path"] for l in accepted(receiver, "/functions/v1/worker-pull")) == \
+        ["uploads/a.pdf", "uploads/b.csv"]
+    assert conn.execute("SELECT database, schedule FROM cron.job WHERE jobname = 'process-queued-jobs'").fetchone() == \
+        ("uploads", "* * * * *")
+
+
+def test_seed_002_immediate_processing_completion_webhooks(conn, receiver):
+    got = run_seed("002", CALLBACK_URL=receiver.url + "/api/webhooks", WEBHOOK_SECRET=receiver.secret)
+    submitted, order = got["submitted"], got["order"]
+    assert sorted(order) == sorted(submitted)
+    for user in ("alice", "bob"):  # FIFO per user
+        assert [j for j, u in order if u == user] == [j for j, u in submitted if u == user]
+    assert got["enqueue_to_done_s"] < 1
+    assert got["queue_stats"][0] == 6
+    assert got["metrics"] == ['queue_ext_jobs_completed_last_5m{queue="generations"} 6']
+    wait_for(lambda: len(accepted(receiver, "/api/webhooks")) == 6, 20, what="completion webhooks")
+    callbacks = accepted(receiver, "/api/webhooks")
+    assert sorted(l["payload"]["job_id"] for l in callbacks) == sorted(j for j, _ in submitted)
+    assert {l["payload"]["type"] for l in callbacks} == {"job.completed"}
+    assert all(l["payload"]["result"]["video_url"].endswith(l["payload"]["job_id"] + ".mp4") for l in callbacks)
+
+
+def test_seed_003_queue_worker_system(conn):
+    got = run_seed("003")
+    assert got["priority_order"] == ["password_reset", "welcome", "newsletter"]
+    assert (got["publish_before"], got["publish_after"]) == ("waiting", "queued")
+    assert got["render_progress"] == 60
+    assert got["payouts_claimable_now"] == 1  # 5 per minute: one now, the next 12 s later
+    assert got["analytics_batches"] == [100, 100]
+    assert got["bounce_dead_reason"] == "mailbox does not exist"
+    assert got["health"] in ("ok", "degraded")  # degraded: the bounce died in the last hour
+    assert got["app_a_sees"] == ["mindscript_app_a"]
+
+
+def test_seed_004_fire_and_forget_live_status(conn):
+    got = run_seed("004")
+    for job in got["jobs"]:
+        assert got["live"][job] == ["queued", "running", "completed"]
+        assert got["results"][job] == "completed"
+    assert len(got["results"]) == 2 and got["rolled_back_jobs"] == 0

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from standardwebhooks import Webhook, WebhookVerificationError
@@ -18,6 +19,7 @@ webhook = Webhook(os.environ["WEBHOOK_SECRET"])
 # Delivery is at-least-once: a retry carries the same webhook-id, so handle each id once.
 # (In production keep this in your database, not in memory.)
 seen: set[str] = set()
+lock = threading.Lock()  # handlers run on threads: one line at a time on stdout
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -30,10 +32,11 @@ class Handler(BaseHTTPRequestHandler):
         except (WebhookVerificationError, ValueError) as err:  # ValueError: malformed base64/UTF-8
             return self.reply(401, f"{err}\n".encode())
         msg_id = self.headers["webhook-id"]
-        if msg_id not in seen:
-            seen.add(msg_id)
-            print(json.dumps({"webhook_id": msg_id, "path": self.path, "payload": payload,
-                              "authorization": self.headers.get("authorization")}), flush=True)
+        with lock:
+            if msg_id not in seen:
+                seen.add(msg_id)
+                print(json.dumps({"webhook_id": msg_id, "path": self.path, "payload": payload,
+                                  "authorization": self.headers.get("authorization")}), flush=True)
         self.reply(204, b"")
 
     def reply(self, status: int, body: bytes):
