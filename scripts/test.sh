@@ -19,6 +19,7 @@ step "1/6 cargo fmt --check and clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets --features pg_test -- -D warnings
 cargo clippy -p queue_ext-dashboard --all-targets -- -D warnings
+cargo clippy -p queue_ext-rust-worker --all-targets -- -D warnings
 
 step "2/6 cargo pgrx test (unit and in-database tests)"
 pgdata=/tmp/queue_ext_pgrx_test

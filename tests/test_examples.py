@@ -2,7 +2,7 @@
 drain jobs exactly once, retry a failing job, keep a long job's lease with heartbeats and
 survive SIGTERM mid-batch with no job left running or lost; the webhook receivers (Python,
 Node) accept the dispatcher's real signed deliveries and refuse tampered ones; the psql
-walk-through runs; each seed workflow reaches its outcome."""
+walk-through runs; each workflow in examples/seeds/ reaches its outcome."""
 import base64
 import json
 import os
@@ -205,7 +205,7 @@ def test_receiver_verifies_real_deliveries_and_refuses_tampered_ones(conn, kind)
         ids = [str(row[0]) for row in conn.execute(
             "SELECT queue_ext.enqueue_job(%s, jsonb_build_object('n', n)) FROM generate_series(1, 5) AS n", (q,))]
         wait_for(lambda: completed(conn, q) == 5, 20, what="deliveries accepted")
-        wait_for(lambda: len([l for l in r.lines if "webhook_id" in l]) == 5, 10, what=f"receiver output {r.lines}")
+        wait_for(lambda: len([l for l in r.lines if "webhook_id" in l]) == 5, 10, what="receiver output")
         got = {l["webhook_id"]: l for l in r.lines if "webhook_id" in l}
         assert set(got) == {f"msg_{i}" for i in ids}
         assert sorted(l["payload"]["n"] for l in got.values()) == [1, 2, 3, 4, 5]
@@ -246,8 +246,8 @@ def test_psql_walkthrough(conn):
     assert count(conn, "SELECT count(*) FROM queue_ext.queues WHERE queue_name = 'walkthrough'") == 0
 
 
-def run_seed(name, **env) -> dict:
-    script = next((EXAMPLES / "seeds").glob(f"{name}_*.py"))
+def run_workflow(number, **env) -> dict:
+    script = next((EXAMPLES / "seeds").glob(f"{number}_*.py"))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "DATABASE_URL": URL_DSN, **env})
     assert out.returncode == 0, out.stderr
@@ -267,8 +267,8 @@ def accepted(r, path):
     return [l for l in r.lines if l.get("path") == path]
 
 
-def test_seed_000_database_webhooks_on_insert(conn, receiver):
-    got = run_seed("000", ENDPOINT_URL=receiver.url, WEBHOOK_SECRET=receiver.secret, SERVICE_ROLE_KEY="k-000")
+def test_database_webhooks_on_insert(conn, receiver):
+    got = run_workflow("000", ENDPOINT_URL=receiver.url, WEBHOOK_SECRET=receiver.secret, SERVICE_ROLE_KEY="k-000")
     assert got["delivered"] == {"process-image-generation": 3, "process-video-generation": 1}
     # The receiver prints each delivery before answering it; its output may still be in transit.
     wait_for(lambda: len(accepted(receiver, "/functions/v1/process-image-generation")) == 3, 10, what="output")
@@ -282,12 +282,12 @@ def test_seed_000_database_webhooks_on_insert(conn, receiver):
         "SELECT count(*) FROM queue_ext.process_jobs('process-image-generation', 50)"
 
 
-def test_seed_001_upload_trigger_worker_status(cluster, conn, receiver):
+def test_upload_trigger_process_jobs_status_view(cluster, conn, receiver):
     conn.execute("CREATE DATABASE uploads")
     uploads = URL_DSN.rsplit("/", 1)[0] + "/uploads"
     with psycopg.connect(uploads, autocommit=True) as db:
         db.execute("CREATE EXTENSION queue_ext")
-    got = run_seed("001", DATABASE_URL=uploads, CRON_DATABASE_URL=URL_DSN, ENDPOINT_URL=receiver.url,
+    got = run_workflow("001", DATABASE_URL=uploads, CRON_DATABASE_URL=URL_DSN, ENDPOINT_URL=receiver.url,
                    WEBHOOK_SECRET=receiver.secret)
     # No dispatcher serves this database: the jobs waited for the tick, which delivered them.
     assert got["before"] == [["uploads/a.pdf", "queued"], ["uploads/b.csv", "queued"]]
@@ -300,8 +300,8 @@ def test_seed_001_upload_trigger_worker_status(cluster, conn, receiver):
         ("uploads", "* * * * *")
 
 
-def test_seed_002_immediate_processing_completion_webhooks(conn, receiver):
-    got = run_seed("002", CALLBACK_URL=receiver.url + "/api/webhooks", WEBHOOK_SECRET=receiver.secret)
+def test_immediate_processing_completion_webhooks_fifo_metrics(conn, receiver):
+    got = run_workflow("002", CALLBACK_URL=receiver.url + "/api/webhooks", WEBHOOK_SECRET=receiver.secret)
     submitted, order = got["submitted"], got["order"]
     assert sorted(order) == sorted(submitted)
     for user in ("alice", "bob"):  # FIFO per user
@@ -316,8 +316,8 @@ def test_seed_002_immediate_processing_completion_webhooks(conn, receiver):
     assert all(l["payload"]["result"]["video_url"].endswith(l["payload"]["job_id"] + ".mp4") for l in callbacks)
 
 
-def test_seed_003_queue_worker_system(conn):
-    got = run_seed("003")
+def test_job_system_priorities_dependencies_limits_batches_rls(conn):
+    got = run_workflow("003")
     assert got["priority_order"] == ["password_reset", "welcome", "newsletter"]
     assert (got["publish_before"], got["publish_after"]) == ("waiting", "queued")
     assert got["render_progress"] == 60
@@ -328,8 +328,8 @@ def test_seed_003_queue_worker_system(conn):
     assert got["app_a_sees"] == ["mindscript_app_a"]
 
 
-def test_seed_004_fire_and_forget_live_status(conn):
-    got = run_seed("004")
+def test_fire_and_forget_atomic_result_live_status(conn):
+    got = run_workflow("004")
     for job in got["jobs"]:
         assert got["live"][job] == ["queued", "running", "completed"]
         assert got["results"][job] == "completed"
