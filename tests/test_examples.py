@@ -115,12 +115,12 @@ def completed(conn, queue):
 @pytest.mark.parametrize("kind", WORKERS)
 def test_worker_drains_exactly_once_retries_and_stops_cleanly(conn, kind):
     q = f"ex_{kind}"
-    conn.execute("SELECT queue_ext.create_queue(%s, backoff_base => '100 milliseconds', lease_duration => '1 second')", (q,))
+    conn.execute("SELECT queue_ext.create_queue(%s, backoff_base => '100 milliseconds', lease_duration => '2 seconds')", (q,))
     ids = [r[0] for r in conn.execute(
         "SELECT queue_ext.enqueue_job(%s, '{\"ms\": 300}') FROM generate_series(1, 24)", (q,))]
     flaky = count(conn, "SELECT queue_ext.enqueue_job(%s, '{\"ms\": 10, \"fail_attempts\": 1}')", q)
-    # Outlives its 1 s lease several times over: only heartbeats keep it.
-    long = count(conn, "SELECT queue_ext.enqueue_job(%s, '{\"ms\": 2500}')", q)
+    # Outlives its 2 s lease: only heartbeats keep it.
+    long = count(conn, "SELECT queue_ext.enqueue_job(%s, '{\"ms\": 4500}')", q)
     everything = {str(i) for i in ids} | {str(flaky), str(long)}
 
     # SIGTERM while four jobs are in flight: they finish, nothing new is claimed.
