@@ -57,6 +57,20 @@ def conn(cluster):
         yield c
 
 
+_procs: list["Proc"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+    # A failed assertion must not leave a worker or receiver running into the next test.
+    yield
+    while _procs:
+        p = _procs.pop().p
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 class Proc:
     """A child process whose stdout JSON lines are collected as they come."""
 
@@ -66,6 +80,7 @@ class Proc:
         self.lines: list[dict] = []
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
+        _procs.append(self)
 
     def _read(self):
         for line in self.p.stdout:
