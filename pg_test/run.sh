@@ -4,7 +4,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-dir=/tmp/queue_ext_regress
+source "$root/scripts/pgversion.sh"  # QE_PG=18: against PostgreSQL 18
+dir=/tmp/queue_ext_${QE_TAG}regress
 port=55442
 out=$dir/out
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
@@ -15,7 +16,7 @@ psql -q -h 127.0.0.1 -p "$port" -U postgres -c "CREATE DATABASE queue_ext_regres
 mkdir -p "$out"
 chmod 777 "$out"
 tests=$(cd "$here/sql" && ls *.sql | sed 's/\.sql$//' | sort)
-if ! /usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress \
+if ! "$PGXS_SRC/test/regress/pg_regress" --bindir="$PGBIN" \
     --use-existing --host=127.0.0.1 --port="$port" --user=postgres --dbname=queue_ext_regress \
     --inputdir="$here" --outputdir="$out" $tests; then
   echo "---- regression.diffs ----"; cat "$out/regression.diffs" 2>/dev/null || true

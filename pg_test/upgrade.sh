@@ -6,9 +6,10 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-dir=/tmp/queue_ext_upgrade
+source "$root/scripts/pgversion.sh"  # QE_PG=18: against PostgreSQL 18
+dir=/tmp/queue_ext_${QE_TAG}upgrade
 port=55447
-extdir=$(/usr/lib/postgresql/15/bin/pg_config --sharedir)/extension
+extdir=$("$PG_CONFIG" --sharedir)/extension
 current=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
 cp "$root"/sql/released/queue_ext--*.sql "$extdir/"
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true

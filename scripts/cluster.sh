@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Starts or stops a throwaway PostgreSQL 15 cluster for the demo, the tests and the
-# benchmark. Postgres refuses to run as root, so the cluster runs as the `postgres` user.
+# Starts or stops a throwaway PostgreSQL cluster for the demo, the tests and the benchmark:
+# PostgreSQL 15, or 18 with QE_PG=18 (scripts/pgversion.sh). Postgres refuses to run as root,
+# so the cluster runs as the `postgres` user.
 #
 #   scripts/cluster.sh start DIR PORT [extra postgresql.conf lines...]
 #   scripts/cluster.sh stop DIR
 #   scripts/cluster.sh restart DIR
 #
-# The cluster preloads queue_ext (for its background worker) and pg_cron, listens on
+# The cluster preloads queue_ext (for its background worker) and pg_cron (15 only), listens on
 # 127.0.0.1:PORT and keeps its socket and log in DIR.
 set -euo pipefail
-PGBIN=/usr/lib/postgresql/15/bin
+source "$(dirname "$0")/pgversion.sh"
 cmd=${1:?usage: cluster.sh start|stop|restart DIR [PORT]}
 dir=${2:?cluster directory}
 as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres "$@"; fi; }
@@ -28,8 +29,8 @@ case "$cmd" in
         echo "unix_socket_directories = '$dir'"
         echo "max_connections = 200"
         echo "shared_buffers = 256MB"
-        echo "shared_preload_libraries = 'queue_ext,pg_cron'"
-        echo "cron.database_name = 'postgres'"
+        echo "shared_preload_libraries = '$PRELOAD'"
+        case "$PRELOAD" in *pg_cron*) echo "cron.database_name = 'postgres'" ;; esac
         echo "log_line_prefix = '%m [%p] %q%a '"
         for line in "$@"; do echo "$line"; done
       } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null

@@ -6,9 +6,12 @@
 # the new one after its next restart.
 #
 #   scripts/install.sh [PG_CONFIG]     (default: Debian's PostgreSQL 15)
+#   QE_PG=18 scripts/install.sh        (the PostgreSQL 18 of scripts/setup.sh; cargo pgrx
+#                                       builds with the pg18 feature for its pg_config)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pg_config=${1:-/usr/lib/postgresql/15/bin/pg_config}
+source scripts/pgversion.sh
+pg_config=${1:-$PG_CONFIG}
 stage=$(mktemp -d /tmp/queue_ext_stage.XXXXXX)
 trap 'rm -rf "$stage"' EXIT
 # The dev profile is the one the test suite and the benchmark build (Cargo.toml says why).

@@ -1,5 +1,6 @@
 """A throwaway cluster for tests that need their own: restarts, crashes, special settings.
-Wraps scripts/cluster.sh (which runs Postgres as the postgres user)."""
+Wraps scripts/cluster.sh (which runs Postgres as the postgres user). QE_PG=18 in the
+environment runs every cluster on PostgreSQL 18 (scripts/pgversion.sh), in its own directories."""
 import os
 import shutil
 import signal
@@ -11,13 +12,28 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_SH = ROOT / "scripts" / "cluster.sh"
+# The version's binaries, pg_config and directory prefix, as the shell scripts see them.
+PGBIN, PG_CONFIG, QE_TAG, PRELOAD = subprocess.run(
+    ["bash", "-c", f"source {ROOT}/scripts/pgversion.sh && echo \"$PGBIN\"; echo \"$PG_CONFIG\"; "
+                   "echo \"$QE_TAG\"; echo \"$PRELOAD\""],
+    capture_output=True, text=True, check=True).stdout.split("\n")[:4]
+HAS_PG_CRON = "pg_cron" in PRELOAD.split(",")
+
+
+def _without_missing_libraries(setting: str) -> str:
+    """A shared_preload_libraries line without pg_cron where this version has none."""
+    name, _, value = setting.partition("=")
+    if HAS_PG_CRON or name.strip() != "shared_preload_libraries":
+        return setting
+    libs = [lib.strip() for lib in value.strip().strip("'").split(",")]
+    return "shared_preload_libraries = '" + ",".join(lib for lib in libs if lib and lib != "pg_cron") + "'"
 
 
 class Cluster:
     def __init__(self, name: str, port: int, settings: list[str], unset: tuple[str, ...] = ()):
-        self.dir = Path(f"/tmp/queue_ext_{name}")
+        self.dir = Path(f"/tmp/queue_ext_{QE_TAG}{name}")
         self.port = port
-        self.settings = settings
+        self.settings = [_without_missing_libraries(s) for s in settings]
         # Settings scripts/cluster.sh writes that this cluster must not have (commented out).
         self.unset = unset
         self.dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
@@ -45,7 +61,7 @@ class Cluster:
         if (self.dir / "data" / "postmaster.pid").exists():
             # A fast shutdown that did not finish (a process ignoring SIGTERM): do not leave
             # the cluster behind; tests that restart check that shutdowns finish.
-            subprocess.run(["sudo", "-u", "postgres", "/usr/lib/postgresql/15/bin/pg_ctl", "-D",
+            subprocess.run(["sudo", "-u", "postgres", f"{PGBIN}/pg_ctl", "-D",
                             str(self.dir / "data"), "-m", "immediate", "-w", "stop"], check=False)
 
     def connect(self, **kw) -> psycopg.Connection:

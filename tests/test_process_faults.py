@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from hostile_server import HostileServer
-from pgcluster import Cluster, dispatcher_pid, wait_for
+from pgcluster import PG_CONFIG, PGBIN, Cluster, dispatcher_pid, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CURRENT_VERSION = re.search(r'^version = "(.*)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
@@ -324,7 +324,7 @@ def test_queue_ext_database_limits_the_served_databases_and_a_missing_one_is_qui
 def ensure_released_script(version):
     """The frozen install script of an old version, in the extension directory (as
     pg_test/upgrade.sh does: scripts/install.sh installs only what the build packages)."""
-    sharedir = subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--sharedir"], capture_output=True,
+    sharedir = subprocess.run([PG_CONFIG, "--sharedir"], capture_output=True,
                               text=True, check=True).stdout.strip()
     src = ROOT / "sql" / "released" / f"queue_ext--{version}.sql"
     dest = Path(sharedir) / "extension" / src.name
@@ -424,7 +424,7 @@ def test_fast_restart_finishes_and_the_dispatcher_is_back(cluster, server):
     # process that ignores it makes the shutdown hang), then the dispatcher comes back.
     old = wait_dispatcher(cluster, "postgres")
     t0 = time.time()
-    done = subprocess.run(["sudo", "-u", "postgres", "/usr/lib/postgresql/15/bin/pg_ctl", "-D",
+    done = subprocess.run(["sudo", "-u", "postgres", f"{PGBIN}/pg_ctl", "-D",
                            str(cluster.dir / "data"), "-l", str(cluster.dir / "server.log"), "-m", "fast",
                            "-w", "-t", "20", "restart"], capture_output=True, text=True)
     assert done.returncode == 0, f"fast restart failed: {done.stdout}{done.stderr}\n{cluster.log_tail(20)}"

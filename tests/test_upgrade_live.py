@@ -10,10 +10,8 @@ import time
 import psycopg
 import pytest
 
-from pgcluster import ROOT, Cluster, wait_for
+from pgcluster import PG_CONFIG, ROOT, Cluster, wait_for
 from sink import Sink
-
-PG_CONFIG = "/usr/lib/postgresql/15/bin/pg_config"
 
 
 @pytest.fixture(scope="module")

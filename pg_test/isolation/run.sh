@@ -9,11 +9,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-dir=/tmp/queue_ext_isolation
+source "$root/scripts/pgversion.sh"  # QE_PG=18: against PostgreSQL 18
+dir=/tmp/queue_ext_${QE_TAG}isolation
 port=55550
 db=queue_ext_isolation
 out=$dir/out
-tester=/usr/lib/postgresql/15/lib/pgxs/src/test/isolation/pg_isolation_regress
+tester=$PGXS_SRC/test/isolation/pg_isolation_regress
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
 rm -rf "$dir"
 # Not preloaded: no dispatcher runs, so nothing but the specs' own steps sweeps expired
@@ -32,7 +33,7 @@ else
 fi
 # A step blocked longer than this is a hang: isolationtester cancels it and the spec fails.
 export PGISOLATIONTIMEOUT=30
-if ! "$tester" --use-existing --host=127.0.0.1 --port="$port" --user=postgres --dbname="$db" \
+if ! "$tester" --bindir="$PGBIN" --use-existing --host=127.0.0.1 --port="$port" --user=postgres --dbname="$db" \
     --inputdir="$here" --outputdir="$out" $tests; then
   echo "---- regression.diffs ----"; cat "$out/regression.diffs" 2>/dev/null || true
   echo "---- server log (tail) ----"; tail -40 "$dir/server.log" || true
