@@ -34,7 +34,7 @@ const WORKER_ID: &str = "queue_ext-dispatcher";
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// At most one announcement transaction per this long: under a stream of commits they
 /// coalesce (each costs a commit record), while the first after a quiet spell goes at once.
-const ANNOUNCE_GAP: Duration = Duration::from_millis(2);
+const ANNOUNCE_GAP: Duration = Duration::from_millis(5);
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// A recurring warning is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);

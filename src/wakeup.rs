@@ -251,15 +251,19 @@ fn post_to_dispatchers(db: pg_sys::Oid, deliver: bool, bits: &AnnounceBits) {
         if slot.pid.load(Ordering::Acquire) != 0
             && slot.db_oid.load(Ordering::Relaxed) == db.to_u32()
         {
-            if deliver {
-                slot.deliver_pending.store(true, Ordering::Release);
-            }
+            // Wake the dispatcher only with news: when what this commit reports was already
+            // pending, whoever made it pending woke the dispatcher, which has not taken it yet
+            // (it takes before it acts). Under a stream of commits that spares it a wake-up
+            // per commit.
+            let mut news = deliver && !slot.deliver_pending.swap(true, Ordering::AcqRel);
             for (word, b) in slot.announce.iter().zip(bits) {
-                if *b != 0 {
-                    word.fetch_or(*b, Ordering::AcqRel);
+                if *b != 0 && word.fetch_or(*b, Ordering::AcqRel) & *b != *b {
+                    news = true;
                 }
             }
-            set_latch_of(slot.procno.load(Ordering::Relaxed));
+            if news {
+                set_latch_of(slot.procno.load(Ordering::Relaxed));
+            }
         }
     }
 }
