@@ -15,7 +15,8 @@ bash scripts/setup.sh
 
 step() { echo; echo "=== $* ==="; }
 
-step "1/6 cargo fmt --check and clippy"
+step "1/6 released files unchanged, cargo fmt --check and clippy"
+bash scripts/check_released.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --features pg_test -- -D warnings
 cargo clippy -p queue_ext-dashboard --all-targets -- -D warnings
