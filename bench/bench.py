@@ -883,7 +883,7 @@ def print_side_by_side(cells):
 
 
 def headline(cells, history, quick, batch):
-    """The issue's core paths with the defaults at 4 clients, beside pgmq and the bare-SQL floor
+    """The core paths with the defaults at 4 clients, beside pgmq and the bare-SQL floor
     of the same run, with the ratios and the targets (medians of this run)."""
     def med(system, workload, variant):
         c = cells.get((system, workload, variant))

@@ -1,4 +1,4 @@
--- Stats and health: what dashboards, alerts and the seed's job_processing_status ask for.
+-- Stats and health: what dashboards, alerts and a job_processing_status view ask for.
 -- Figures over finished jobs cover the last hour (the archive's finished_at index), so
 -- their cost does not grow with retained history.
 
@@ -180,7 +180,7 @@ BEGIN
 END
 $$;
 
--- The seed's job_processing_status, for psql and dashboards.
+-- job_processing_status: per-queue counts at a glance, for psql and dashboards.
 CREATE VIEW queue_ext.job_processing_status AS
     SELECT queue_name, queued + retrying AS pending, waiting, running, dead,
            completed_last_hour, oldest_queued_age, p95_wait, p95_run, paused

@@ -2,7 +2,7 @@
 learn about another producer's jobs.
 
 Roles: two producers (alice, bob), a worker (wendy), an admin (adam), and a login role with
-none of ours (nobody). The expected matrix is a literal table below (the README's "Roles and
+none of ours (nobody). The expected matrix is a literal table below (docs/operations.md's "Roles and
 what each can see" shows the same): a grant added or taken away fails here until both say so.
 Every table, view and function of schema queue_ext is read from the catalogue, so a new one
 without a row fails too.
