@@ -16,7 +16,7 @@ PAGES = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("docs", PORT, [])
+    c = Cluster("docs_test", PORT, [])
     c.start(fresh=True)
     try:
         yield c
