@@ -464,6 +464,18 @@ def test_browser_live_counts_retry_and_screenshots(cluster, jobs, admin, browser
     WebDriverWait(browser, 2).until(lambda b: cell() == str(want))
     print(f"count changed on the page {time.time() - t0:.2f} s after the enqueue committed")
     assert browser.execute_script("return window.notReloaded === true"), "the page was not reloaded"
+
+    # The charts follow too: a completion shows in the last-hour chart without a reload.
+    caption = lambda: browser.find_element(By.CSS_SELECTOR, '[data-chart="overview"] figcaption').text
+    total = lambda: int(re.search(r"\((\d+) in all\)", caption()).group(1))
+    done_before = total()
+    with cluster.connect() as conn:
+        job, token = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('mail')").fetchone()
+        conn.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [job, token])
+    t0 = time.time()
+    WebDriverWait(browser, 3).until(lambda b: total() == done_before + 1)
+    print(f"chart changed on the page {time.time() - t0:.2f} s after the completion committed")
+    assert browser.execute_script("return window.notReloaded === true"), "the page was not reloaded"
     browser.save_screenshot(str(SHOTS / "overview.png"))
 
     # A queue's first page follows new jobs without a reload too.

@@ -37,7 +37,39 @@ document.addEventListener("submit", function (ev) {
     });
     if (live) { live.textContent = "live " + new Date().toLocaleTimeString(); }
     refreshJobs(byName);
+    refreshCharts(data.queues);
   });
+  // The overview's charts, re-rendered by the server when any count changes: the page is
+  // fetched again and only its [data-chart] elements are swapped in (the server escapes
+  // everything it renders, and the CSP forbids inline script either way).
+  var charts = document.querySelectorAll("[data-chart]");
+  var chartSig = null;   // the counts the charts on the page were fetched for
+  var latestSig = null;  // the newest counts seen
+  var chartBusy = false;
+  function refreshCharts(queues) {
+    if (!charts.length) { return; }
+    latestSig = JSON.stringify(queues);
+    if (chartSig === null) { chartSig = latestSig; return; }
+    if (chartBusy || latestSig === chartSig) { return; }
+    var sig = latestSig;
+    chartBusy = true;
+    fetch(window.location.pathname, { credentials: "same-origin" }).then(function (r) {
+      return r.ok ? r.text() : null;
+    }).then(function (html) {
+      if (!html) { return; }
+      chartSig = sig;
+      var fresh = new DOMParser().parseFromString(html, "text/html");
+      document.querySelectorAll("[data-chart]").forEach(function (el) {
+        var next = fresh.querySelector('[data-chart="' + CSS.escape(el.dataset.chart) + '"]');
+        if (next) { el.replaceWith(document.importNode(next, true)); }
+      });
+    }).catch(function () {}).then(function () {
+      chartBusy = false;
+      // Counts moved again while the page was fetched: fetch once more.
+      if (latestSig !== chartSig) { refreshCharts(JSON.parse(latestSig)); }
+    });
+  }
+
   // A queue's first page of jobs, reloaded from the JSON API when its counts change.
   var jobs = document.querySelector("table[data-live]");
   var seen = null;

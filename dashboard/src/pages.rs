@@ -176,7 +176,7 @@ pub fn overview(
         .collect();
     let _ = write!(
         b,
-        r#"<section class="charts"><figure>{}<figcaption>Completed per minute, last hour ({} in all)</figcaption></figure><figure>{}<figcaption>Mean wait per minute (s), last hour</figcaption></figure></section>"#,
+        r#"<section class="charts" data-chart="overview"><figure>{}<figcaption>Completed per minute, last hour ({} in all)</figcaption></figure><figure>{}<figcaption>Mean wait per minute (s), last hour</figcaption></figure></section>"#,
         bars(&all, 360, 60, "completed per minute"),
         all.iter().sum::<f64>() as i64,
         bars(&mean_wait, 360, 60, "mean wait in seconds")
@@ -230,7 +230,7 @@ pub fn overview(
         let q = esc(&c.queue);
         let _ = write!(
             b,
-            r#"<tr data-queue="{q}"><td><a href="/queues/{}">{q}</a></td><td data-k="paused">{}</td><td data-k="waiting">{}</td><td data-k="queued">{}</td><td data-k="retrying">{}</td><td data-k="running">{}</td><td data-k="dead">{}</td><td>{chart}</td><td>{host}</td><td>{toggle}</td></tr>"#,
+            r#"<tr data-queue="{q}"><td><a href="/queues/{}">{q}</a></td><td data-k="paused">{}</td><td data-k="waiting">{}</td><td data-k="queued">{}</td><td data-k="retrying">{}</td><td data-k="running">{}</td><td data-k="dead">{}</td><td data-chart="{q}">{chart}</td><td>{host}</td><td>{toggle}</td></tr>"#,
             url_path(&c.queue),
             if c.paused { "paused" } else { "active" },
             c.waiting,
