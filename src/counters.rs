@@ -87,12 +87,7 @@ pub fn init_callbacks() {
 
 /// FNV-1a over the database id and the queue name; never 0 (0 marks a free entry).
 fn key(db: u32, queue: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in db.to_le_bytes().iter().chain(queue.as_bytes()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h.max(1)
+    crate::wakeup::fnv1a(db.to_le_bytes().into_iter().chain(queue.bytes())).max(1)
 }
 
 /// The entry for `key`, claimed if `claim` and it has none yet; None when the table is full

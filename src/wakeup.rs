@@ -30,13 +30,15 @@ pub type AnnounceBits = [u64; ANNOUNCE_WORDS];
 /// Which bit stands for a queue (FNV-1a of its name): the backend that marks it and the
 /// dispatcher that reads it agree without sharing anything else.
 pub fn announce_bucket(queue_name: &str) -> (usize, u64) {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in queue_name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let bit = (h % (ANNOUNCE_WORDS as u64 * 64)) as usize;
+    let bit = (fnv1a(queue_name.bytes()) % (ANNOUNCE_WORDS as u64 * 64)) as usize;
     (bit / 64, 1u64 << (bit % 64))
+}
+
+/// 64-bit FNV-1a: the hash every process computes alike for keys in shared memory.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h: u64, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 pub fn is_announced(bits: &AnnounceBits, queue_name: &str) -> bool {
