@@ -466,14 +466,18 @@ def test_browser_live_counts_retry_and_screenshots(cluster, jobs, admin, browser
     assert browser.execute_script("return window.notReloaded === true"), "the page was not reloaded"
 
     # The charts follow too: a completion shows in the last-hour chart without a reload.
+    from selenium.common.exceptions import StaleElementReferenceException
     caption = lambda: browser.find_element(By.CSS_SELECTOR, '[data-chart="overview"] figcaption').text
     total = lambda: int(re.search(r"\((\d+) in all\)", caption()).group(1))
-    done_before = total()
+    # The chart element is swapped while the page lives: read it again if it went stale.
+    done_before = WebDriverWait(browser, 3, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda b: total())
     with cluster.connect() as conn:
         job, token = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('mail')").fetchone()
         conn.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [job, token])
     t0 = time.time()
-    WebDriverWait(browser, 3).until(lambda b: total() == done_before + 1)
+    WebDriverWait(browser, 3, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda b: total() == done_before + 1)
     print(f"chart changed on the page {time.time() - t0:.2f} s after the completion committed")
     assert browser.execute_script("return window.notReloaded === true"), "the page was not reloaded"
     browser.save_screenshot(str(SHOTS / "overview.png"))
