@@ -471,7 +471,7 @@ def test_browser_live_counts_retry_and_screenshots(cluster, jobs, admin, browser
     total = lambda: int(re.search(r"\((\d+) in all\)", caption()).group(1))
     # The chart element is swapped while the page lives: read it again if it went stale.
     done_before = WebDriverWait(browser, 3, ignored_exceptions=[StaleElementReferenceException]).until(
-        lambda b: total())
+        lambda b: [total()])[0]
     with cluster.connect() as conn:
         job, token = conn.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('mail')").fetchone()
         conn.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [job, token])
