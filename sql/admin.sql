@@ -34,15 +34,15 @@ BEGIN
     -- SECURITY DEFINER reads every row; the visibility rule is applied here instead.
     RETURN QUERY
     SELECT j.id, j.queue_name, j.status, j.priority, j.attempt, j.max_attempts, NULL::jsonb, j.last_error,
-           j.errors, j.progress, j.progress_details, j.worker_id, j.enqueued_by, j.created_at, j.run_at, j.started_at, NULL::timestamptz
+           j.errors, j.progress, j.progress_details, j.worker_id, j.enqueued_by::name, j.created_at, j.run_at, j.started_at, NULL::timestamptz
     FROM queue_ext.job_queue AS j WHERE j.id = job_status.job_id AND queue_ext._may_see_job(j.enqueued_by)
     UNION ALL
     SELECT a.id, a.queue_name, a.status, a.priority, a.attempt, a.max_attempts, a.result, a.last_error,
-           a.errors, a.progress, a.progress_details, a.worker_id, a.enqueued_by, a.created_at, a.run_at, a.started_at, a.finished_at
+           a.errors, a.progress, a.progress_details, a.worker_id, a.enqueued_by::name, a.created_at, a.run_at, a.started_at, a.finished_at
     FROM queue_ext.job_archive AS a WHERE a.id = job_status.job_id AND queue_ext._may_see_job(a.enqueued_by)
     UNION ALL
     SELECT d.id, d.queue_name, 'dead'::queue_ext.job_state, d.priority, d.attempt, d.max_attempts, NULL, d.last_error,
-           d.errors, NULL, NULL, d.worker_id, d.enqueued_by, d.created_at, NULL, d.started_at, d.died_at
+           d.errors, NULL, NULL, d.worker_id, d.enqueued_by::name, d.created_at, NULL, d.started_at, d.died_at
     FROM queue_ext.job_dead_letter AS d WHERE d.id = job_status.job_id AND queue_ext._may_see_job(d.enqueued_by)
     LIMIT 1;
     IF NOT FOUND THEN

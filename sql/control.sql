@@ -83,7 +83,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     j queue_ext.job_queue;
-    who name := queue_ext._invoker();
+    who text := queue_ext._invoker();
     why text := coalesce(cancel_job.reason, 'cancelled');
 BEGIN
     SELECT * INTO j FROM queue_ext.job_queue AS t WHERE t.id = cancel_job.job_id FOR UPDATE;

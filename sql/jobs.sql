@@ -37,7 +37,7 @@ AS $$
 DECLARE
     q queue_ext.queues := queue_ext._queue(enqueue_job.queue_name);
     new_id uuid := queue_ext.uuid_generate_v7();
-    who name := queue_ext._invoker();
+    who text := queue_ext._invoker();
     start timestamptz := queue_ext._start_time(enqueue_job.run_at, enqueue_job.delay);
     existing uuid;
     initial queue_ext.job_state := 'queued';
@@ -112,11 +112,9 @@ BEGIN
             -- The other job finished between the two statements: try again.
         END LOOP;
     END IF;
-    IF q.keep_history THEN
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
-        VALUES (new_id, q.queue_name, initial, 0, who);
-    ELSIF q.notify THEN
-        -- No history row to publish it: say so directly, so that LISTENing workers wake up.
+    -- The enqueue is recorded on the job (created_at, enqueued_by), not in the history, so
+    -- its event is published here rather than by the history's trigger.
+    IF q.notify THEN
         PERFORM queue_ext._notify(new_id, q.queue_name, initial::text, 0, NULL);
     END IF;
     -- Webhook queues are the dispatcher's to deliver; SQL workers hear of the others
@@ -149,7 +147,7 @@ AS $$
 #variable_conflict use_column
 DECLARE
     q queue_ext.queues := queue_ext._queue(enqueue_jobs.queue_name);
-    who name := queue_ext._invoker();
+    who text := queue_ext._invoker();
     start timestamptz := queue_ext._start_time(enqueue_jobs.run_at, enqueue_jobs.delay);
     prio queue_ext.job_priority := queue_ext._priority(enqueue_jobs.priority);
     slots queue_ext.concurrency_limits;
@@ -197,14 +195,11 @@ BEGIN
         FROM unnest(enqueue_jobs.payloads) WITH ORDINALITY AS u(p, i)
         ORDER BY i
         RETURNING id, status
-    ), history AS (
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
-        SELECT id, q.queue_name, status, 0, who FROM new_jobs WHERE q.keep_history
     )
     -- v7 ids generated in insertion order sort in payload order.
     SELECT array_agg(id ORDER BY id), array_agg(status ORDER BY id) INTO ids, states FROM new_jobs;
-    IF NOT q.keep_history AND q.notify THEN
-        -- No history rows to publish them (see enqueue_job).
+    IF q.notify THEN
+        -- The enqueue has no history row to publish it (see enqueue_job).
         PERFORM queue_ext._notify(u.id, q.queue_name, u.state::text, 0, NULL)
         FROM unnest(ids, states) AS u(id, state);
     END IF;

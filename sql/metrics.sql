@@ -6,8 +6,8 @@
 -- is bounded by what it reads, and it reads only
 --   * job_queue (live jobs) and job_dead_letter, counted in full: they are the backlog;
 --   * the last five minutes of job_archive, job_status_history and webhook_deliveries,
---     found through their time indexes (history through its id, see _history_since), so
---     retained history of any size costs nothing.
+--     found through their time indexes (history through its index of failed attempts),
+--     so retained history of any size costs nothing.
 -- Per-queue totals since the beginning cannot be had that way (purge_jobs() deletes the
 -- rows a total would count, and queues with keep_history => false never write them), so the
 -- *_total counters come from shared memory instead (counters.rs: each completion, failure
@@ -15,39 +15,6 @@
 -- server does, as Prometheus counters may). The *_last_5m series and the histograms are
 -- windows over the tables: read them as they are (histogram_quantile() works on them
 -- directly), not through rate(). The dispatcher's own counters are totals since it started.
-
--- The first history id written at or after `since`. Ids grow with time (an identity), so a
--- binary search over the primary key finds it in ~40 index probes whatever the table's size.
--- A transaction that ran long writes rows whose `at` is older than their neighbours'; the
--- caller searches from a point earlier than it needs and filters on `at` itself.
-CREATE FUNCTION queue_ext._history_since(since timestamptz) RETURNS bigint
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    lo bigint;
-    hi bigint;
-    mid bigint;
-    probe_id bigint;
-    probe_at timestamptz;
-BEGIN
-    SELECT min(h.id), max(h.id) INTO lo, hi FROM queue_ext.job_status_history AS h;
-    IF hi IS NULL THEN
-        RETURN NULL;
-    END IF;
-    WHILE lo < hi LOOP
-        mid := lo + (hi - lo) / 2;
-        SELECT h.id, h.at INTO probe_id, probe_at
-        FROM queue_ext.job_status_history AS h WHERE h.id >= mid ORDER BY h.id LIMIT 1;
-        IF probe_at >= since THEN
-            hi := mid;
-        ELSE
-            lo := probe_id + 1;
-        END IF;
-    END LOOP;
-    RETURN lo;
-END
-$$;
 
 -- A label value as the text format wants it: backslash, double quote and newline escaped.
 CREATE FUNCTION queue_ext._metric_label(value text) RETURNS text
@@ -111,13 +78,12 @@ AS $$
         SELECT d.queue_name, count(*) AS n FROM queue_ext.job_dead_letter AS d, since
         WHERE d.died_at > since.t GROUP BY 1
     ),
-    -- Failed attempts: every transition out of running into retrying or dead. The search
-    -- starts a minute early (see _history_since).
+    -- Failed attempts: every transition out of running into retrying or dead
+    -- (job_status_history_failures_idx holds exactly these).
     failures AS (
         SELECT h.queue_name, count(*) AS n
         FROM queue_ext.job_status_history AS h, since
-        WHERE h.id >= queue_ext._history_since(since.t - interval '1 minute')
-          AND h.at > since.t AND h.from_status = 'running' AND h.to_status IN ('retrying', 'dead')
+        WHERE h.at > since.t AND h.from_status = 'running' AND h.to_status IN ('retrying', 'dead')
         GROUP BY 1
     ),
     throughput AS (

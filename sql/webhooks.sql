@@ -162,8 +162,6 @@ BEGIN
                 'error', CASE WHEN event = 'job.completed' THEN NULL ELSE j.last_error END,
                 'at', now()),
             j.priority, 10, j.enqueued_by);
-    INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, enqueued_by)
-    VALUES (new_id, 'queue_ext.callbacks', 'queued', 0, j.enqueued_by);
     PERFORM queue_ext._wake_dispatcher_at_commit();
 END
 $$;

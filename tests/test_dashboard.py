@@ -169,7 +169,7 @@ def test_every_page_renders_what_sql_says(cluster, jobs, admin):
 
     done = admin.get(f"/jobs/{jobs['done']}").text
     assert '<span id="state">completed</span>' in done and "&quot;sent&quot;: true" in done
-    for step in ("queued", "running", "completed"):
+    for step in ("enqueued", "queued", "running", "completed"):
         assert f"<td>{step}</td>" in done, f"history shows {step}"
     waiting = admin.get(f"/jobs/{jobs['waiting']}").text
     assert f'Waits for: <a href="/jobs/{jobs["queued"]}">' in waiting
@@ -204,7 +204,7 @@ def test_api(cluster, jobs, admin):
             assert q[state] == counts[(q["queue"], state)]
     job = admin.get(f"/api/jobs/{jobs['done']}").json()
     assert job["state"] == "completed" and job["payload"] == {"n": 1, "user": "ann"} and job["result"] == {"sent": True}
-    assert [h["to"] for h in job["history"]] == ["queued", "running", "completed"]
+    assert [h["to"] for h in job["history"]] == ["enqueued", "running", "completed"]
     assert admin.get("/api/jobs/00000000-0000-7000-8000-000000000000").status_code == 404
 
     # Keyset paging walks every job once, newest first.

@@ -335,7 +335,7 @@ impl Db {
         let Some(r) = rows.first() else {
             return Ok(None);
         };
-        let history = self
+        let mut history: Vec<History> = self
             .rows(
                 "SELECT coalesce(h.from_status::text, ''), h.to_status::text, h.attempt,
                         h.worker_id, h.error, to_char(h.at, 'YYYY-MM-DD HH24:MI:SS.MS')
@@ -353,6 +353,21 @@ impl Db {
                 at: h.get(5),
             })
             .collect();
+        // The enqueue is recorded on the job, not in the history (jobs enqueued before
+        // 0.6.0 have a history row for it: no second one then).
+        if !history.iter().any(|h| h.from.is_empty()) {
+            history.insert(
+                0,
+                History {
+                    from: String::new(),
+                    to: "enqueued".into(),
+                    attempt: 0,
+                    worker_id: None,
+                    error: None,
+                    at: r.get(13),
+                },
+            );
+        }
         // Workers and admins read the delivery log and the dependency graph; a role that
         // cannot simply sees none.
         let deliveries = self

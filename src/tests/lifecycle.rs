@@ -28,7 +28,12 @@ fn enqueue_jobs_inserts_a_batch_in_order() {
         "SELECT array_agg((payload->>'n')::int ORDER BY id) FROM queue_ext.job_queue WHERE priority = 'high'",
     );
     assert_eq!(ns, vec![1, 2, 3]);
-    assert_eq!(one::<i64>("SELECT count(*) FROM queue_ext.job_status_history WHERE to_status = 'queued'"), 3);
+    // The enqueue is recorded on the job itself, not as a history row.
+    assert_eq!(
+        one::<i64>("SELECT count(*) FROM queue_ext.job_queue WHERE enqueued_by = current_user AND created_at = now()"),
+        3
+    );
+    assert_eq!(one::<i64>("SELECT count(*) FROM queue_ext.job_status_history"), 0);
 }
 
 #[pg_test]
@@ -145,7 +150,7 @@ fn history_records_every_transition() {
         "SELECT string_agg(coalesce(from_status::text, '-') || '>' || to_status, ' ' ORDER BY id)
          FROM queue_ext.job_status_history WHERE job_id = '{id}'"
     ));
-    assert_eq!(trail, "->queued queued>running running>retrying retrying>running running>completed");
+    assert_eq!(trail, "queued>running running>retrying retrying>running running>completed");
     assert_eq!(
         one::<String>(&format!(
             "SELECT error FROM queue_ext.job_status_history WHERE job_id = '{id}' AND to_status = 'retrying'"
