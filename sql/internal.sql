@@ -126,7 +126,9 @@ BEGIN
     IF run_at IS NOT NULL AND (NOT isfinite(run_at) OR run_at >= timestamptz '10000-01-01 00:00:00+00') THEN
         RAISE EXCEPTION 'run_at must be finite and before the year 10000 (got %)', run_at USING ERRCODE = '22023';
     END IF;
-    PERFORM queue_ext._check_interval('delay', delay, '0', '100 years');
+    IF delay IS NOT NULL THEN
+        PERFORM queue_ext._check_interval('delay', delay, '0', '100 years');
+    END IF;
     RETURN coalesce(run_at, now() + delay, now());
 END
 $$;

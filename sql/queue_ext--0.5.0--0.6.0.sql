@@ -7,6 +7,9 @@
 --     History rows written before this version are kept as they are.
 --   * job_status_history has no primary key on id (nothing looks a row up by it); failed
 --     attempts, which metrics() counts, have their own small index.
+--   * Cheaper CHECK constraints on job_queue and job_archive (PostgreSQL decodes them again
+--     for every statement that writes the table): comparisons instead of IN lists, and
+--     progress is checked by update_progress(), its only writer.
 --
 -- Written once for this release and not changed afterwards; the tests check that a database
 -- upgraded with it matches a fresh 0.6.0 install object for object (pg_test/upgrade.sh).
@@ -17,8 +20,16 @@ DROP POLICY producer_own_jobs ON queue_ext.job_queue;
 DROP POLICY producer_own_jobs ON queue_ext.job_archive;
 DROP POLICY producer_own_jobs ON queue_ext.job_dead_letter;
 DROP POLICY producer_own_jobs ON queue_ext.job_status_history;
-ALTER TABLE queue_ext.job_queue          ALTER COLUMN enqueued_by TYPE text;
-ALTER TABLE queue_ext.job_archive        ALTER COLUMN enqueued_by TYPE text;
+ALTER TABLE queue_ext.job_queue
+    ALTER COLUMN enqueued_by TYPE text,
+    DROP CONSTRAINT job_queue_progress_check,
+    DROP CONSTRAINT job_queue_status_check,
+    ADD CONSTRAINT job_queue_status_check
+        CHECK (status = 'waiting' OR status = 'queued' OR status = 'retrying' OR status = 'running');
+ALTER TABLE queue_ext.job_archive
+    ALTER COLUMN enqueued_by TYPE text,
+    DROP CONSTRAINT job_archive_status_check,
+    ADD CONSTRAINT job_archive_status_check CHECK (status = 'completed' OR status = 'cancelled');
 ALTER TABLE queue_ext.job_dead_letter    ALTER COLUMN enqueued_by TYPE text;
 ALTER TABLE queue_ext.job_status_history ALTER COLUMN enqueued_by TYPE text;
 CREATE POLICY producer_own_jobs ON queue_ext.job_queue FOR SELECT
@@ -37,6 +48,23 @@ ALTER TABLE queue_ext.job_status_history REPLICA IDENTITY FULL;
 COMMENT ON TABLE queue_ext.job_status_history IS 'Audit trail: one row per status transition of every job after its enqueue (recorded on the job itself: created_at, enqueued_by).';
 
 -- Every function whose definition changed or that is new, as in sql/.
+CREATE OR REPLACE FUNCTION queue_ext._start_time(run_at timestamptz, delay interval) RETURNS timestamptz
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+AS $$
+BEGIN
+    IF run_at IS NOT NULL AND delay IS NOT NULL THEN
+        RAISE EXCEPTION 'give run_at or delay, not both' USING ERRCODE = '22023';
+    END IF;
+    IF run_at IS NOT NULL AND (NOT isfinite(run_at) OR run_at >= timestamptz '10000-01-01 00:00:00+00') THEN
+        RAISE EXCEPTION 'run_at must be finite and before the year 10000 (got %)', run_at USING ERRCODE = '22023';
+    END IF;
+    IF delay IS NOT NULL THEN
+        PERFORM queue_ext._check_interval('delay', delay, '0', '100 years');
+    END IF;
+    RETURN coalesce(run_at, now() + delay, now());
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queue_ext.enqueue_job(
     queue_name      text,
     payload         jsonb,
