@@ -196,16 +196,18 @@ BEGIN
         WHERE q.is_webhook AND NOT q.paused
           AND (only_queue IS NULL OR q.queue_name = only_queue)
           AND (w.url IS NOT NULL OR q.queue_name = 'queue_ext.callbacks')
-          -- A queue with nothing to send costs a probe of its claim index, not a claim.
-          AND (EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
-                       WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
-                         AND j.rate_limit_key IS NULL AND j.run_at <= now())
-               OR EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
-                          WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying')
-                            AND j.rate_limit_key IS NOT NULL AND j.run_at <= now()))
         ORDER BY random()  -- no queue always goes first when capacity is short
     LOOP
         EXIT WHEN room <= 0;
+        -- A queue with nothing to send costs a probe of its claim index, not a claim. (Here,
+        -- one queue at a time: as a condition of the loop's query, the planner hashed every
+        -- runnable job of every queue on each turn, 8.6 ms a turn with 60,000 queued.)
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                                  WHERE j.queue_name = t.queue_name AND j.status IN ('queued', 'retrying')
+                                    AND j.rate_limit_key IS NULL AND j.run_at <= now())
+                  AND NOT EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                                  WHERE j.queue_name = t.queue_name AND j.status IN ('queued', 'retrying')
+                                    AND j.rate_limit_key IS NOT NULL AND j.run_at <= now());
         n := least(room, coalesce(t.max_in_flight, 1000) - coalesce((busy ->> t.queue_name)::integer, 0));
         CONTINUE WHEN n <= 0;
         IF t.queue_name = 'queue_ext.callbacks' THEN
