@@ -345,3 +345,16 @@ DROP ROLE regress_trust_a, regress_trust_b, regress_trust_worker, regress_trust_
 SELECT queue_ext.enqueue_job(repeat('x', 1000000), '{}');
 SELECT queue_ext.get_next_jobs('queue_ext.callbacks', 1, repeat('w', 201));
 SELECT queue_ext.get_next_jobs(NULL::text[], 1, repeat('w', 201));
+
+-- The tables keep their invariants against a direct write that bypasses the API (a
+-- superuser's UPDATE): a finished state never lives in job_queue, a running job has a lease,
+-- and job_archive holds only finished jobs.
+SELECT queue_ext.create_queue('trust_checks');
+SELECT queue_ext.enqueue_job('trust_checks', '{}') AS checked_job \gset
+SELECT pg_temp.try(format('UPDATE queue_ext.job_queue SET status = %L WHERE id = %L', s, :'checked_job'))
+FROM unnest(ARRAY['completed', 'dead', 'cancelled', 'running', 'retrying']) AS s;
+SELECT pg_temp.try(format($$INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt,
+    max_attempts, enqueued_by, created_at, run_at) VALUES (gen_random_uuid(), 'trust_checks', '{}', 'normal', %L, 0, 1,
+    'x', now(), now())$$, s))
+FROM unnest(ARRAY['queued', 'running', 'dead', 'completed', 'cancelled']) AS s;
+SELECT queue_ext.drop_queue('trust_checks', force => true);
