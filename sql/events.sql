@@ -5,7 +5,9 @@
 -- no error text (a subscriber reads that with job_status(), which checks who may see it).
 -- Status changes come from one place, the audit trail: a statement-level trigger on
 -- job_status_history publishes each inserted row of a queue whose `notify` is on, so no
--- transition can be missed. NOTIFY is transactional: a rolled-back change publishes nothing.
+-- transition can be missed. The enqueue, recorded on the job rather than in the history,
+-- publishes its own event (enqueue_job, enqueue_jobs). NOTIFY is transactional: a
+-- rolled-back change publishes nothing.
 
 CREATE FUNCTION queue_ext._notify(job_id uuid, queue_name text, status text, attempt integer,
                                   progress real) RETURNS void
