@@ -160,7 +160,7 @@ def main():
     ap.add_argument("--pgstattuple-every", type=int, default=3,
                     help="run pgstattuple (a full read of job_queue) every Nth report line; 0: never")
     ap.add_argument("--name", default="soak_xmin", help="cluster directory /tmp/queue_ext_<name>")
-    ap.add_argument("--port", type=int, default=55561)
+    ap.add_argument("--port", type=int, default=25561)
     args = ap.parse_args()
     cluster = Cluster(args.name, args.port, [])
     cluster.start(fresh=True)

@@ -14,4 +14,4 @@ if ! flock -n 9; then
   echo "bench/held_xmin.sh: another run holds /tmp/queue_ext_$name.lock; waiting for it" >&2
   flock 9
 fi
-exec python3 "$here/held_xmin.py" --name "$name" --port "${QE_XMIN_PORT:-55561}" "$@"
+exec python3 "$here/held_xmin.py" --name "$name" --port "${QE_XMIN_PORT:-25561}" "$@"

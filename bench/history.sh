@@ -6,5 +6,5 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export QE_BENCH_DIR=${QE_HISTORY_DIR:-/tmp/queue_ext_bench_history}
-export QE_BENCH_PORT=${QE_HISTORY_PORT:-55482}
+export QE_BENCH_PORT=${QE_HISTORY_PORT:-25482}
 exec bash "$here/run.sh" --only history "$@"

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
-port=${QE_HOTPATH_PORT:-55463}
+port=${QE_HOTPATH_PORT:-25463}
 dir=/tmp/queue_ext_hotpath
 bash scripts/cluster.sh stop "$dir" >/dev/null 2>&1 || true
 rm -rf "$dir"

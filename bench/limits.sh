@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 dir=${QE_LIMITS_DIR:-/tmp/queue_ext_bench_limits}
-port=${QE_LIMITS_PORT:-55456}
+port=${QE_LIMITS_PORT:-25456}
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
 rm -rf "$dir"
 "$root/scripts/cluster.sh" start "$dir" "$port" "shared_buffers = '256MB'" >/dev/null

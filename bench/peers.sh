@@ -6,5 +6,5 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export QE_BENCH_DIR=${QE_PEERS_DIR:-/tmp/queue_ext_bench_peers}
-export QE_BENCH_PORT=${QE_PEERS_PORT:-55480}
+export QE_BENCH_PORT=${QE_PEERS_PORT:-25480}
 exec bash "$here/run.sh" --only enqueue,drain,latency,peers "$@"

@@ -17,7 +17,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 dir=${QE_BENCH_DIR:-/tmp/queue_ext_bench}
-port=${QE_BENCH_PORT:-55450}
+port=${QE_BENCH_PORT:-25450}
 sink_port=$((port + 1))
 # Two runs on one directory would stop and delete each other's cluster mid-run: take turns.
 exec 9>"$dir.lock"

@@ -506,8 +506,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=None, help="seconds; default jobs/200 + 600")
     ap.add_argument("--name", default="soak", help="cluster directory /tmp/queue_ext_<name>")
-    ap.add_argument("--port", type=int, default=55560)
-    ap.add_argument("--sink-port", type=int, default=55660)
+    ap.add_argument("--port", type=int, default=25560)
+    ap.add_argument("--sink-port", type=int, default=25660)
     args = ap.parse_args()
     timeout = args.timeout or args.jobs / 200 + 600
 

@@ -14,5 +14,5 @@ if ! flock -n 9; then
   echo "bench/soak.sh: another run holds /tmp/queue_ext_$name.lock; waiting for it" >&2
   flock 9
 fi
-exec python3 "$here/soak.py" --name "$name" --port "${QE_SOAK_PORT:-55560}" \
-  --sink-port "${QE_SOAK_SINK_PORT:-55660}" "$@"
+exec python3 "$here/soak.py" --name "$name" --port "${QE_SOAK_PORT:-25560}" \
+  --sink-port "${QE_SOAK_SINK_PORT:-25660}" "$@"

@@ -6,7 +6,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 source "$root/scripts/pgversion.sh"  # QE_PG=18: against PostgreSQL 18
 dir=/tmp/queue_ext_${QE_TAG}regress
-port=55442
+port=25442
 out=$dir/out
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
 rm -rf "$dir"

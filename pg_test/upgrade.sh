@@ -8,7 +8,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 source "$root/scripts/pgversion.sh"  # QE_PG=18: against PostgreSQL 18
 dir=/tmp/queue_ext_${QE_TAG}upgrade
-port=55447
+port=25447
 extdir=$("$PG_CONFIG" --sharedir)/extension
 current=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
 cp "$root"/sql/released/queue_ext--*.sql "$extdir/"

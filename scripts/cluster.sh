@@ -8,7 +8,8 @@
 #   scripts/cluster.sh restart DIR
 #
 # The cluster preloads queue_ext (for its background worker) and pg_cron (15 only), listens on
-# 127.0.0.1:PORT and keeps its socket and log in DIR.
+# 127.0.0.1:PORT and keeps its socket and log in DIR. The project's ports are below 32768, outside
+# Linux's ephemeral range, so that a client socket the kernel numbered cannot be holding one.
 set -euo pipefail
 source "$(dirname "$0")/pgversion.sh"
 cmd=${1:?usage: cluster.sh start|stop|restart DIR [PORT]}
@@ -35,7 +36,12 @@ case "$cmd" in
         for line in "$@"; do echo "$line"; done
       } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
     fi
-    as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null
+    if ! as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null; then
+      # Say why (a port in use, a bad setting) where the caller's output shows it.
+      echo "cluster.sh: the server in $dir did not start; the end of $dir/server.log:" >&2
+      tail -n 20 "$dir/server.log" >&2 || true
+      exit 1
+    fi
     ;;
   stop)
     [ -f "$dir/data/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true

@@ -10,8 +10,8 @@ bash scripts/install.sh >/tmp/queue_ext_demo_build.log 2>&1 \
   || { tail -30 /tmp/queue_ext_demo_build.log; exit 1; }
 
 dir=/tmp/queue_ext_demo
-port=55460
-receiver_port=55461
+port=25460
+receiver_port=25461
 secret="whsec_$(head -c 24 /dev/urandom | base64)"
 scripts/cluster.sh stop "$dir" 2>/dev/null || true
 rm -rf "$dir"
@@ -24,7 +24,7 @@ python3 scripts/demo.py "host=127.0.0.1 port=$port user=postgres dbname=postgres
 
 # The dashboard over the same database: its JSON and a few Prometheus series.
 cargo build -q -p queue_ext-dashboard
-dashboard_port=55462
+dashboard_port=25462
 target/debug/queue_ext-dashboard --database-url "postgres://postgres@127.0.0.1:$port/postgres" \
   --listen "127.0.0.1:$dashboard_port" 2>/dev/null &
 dashboard_pid=$!

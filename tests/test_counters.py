@@ -11,7 +11,7 @@ from sink import Reply, Sink
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("counters", 55466, ["queue_ext.http_allowlist = '127.0.0.1'",
+    c = Cluster("counters", 25466, ["queue_ext.http_allowlist = '127.0.0.1'",
                                      "queue_ext.poll_interval = '200ms'"])
     c.start(fresh=True)
     with c.connect() as conn:

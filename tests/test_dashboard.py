@@ -23,7 +23,7 @@ from sink import Sink
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug" / "queue_ext-dashboard"
 SHOTS = ROOT / "tests" / "screenshots"
-PORT = 55452
+PORT = 25452
 TOKEN = "dashboard-test-token-0123"
 HOSTILE = "<script>alert('pwned')</script>"
 HOSTILE_ERROR = '<img src=x onerror="alert(1)">'

@@ -13,7 +13,7 @@ from sink import Reply, Sink
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("resilience", 55571, ["queue_ext.http_allowlist = '127.0.0.1'",
+    c = Cluster("resilience", 25571, ["queue_ext.http_allowlist = '127.0.0.1'",
                                       "queue_ext.poll_interval = '200ms'"])
     c.start(fresh=True)
     with c.connect() as conn:

@@ -10,7 +10,7 @@ import pytest
 from pgcluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
-PORT = 55588
+PORT = 25588
 PAGES = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 

@@ -24,7 +24,7 @@ from sink import Sink
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-PORT = 55585
+PORT = 25585
 URL_DSN = f"postgresql://postgres@127.0.0.1:{PORT}/postgres"
 
 WORKERS = {

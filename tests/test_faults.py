@@ -15,7 +15,7 @@ import pytest
 from hostile_server import BAD_UTF8_BODY, HUGE_BYTES, NUL_BODY, HostileServer
 from pgcluster import Cluster, dispatcher_pid, wait_for
 
-PORT = 55530
+PORT = 25530
 HTTP_TIMEOUT_S = 2
 RESPONSE_MAX_BYTES = 65536
 _names = itertools.count()

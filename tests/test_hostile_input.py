@@ -158,7 +158,7 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("fuzz", 55541, ["max_connections = 50", "queue_ext.http_allowlist = '127.0.0.1'"])
+    c = Cluster("fuzz", 25541, ["max_connections = 50", "queue_ext.http_allowlist = '127.0.0.1'"])
     c.start(fresh=True)
     yield c
     c.stop()
@@ -542,12 +542,12 @@ def test_accepted_payloads_are_delivered(cluster, fuzz):
                 and o.func.name in ("enqueue_job", "enqueue_jobs") and o.param != "queue_name"
                 and str(BIG) not in o.label]
     assert len(accepted) > 20
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 55546), Receiver)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 25546), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     bad = []
     try:
         with cluster.connect() as conn:
-            conn.execute("SELECT queue_ext.create_queue('fuzzdeliver', webhook_url => 'http://127.0.0.1:55546/in', "
+            conn.execute("SELECT queue_ext.create_queue('fuzzdeliver', webhook_url => 'http://127.0.0.1:25546/in', "
                          "max_attempts => 2, backoff_base => '0')")
             before = dispatcher_pid(conn)
             assert before, "a dispatcher serves the fuzz database"
@@ -580,7 +580,7 @@ def test_accepted_payloads_are_delivered(cluster, fuzz):
             reports = [o for o in fuzz["outcomes"] if o.sqlstate is None and o.role == "postgres"
                        and (o.func.name, o.param) in (("complete_job", "result"), ("fail_job", "error"))]
             assert len(reports) > 5
-            conn.execute("SELECT queue_ext.create_queue('fuzzcb', callback_url => 'http://127.0.0.1:55546/cb')")
+            conn.execute("SELECT queue_ext.create_queue('fuzzcb', callback_url => 'http://127.0.0.1:25546/cb')")
             received = Receiver.count
             for o in reports:
                 job = conn.execute("SELECT queue_ext.enqueue_job('fuzzcb', '{}')").fetchone()[0]

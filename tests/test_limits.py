@@ -16,7 +16,7 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("limits", 55446, ["max_connections = 100"])
+    c = Cluster("limits", 25446, ["max_connections = 100"])
     c.start(fresh=True)
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION queue_ext")

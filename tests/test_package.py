@@ -69,7 +69,7 @@ def test_deb_installs_and_serves_a_fresh_cluster(package):
     assert owned.stdout.startswith("postgresql-15-queue-ext:"), owned.stdout + owned.stderr
 
     sink = Sink()
-    c = Cluster("package", 55591, ["queue_ext.http_allowlist = '127.0.0.1'"])
+    c = Cluster("package", 25591, ["queue_ext.http_allowlist = '127.0.0.1'"])
     c.start(fresh=True)
     try:
         with c.connect() as conn:

@@ -120,7 +120,7 @@ def test_upgrade_from_the_previous_package_with_jobs_in_flight(previous_deb, cur
     # 0.4 s a request, 10 at a time: the burst takes ~8 s, so it spans the restart and the update.
     sink.default("/burst", Reply(delay=0.4))
     sink.script("/burst", *[Reply(delay=SLOW)] * SLOW_COUNT)
-    c = Cluster("pkgup", 55593, ["queue_ext.http_allowlist = '127.0.0.1'"])
+    c = Cluster("pkgup", 25593, ["queue_ext.http_allowlist = '127.0.0.1'"])
     old_agent, new_agent = f"queue_ext/{PREVIOUS}", f"queue_ext/{VERSION}"
     connections: list[psycopg.Connection] = []
 

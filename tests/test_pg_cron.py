@@ -10,7 +10,7 @@ from pgcluster import Cluster, wait_for
 def cluster():
     # queue_ext NOT preloaded here (the later line wins): no dispatcher sweeps leases, so
     # what happens is pg_cron's doing, and the SQL API is shown working without preloading.
-    c = Cluster("pg_cron", 55445, ["cron.database_name = 'postgres'", "shared_preload_libraries = 'pg_cron'"])
+    c = Cluster("pg_cron", 25445, ["cron.database_name = 'postgres'", "shared_preload_libraries = 'pg_cron'"])
     c.start(fresh=True)
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION pg_cron")

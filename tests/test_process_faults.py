@@ -22,7 +22,7 @@ from pgcluster import PG_CONFIG, PGBIN, Cluster, dispatcher_pid, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CURRENT_VERSION = re.search(r'^version = "(.*)"', (ROOT / "Cargo.toml").read_text(), re.M).group(1)
-PORT, PORT_NO_PRELOAD = 55531, 55532
+PORT, PORT_NO_PRELOAD = 25531, 25532
 # "about 2 s" promised; allow slack for a loaded 2-core machine, but not a poll of minutes.
 BACK_WITHIN = 10  # the first restart delay is 1 s; the longest is 30 s
 _names = itertools.count()

@@ -15,7 +15,7 @@ _names = itertools.count()
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("concurrency", 55444, ["max_connections = 200"])
+    c = Cluster("concurrency", 25444, ["max_connections = 200"])
     c.start(fresh=True)
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION queue_ext")

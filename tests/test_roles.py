@@ -19,9 +19,9 @@ from psycopg import sql
 
 from pgcluster import Cluster
 
-PORT = 55542
-HOOK_PORT = 55543   # a receiver answering 200
-DOWN_PORT = 55544   # nothing listens: connection refused
+PORT = 25542
+HOOK_PORT = 25543   # a receiver answering 200
+DOWN_PORT = 25544   # nothing listens: connection refused
 TOKEN = "tok3nSECRETvalue"
 PASSWORD = "pa55SECRETword"
 
@@ -388,7 +388,7 @@ def test_internal_queue_cannot_be_altered(cluster):
 def test_catch_all_worker_never_gets_webhook_jobs(cluster):
     with connect(cluster, "alice") as alice, connect(cluster, "wendy") as w, cluster.connect() as su:
         su.execute("SELECT queue_ext.create_queue('catchall_plain')")
-        su.execute("SELECT queue_ext.create_queue('catchall_hook', webhook_url => 'http://127.0.0.1:55544/x')")
+        su.execute("SELECT queue_ext.create_queue('catchall_hook', webhook_url => 'http://127.0.0.1:25544/x')")
         hooked = {alice.execute("SELECT queue_ext.enqueue_job('catchall_hook', '{}')").fetchone()[0] for _ in range(3)}
         plain = {alice.execute("SELECT queue_ext.enqueue_job('catchall_plain', '{}')").fetchone()[0] for _ in range(3)}
         claimed = []

@@ -21,7 +21,7 @@ def cluster():
                             check=True).stdout.strip() + "/extension"
     for script in (ROOT / "sql" / "released").glob("queue_ext--*.sql"):
         shutil.copy(script, extdir)
-    c = Cluster("upgrade_live", 55570, ["queue_ext.http_allowlist = '127.0.0.1'",
+    c = Cluster("upgrade_live", 25570, ["queue_ext.http_allowlist = '127.0.0.1'",
                                         "queue_ext.poll_interval = '200ms'"])
     c.start(fresh=True)
     yield c

@@ -15,7 +15,7 @@ from pgcluster import Cluster, dispatcher_pid, wait_for
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("wakeups", 55449, ["max_connections = 100", "max_prepared_transactions = 4"])
+    c = Cluster("wakeups", 25449, ["max_connections = 100", "max_prepared_transactions = 4"])
     c.start(fresh=True)
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION queue_ext")
@@ -27,7 +27,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def bare_cluster():
     # Not preloaded: no dispatcher, so every producing transaction announces its own jobs.
-    c = Cluster("wakeups_bare", 55451, [], unset=("shared_preload_libraries",))
+    c = Cluster("wakeups_bare", 25451, [], unset=("shared_preload_libraries",))
     c.start(fresh=True)
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION queue_ext")

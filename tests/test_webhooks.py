@@ -49,7 +49,7 @@ def tls_files():
 @pytest.fixture(scope="module")
 def cluster(tls_files):
     ca, _, _ = tls_files
-    c = Cluster("webhooks", 55443, [
+    c = Cluster("webhooks", 25443, [
         "queue_ext.http_allowlist = '127.0.0.1'",
         "queue_ext.poll_interval = '200ms'",
         f"queue_ext.http_ca_file = '{ca}'",
