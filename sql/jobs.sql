@@ -44,8 +44,15 @@ DECLARE
     blocked_by uuid;
     took_slot boolean := false;
 BEGIN
-    PERFORM queue_ext._refuse_internal(q.queue_name, 'enqueue into');
-    PERFORM queue_ext._check_payload(enqueue_job.payload);
+    -- The checks' own conditions first, so that the usual enqueue makes no call for them (a
+    -- PERFORM is a statement of its own: two of them were a tenth of an enqueue's CPU).
+    IF q.queue_name LIKE 'queue\_ext.%' THEN
+        PERFORM queue_ext._refuse_internal(q.queue_name, 'enqueue into');
+    END IF;
+    IF enqueue_job.payload IS NULL OR jsonb_typeof(enqueue_job.payload) <> 'object'
+       OR pg_column_size(enqueue_job.payload) > queue_ext.max_payload_bytes() THEN
+        PERFORM queue_ext._check_payload(enqueue_job.payload);
+    END IF;
     IF enqueue_job.max_attempts IS NOT NULL THEN
         PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
     END IF;
