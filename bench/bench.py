@@ -344,14 +344,53 @@ def sink_stats(port):
         return json.loads(r.read())
 
 
-def bench_webhooks(dsn, sink_port, n, paced=False, lean=False):
+def _cpu_ticks(path):
+    """CPU ticks (user + system) from a /proc stat file; 0 once the process is gone."""
+    try:
+        stat = Path(path).read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class CpuSplit:
+    """CPU time of the cluster's processes and of the sink over a stretch of work, from /proc:
+    where a delivered webhook's CPU goes. The dispatcher is split into its main thread (the
+    SQL: claims and outcomes) and the rest (its HTTP thread). A process's own stat counts its
+    ended threads too."""
+
+    def __init__(self, conn, sink_pid):
+        rows = conn.execute("SELECT pid, backend_type FROM pg_stat_activity").fetchall()
+        self.parts = {}
+        for pid, kind in rows:
+            if "dispatcher" in kind:
+                self.parts[("dispatcher SQL thread", pid)] = f"/proc/{pid}/task/{pid}/stat"
+                self.parts[("dispatcher", pid)] = f"/proc/{pid}/stat"
+            else:
+                self.parts[("other Postgres processes (the enqueuing backend too)", pid)] = f"/proc/{pid}/stat"
+        if sink_pid:
+            self.parts[("sink", sink_pid)] = f"/proc/{sink_pid}/stat"
+        self.before = {k: _cpu_ticks(path) for k, path in self.parts.items()}
+
+    def per_item_us(self, n):
+        used = {}
+        for key, path in self.parts.items():
+            used[key[0]] = used.get(key[0], 0) + _cpu_ticks(path) - self.before[key]
+        used["dispatcher HTTP thread"] = used.pop("dispatcher", 0) - used.get("dispatcher SQL thread", 0)
+        hz = os.sysconf("SC_CLK_TCK")
+        return {k: v / hz / n * 1e6 for k, v in sorted(used.items())}
+
+
+def bench_webhooks(dsn, sink_port, n, paced=False, lean=False, sink_pid=None):
     queue = "bench_hooks"
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{sink_port}/__reset", method="POST")).read()
     fresh_queue(dsn, queue, webhook_url=f"http://127.0.0.1:{sink_port}/hook", webhook_max_in_flight=1000,
                 **(LEAN_CONFIG if lean else {}))
     ids = []
-    t0 = time.perf_counter()
     with connect(dsn) as c:
+        cpu = None if paced else CpuSplit(c, sink_pid)
+        t0 = time.perf_counter()
         if paced:  # one at a time, idle dispatcher: latency
             for _ in range(n):
                 ids += c.execute("SELECT queue_ext.enqueue_job(%s, jsonb_build_object('t0', %s::float8))",
@@ -367,7 +406,8 @@ def bench_webhooks(dsn, sink_port, n, paced=False, lean=False):
             if time.time() > deadline:
                 raise Failure("webhooks: not all delivered within 120 s")
             time.sleep(0.02)
-    elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        cpu_us = cpu.per_item_us(n) if cpu else {}  # while the enqueuing backend still runs
     ours = {f"msg_{i}" for i in ids}
     arrivals = {k: v for k, v in sink_stats(sink_port).items() if k in ours}
     lost = n - len(arrivals)
@@ -376,7 +416,7 @@ def bench_webhooks(dsn, sink_port, n, paced=False, lean=False):
     if lost:
         raise Failure(f"webhooks: {lost} of {n} never reached the sink")
     lat = [v[0][0] - v[0][1] for v in arrivals.values() if v[0][1]]
-    return {"per_s": n / elapsed, "lost": lost, "duplicated": dup, **percentiles(lat)}
+    return {"per_s": n / elapsed, "lost": lost, "duplicated": dup, "cpu_us_per_webhook": cpu_us, **percentiles(lat)}
 
 
 def bench_webhooks_beside_slow(dsn, sink_port, n):
@@ -956,6 +996,7 @@ def main():
     ap.add_argument("--dsn")
     ap.add_argument("--port", type=int)
     ap.add_argument("--sink-port", type=int)
+    ap.add_argument("--sink-pid", type=int, help="the sink's process, for the CPU split of the webhook cell")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default=None,
@@ -1075,8 +1116,12 @@ def main():
                 "graphile-worker": lambda: gw_latency(gw_dsn, gw_url, n.latency)}, in_quick=True)
         if "webhooks" in workloads:
             for system in (OURS if rep % 2 == 0 else OURS[::-1]):
-                hooks = bench_webhooks(dsn, args.sink_port, n.webhooks, lean=system == LEAN)
+                hooks = bench_webhooks(dsn, args.sink_port, n.webhooks, lean=system == LEAN, sink_pid=args.sink_pid)
                 record("webhooks", "delivered per second", "jobs/s", hooks["per_s"], system)
+                for part, us in hooks["cpu_us_per_webhook"].items():
+                    record("webhooks", f"CPU per webhook: {part}", "µs", us, system)
+                if hooks["cpu_us_per_webhook"]:
+                    record("webhooks", "CPU per webhook: total", "µs", sum(hooks["cpu_us_per_webhook"].values()), system)
                 extra.setdefault("webhook_burst" + ("_keep_history_off" if system == LEAN else ""), []).append(hooks)
             beside = bench_webhooks_beside_slow(dsn, args.sink_port, n.webhooks)
             record("webhooks", "delivered/s beside a 5 s endpoint", "jobs/s", beside["per_s"])
@@ -1139,10 +1184,27 @@ def main():
             f"with archive; floor: a plain table through the same client (psycopg), same connections. Medians of "
             f"{reps} round(s), jobs/s unless marked (latency: lower is better, so a ratio under 1 is ahead). "
             f"Latency: idle worker on LISTEN {channel}." + (" --quick: counts too small to judge speed." if quick else ""))
+    cpu_line = webhook_cpu_line(cells, info.get("cpus"))
+    if cpu_line:
+        note += "\n\n" + cpu_line
     settings_line = "settings: " + ", ".join(f"{k}={v}" for k, v in info.items())
     md = results / f"{stem}-headline.md"
     md.write_text(f"{table}\n\n{note}\n\n{settings_line}\n")
     print(f"wrote {md}\n\n{table}\n\n{note}")
+
+
+def webhook_cpu_line(cells, cpus):
+    """Where a delivered webhook's CPU goes (medians of the burst cells, defaults), and the
+    rate that much CPU allows on this machine's cores."""
+    prefix = "CPU per webhook: "
+    parts = {c.variant[len(prefix):]: c.summary()[0] for c in cells.values()
+             if c.system == "queue_ext" and c.workload == "webhooks" and c.variant.startswith(prefix)}
+    total = parts.pop("total", None)
+    if not total:
+        return None
+    split = ", ".join(f"{k} {v:,.0f}" for k, v in parts.items())
+    bound = f"; {cpus} cores at full use allow at most {cpus * 1e6 / total:,.0f}/s" if cpus else ""
+    return f"CPU per delivered webhook (µs, from /proc over the burst): {split}; total {total:,.0f}{bound}."
 
 
 def create_queue_default(dsn, param, column):

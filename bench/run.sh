@@ -64,4 +64,4 @@ for peer in $peers; do
   esac
 done
 python3 "$here/bench.py" --dsn "host=127.0.0.1 port=$port user=postgres dbname=postgres" \
-  --port "$port" --sink-port "$sink_port" "$@"
+  --port "$port" --sink-port "$sink_port" --sink-pid "$sink_pid" "$@"
