@@ -55,6 +55,15 @@ cat >"$tmp/pgmq_read_archive.sql" <<'EOF'
 SELECT msg_id FROM pgmq.read('hp', 30, 1) \gset
 SELECT pgmq.archive('hp', :msg_id::bigint);
 EOF
+cat >"$tmp/pgmq_send_batch.sql" <<'EOF'
+SELECT count(*) FROM pgmq.send_batch('hp', array_fill('{"n": 1}'::jsonb, ARRAY[1000]));
+EOF
+cat >"$tmp/pgmq_drain_batch.sql" <<'EOF'
+BEGIN;
+SELECT array_agg(msg_id) AS ids FROM pgmq.read('hp', 30, 100) \gset
+SELECT count(*) FROM pgmq.archive('hp', :ids::bigint[]);
+COMMIT;
+EOF
 
 fill() {  # enough jobs for a drain path to never run dry
   "${psql[@]}" -c "TRUNCATE queue_ext.job_queue, queue_ext.job_archive, queue_ext.job_status_history" \
@@ -97,8 +106,20 @@ run "enqueue_jobs, 1,000 per call" "$tmp/enqueue_batch.sql" 1000
 fill 500000
 run "get_next_jobs(100) + complete_jobs" "$tmp/drain_batch.sql" 100
 if [ -n "$pgmq_sql" ]; then
+  pgmq_fill() {
+    "${psql[@]}" -c "SELECT pgmq.purge_queue('hp')" -c "TRUNCATE pgmq.a_hp" >/dev/null
+    if [ "$1" -gt 0 ]; then
+      "${psql[@]}" -c "SELECT count(*) FROM pgmq.send_batch('hp', array_fill('{\"n\": 1}'::jsonb, ARRAY[$1]))" >/dev/null
+    fi
+    "${psql[@]}" -c "VACUUM ANALYZE" >/dev/null
+  }
+  pgmq_fill 0
   run "pgmq.send" "$tmp/pgmq_send.sql" 1
-  "${psql[@]}" -c "SELECT pgmq.send_batch('hp', array_fill('{}'::jsonb, ARRAY[200000]))" >/dev/null
+  pgmq_fill 200000
   run "pgmq.read + pgmq.archive" "$tmp/pgmq_read_archive.sql" 1
+  pgmq_fill 0
+  run "pgmq.send_batch, 1,000 per call" "$tmp/pgmq_send_batch.sql" 1000
+  pgmq_fill 500000
+  run "pgmq.read(100) + pgmq.archive(ids)" "$tmp/pgmq_drain_batch.sql" 100
 fi
 rm -rf "$tmp"
