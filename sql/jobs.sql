@@ -616,16 +616,19 @@ BEGIN
         SELECT u.id, u.token, u.result
         FROM unnest(complete_jobs.job_ids, complete_jobs.lease_tokens, complete_jobs.results) AS u(id, token, result)
     ), done AS (
+        -- Each job's queue flags, and whether it needs more than the set-based part, are read
+        -- once here; the whole row (for that rare part) is built only for the jobs that need it.
         DELETE FROM queue_ext.job_queue AS t
-        USING input AS i
-        WHERE t.id = i.id AND t.status = 'running'
+        USING input AS i, queue_ext.queues AS q
+        WHERE t.id = i.id AND t.status = 'running' AND q.queue_name = t.queue_name
           AND (i.token IS NULL OR (t.lease_token = i.token AND t.lease_expires_at > now()))
-        RETURNING t AS job, t.*, i.result AS new_result,
-                  CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final
-    ), kept AS (
-        -- What the archive and the history keep (queues.keep_history: all, or the cancelled).
-        SELECT d.* FROM done AS d JOIN queue_ext.queues AS q ON q.queue_name = d.queue_name
-        WHERE q.keep_history OR d.final = 'cancelled'
+        RETURNING t.*, i.result AS new_result, q.has_callback,
+                  -- What the archive and the history keep (queues.keep_history: all, or the cancelled).
+                  q.keep_history OR t.cancel_requested IS NOT NULL AS kept,
+                  CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final,
+                  CASE WHEN t.cancel_requested IS NOT NULL OR q.has_callback
+                         OR EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = t.id)
+                       THEN t END AS follow_job
     ), archived AS (
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
             worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
@@ -633,21 +636,20 @@ BEGIN
         SELECT id, queue_name, payload, priority, final, attempt, max_attempts, worker_id, new_result,
                coalesce(cancel_requested, last_error), errors, CASE WHEN final = 'completed' THEN 100 ELSE progress END,
                progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
-        FROM kept
+        FROM done WHERE kept
     ), history AS (
         INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
-        SELECT id, queue_name, 'running', final, attempt, worker_id, cancel_requested, enqueued_by FROM kept
-    ), flagged AS (
-        SELECT d.*, q.has_callback,
-               d.final = 'cancelled' OR q.has_callback
-               OR EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d.id) AS needs_more
-        FROM done AS d JOIN queue_ext.queues AS q ON q.queue_name = d.queue_name
+        SELECT id, queue_name, 'running', final, attempt, worker_id, cancel_requested, enqueued_by FROM done WHERE kept
     )
+    -- (A row value IS NOT NULL only when every field is: IS DISTINCT FROM NULL asks whether
+    -- there is a row at all.)
     SELECT array_agg(id), array_agg(final), array_agg(queue_name),
-           array_agg(job) FILTER (WHERE needs_more), array_agg(final) FILTER (WHERE needs_more),
-           array_agg(new_result) FILTER (WHERE needs_more), array_agg(has_callback) FILTER (WHERE needs_more)
+           array_agg(follow_job) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
+           array_agg(final) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
+           array_agg(new_result) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
+           array_agg(has_callback) FILTER (WHERE follow_job IS DISTINCT FROM NULL)
     INTO done_ids, done_states, done_queues, follow, follow_states, follow_results, follow_callbacks
-    FROM flagged;
+    FROM done;
     PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*))
     FROM unnest(done_queues, done_states) AS u(q, s) WHERE u.s = 'completed' GROUP BY u.q;
 

@@ -258,6 +258,91 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION queue_ext.complete_jobs(job_ids uuid[], lease_tokens uuid[] DEFAULT NULL, results jsonb[] DEFAULT NULL)
+RETURNS TABLE (job_id uuid, status queue_ext.job_state)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    done_ids uuid[];
+    done_states queue_ext.job_state[];
+    done_queues text[];
+    follow queue_ext.job_queue[];        -- jobs that need more than the set-based part
+    follow_states queue_ext.job_state[];
+    follow_results jsonb[];
+    follow_callbacks boolean[];
+BEGIN
+    IF complete_jobs.job_ids IS NULL THEN
+        RAISE EXCEPTION 'job_ids must not be null' USING ERRCODE = '22004';
+    END IF;
+    IF cardinality(complete_jobs.lease_tokens) <> cardinality(complete_jobs.job_ids)
+       OR cardinality(complete_jobs.results) <> cardinality(complete_jobs.job_ids) THEN
+        RAISE EXCEPTION 'lease_tokens and results must have one element per job id (% job ids)',
+            cardinality(complete_jobs.job_ids) USING ERRCODE = '22023';
+    END IF;
+    WITH input AS (
+        SELECT u.id, u.token, u.result
+        FROM unnest(complete_jobs.job_ids, complete_jobs.lease_tokens, complete_jobs.results) AS u(id, token, result)
+    ), done AS (
+        -- Each job's queue flags, and whether it needs more than the set-based part, are read
+        -- once here; the whole row (for that rare part) is built only for the jobs that need it.
+        DELETE FROM queue_ext.job_queue AS t
+        USING input AS i, queue_ext.queues AS q
+        WHERE t.id = i.id AND t.status = 'running' AND q.queue_name = t.queue_name
+          AND (i.token IS NULL OR (t.lease_token = i.token AND t.lease_expires_at > now()))
+        RETURNING t.*, i.result AS new_result, q.has_callback,
+                  -- What the archive and the history keep (queues.keep_history: all, or the cancelled).
+                  q.keep_history OR t.cancel_requested IS NOT NULL AS kept,
+                  CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final,
+                  CASE WHEN t.cancel_requested IS NOT NULL OR q.has_callback
+                         OR EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = t.id)
+                       THEN t END AS follow_job
+    ), archived AS (
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+            rate_limit_key, concurrency_key)
+        SELECT id, queue_name, payload, priority, final, attempt, max_attempts, worker_id, new_result,
+               coalesce(cancel_requested, last_error), errors, CASE WHEN final = 'completed' THEN 100 ELSE progress END,
+               progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
+        FROM done WHERE kept
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        SELECT id, queue_name, 'running', final, attempt, worker_id, cancel_requested, enqueued_by FROM done WHERE kept
+    )
+    -- (A row value IS NOT NULL only when every field is: IS DISTINCT FROM NULL asks whether
+    -- there is a row at all.)
+    SELECT array_agg(id), array_agg(final), array_agg(queue_name),
+           array_agg(follow_job) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
+           array_agg(final) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
+           array_agg(new_result) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
+           array_agg(has_callback) FILTER (WHERE follow_job IS DISTINCT FROM NULL)
+    INTO done_ids, done_states, done_queues, follow, follow_states, follow_results, follow_callbacks
+    FROM done;
+    PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*))
+    FROM unnest(done_queues, done_states) AS u(q, s) WHERE u.s = 'completed' GROUP BY u.q;
+
+    -- The rest is per job, and rare: dependents to release or cancel, callbacks to send.
+    FOR k IN 1 .. coalesce(cardinality(follow), 0) LOOP
+        IF follow_states[k] = 'completed' THEN
+            PERFORM queue_ext._release_dependents(follow[k].id);
+        ELSE
+            PERFORM queue_ext._cancel_dependents(follow[k].id, format('dependency %s was cancelled', follow[k].id));
+        END IF;
+        IF follow_callbacks[k] THEN
+            PERFORM queue_ext._emit_callback(follow[k],
+                CASE follow_states[k] WHEN 'completed' THEN 'job.completed' ELSE 'job.cancelled' END, follow_results[k]);
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT u.id, f.state
+                 FROM unnest(complete_jobs.job_ids) WITH ORDINALITY AS u(id, i)
+                 LEFT JOIN unnest(done_ids, done_states) AS f(id, state) ON f.id = u.id
+                 ORDER BY u.i;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queue_ext.cancel_job(job_id uuid, reason text DEFAULT 'cancelled')
 RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
