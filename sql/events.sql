@@ -18,8 +18,12 @@ AS $$
         'progress', progress)::text)
 $$;
 
+-- search_path pinned: the trigger fires inside functions that pin theirs, and without its own
+-- the query below was planned again (with _notify inlined) on every firing, a third of a
+-- batched drain's CPU with no queue publishing.
 CREATE FUNCTION queue_ext._publish_transitions() RETURNS trigger
 LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM queue_ext._notify(t.job_id, t.queue_name, t.to_status::text, t.attempt, NULL)

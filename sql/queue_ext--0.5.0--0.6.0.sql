@@ -523,6 +523,19 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION queue_ext._publish_transitions() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM queue_ext._notify(t.job_id, t.queue_name, t.to_status::text, t.attempt, NULL)
+    FROM transitions AS t
+    JOIN queue_ext.queues AS q ON q.queue_name = t.queue_name
+    WHERE q.notify;
+    RETURN NULL;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queue_ext.metrics() RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER
 -- The estimates of the correlated per-queue subqueries run into the millions, which makes
