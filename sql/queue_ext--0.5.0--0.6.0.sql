@@ -526,6 +526,7 @@ $$;
 CREATE OR REPLACE FUNCTION queue_ext._publish_transitions() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 AS $$
 BEGIN
     PERFORM queue_ext._notify(t.job_id, t.queue_name, t.to_status::text, t.attempt, NULL)
