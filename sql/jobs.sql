@@ -211,6 +211,34 @@ BEGIN
 END
 $$;
 
+-- The floors of a windowed claim on queue_name (claim_window.rs), per priority from critical
+-- to low, in claim order (run_at, id): the oldest job waiting there, or, when there is none
+-- or it is younger, this probe's time less a margin for producers whose transaction began
+-- before the probe and commits after it. It walks the claim index from the start, as an
+-- ordinary claim does, and stores the floors for this session's next claims.
+CREATE FUNCTION queue_ext._claim_window_probe(queue_name text, OUT run_ats timestamptz[], OUT ids uuid[])
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    margin CONSTANT interval := '2 seconds';
+BEGIN
+    SELECT array_agg(CASE WHEN o.run_at < now() - margin THEN o.run_at ELSE now() - margin END ORDER BY p.ord),
+           array_agg(CASE WHEN o.run_at < now() - margin THEN o.id ELSE '00000000-0000-0000-0000-000000000000' END
+                     ORDER BY p.ord)
+    INTO run_ats, ids
+    FROM unnest('{critical,high,normal,low}'::queue_ext.job_priority[]) WITH ORDINALITY AS p(priority, ord)
+    LEFT JOIN LATERAL (
+        SELECT j.run_at, j.id FROM queue_ext.job_queue AS j
+        WHERE j.queue_name = _claim_window_probe.queue_name
+          AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL AND j.priority = p.priority
+        ORDER BY j.run_at, j.id
+        LIMIT 1
+    ) AS o ON true;
+    PERFORM queue_ext._claim_window_set(_claim_window_probe.queue_name, run_ats, ids);
+END
+$$;
+
 -- Claims up to n runnable jobs from one queue: highest priority first, then the oldest
 -- run_at. SKIP LOCKED lets concurrent claimers pass each other's rows instead of waiting,
 -- and the row lock plus the status change mean no job is handed out twice.
@@ -221,6 +249,10 @@ $$;
 -- it is down). When nothing expired this is one probe of job_queue_lease_idx; the return
 -- locks with SKIP LOCKED, so concurrent claimers never wait on each other for it. Fencing
 -- is unchanged: the lease had expired, so its holder's complete/fail/heartbeat get 55000.
+--
+-- While the xmin horizon is held back, the claim starts from each priority's floor
+-- (claim_window.rs says why and what it costs), and the expired-lease probe, which walks
+-- the same kind of dead entries, runs with the floors' probe, once every 2 seconds.
 CREATE FUNCTION queue_ext.get_next_jobs(
     queue_name text,
     n          integer,
@@ -236,6 +268,8 @@ AS $$
 DECLARE
     q queue_ext.queues := queue_ext._queue(get_next_jobs.queue_name);
     lease_for interval := coalesce(get_next_jobs.lease, q.lease_duration);
+    floors timestamptz[];  -- NULL, or each priority's floor (run_at, id): claim_window.rs
+    floor_ids uuid[];
 BEGIN
     IF length(get_next_jobs.worker_id) > 200 THEN
         -- Stored on the job and in every history row of its claims.
@@ -251,9 +285,17 @@ BEGIN
     IF q.paused THEN
         RETURN;
     END IF;
-    IF EXISTS (SELECT 1 FROM queue_ext.job_queue AS e
-               WHERE e.status = 'running' AND e.lease_expires_at <= now() AND e.queue_name = q.queue_name) THEN
-        PERFORM queue_ext._return_running(NULL, 'lease expired', ARRAY[q.queue_name]);
+    floors := queue_ext._claim_window(q.queue_name);
+    IF floors IS NULL OR cardinality(floors) = 0 THEN
+        IF EXISTS (SELECT 1 FROM queue_ext.job_queue AS e
+                   WHERE e.status = 'running' AND e.lease_expires_at <= now() AND e.queue_name = q.queue_name) THEN
+            PERFORM queue_ext._return_running(NULL, 'lease expired', ARRAY[q.queue_name]);
+        END IF;
+        IF floors IS NOT NULL THEN
+            SELECT * INTO floors, floor_ids FROM queue_ext._claim_window_probe(q.queue_name);
+        END IF;
+    ELSE
+        floor_ids := queue_ext._claim_window_ids(q.queue_name);
     END IF;
     IF EXISTS (SELECT 1 FROM queue_ext.rate_limits)
        AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
@@ -264,14 +306,34 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY
-    WITH next AS (
+    WITH from_start AS (
         SELECT id, status AS old_status
         FROM queue_ext.job_queue
-        WHERE queue_name = q.queue_name AND status IN ('queued', 'retrying') AND rate_limit_key IS NULL
+        WHERE floors IS NULL
+          AND queue_name = q.queue_name AND status IN ('queued', 'retrying') AND rate_limit_key IS NULL
           AND run_at <= now()
         ORDER BY priority DESC, run_at, id
         LIMIT get_next_jobs.n
         FOR UPDATE SKIP LOCKED
+    ), from_floors AS (
+        -- One range per priority, highest first: PostgreSQL 15 cannot start a scan at a
+        -- floor on the third column of the index with the second one unbound.
+        SELECT w.id, w.old_status
+        FROM unnest('{critical,high,normal,low}'::queue_ext.job_priority[], floors, floor_ids)
+             AS p(priority, floor_at, floor_id)
+        CROSS JOIN LATERAL (
+            SELECT j.id, j.status AS old_status
+            FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+              AND j.priority = p.priority AND (j.run_at, j.id) >= (p.floor_at, p.floor_id) AND j.run_at <= now()
+            ORDER BY j.run_at, j.id
+            LIMIT get_next_jobs.n
+            FOR UPDATE SKIP LOCKED
+        ) AS w
+        WHERE floors IS NOT NULL
+        LIMIT get_next_jobs.n
+    ), next AS (
+        SELECT * FROM from_start UNION ALL SELECT * FROM from_floors
     ), claimed AS (
         UPDATE queue_ext.job_queue AS j
         SET status = 'running',
@@ -803,7 +865,7 @@ DECLARE
 BEGIN
     FOR j IN
         SELECT * FROM queue_ext.job_queue AS t
-        WHERE t.status = 'running'
+        WHERE t.status = 'running' AND t.lease_expires_at IS NOT NULL  -- (always: lets job_queue_lease_idx serve)
           AND CASE WHEN only_worker IS NULL THEN t.lease_expires_at <= now() ELSE t.worker_id = only_worker END
           AND (queue_names IS NULL OR t.queue_name = ANY (queue_names))
         ORDER BY t.lease_expires_at

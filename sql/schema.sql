@@ -98,9 +98,13 @@ CREATE INDEX job_queue_key_waiting_idx ON queue_ext.job_queue (concurrency_key, 
 -- part of the key so that one role's key never matches, and hands back, another role's job.
 CREATE UNIQUE INDEX job_queue_dedupe_idx ON queue_ext.job_queue (queue_name, enqueued_by, dedupe_key)
     WHERE dedupe_key IS NOT NULL;
--- cleanup_stuck_jobs() finds expired leases without scanning queued work.
+-- Leases by expiry, for the probes that return expired ones. The predicate is the lease
+-- itself, not status = 'running': the statements that change one job by id also say
+-- status = 'running', and with that predicate the planner could read this whole index
+-- instead of the primary key (it looks as small as one lookup), visiting every entry of
+-- every finished job that vacuum cannot remove yet (an old snapshot held somewhere).
 CREATE INDEX job_queue_lease_idx ON queue_ext.job_queue (lease_expires_at)
-    WHERE status = 'running';
+    WHERE lease_expires_at IS NOT NULL;
 
 CREATE TABLE queue_ext.job_archive (
     id               uuid        PRIMARY KEY,

@@ -29,6 +29,8 @@ static DELIVERY_LOG_RETENTION_MIN: GucSetting<i32> = GucSetting::<i32>::new(7 * 
 static SHUTDOWN_GRACE_MS: GucSetting<i32> = GucSetting::<i32>::new(2_000);
 /// Whether the dispatcher's own bookkeeping (claims, delivery records) waits for the WAL flush.
 static DISPATCHER_SYNCHRONOUS_COMMIT: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// How long the cleanup horizon may stand still before claims switch to windows.
+static CLAIM_WINDOW_AFTER_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -139,6 +141,21 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"queue_ext.claim_window_after",
+        c"How long the xmin horizon may stand still before claims start from a floor.",
+        c"While an old snapshot (an idle transaction, a long query, a replication slot) keeps \
+          vacuum from removing the claim index's entries of claimed jobs, every claim would \
+          visit all of them. Once the horizon has not moved for this long, a claim starts \
+          from a floor found every 2 seconds instead; a job made runnable below the floor \
+          (a dependent released, run_at in the past) can then wait up to 2 seconds longer. \
+          0 turns it off.",
+        &CLAIM_WINDOW_AFTER_MS,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
     // SAFETY: called once from _PG_init, after our GUCs are defined.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"queue_ext".as_ptr()) };
 }
@@ -148,6 +165,14 @@ pub fn init() {
 #[pg_extern(stable, parallel_safe)]
 pub fn max_payload_bytes() -> i32 {
     MAX_PAYLOAD_BYTES.get()
+}
+
+/// How long the horizon stands still before claims use windows (claim_window.rs); None: never.
+pub fn claim_window_after() -> Option<Duration> {
+    match CLAIM_WINDOW_AFTER_MS.get() {
+        0 => None,
+        ms => Some(Duration::from_millis(ms as u64)),
+    }
 }
 
 fn string(setting: &GucSetting<Option<CString>>) -> String {

@@ -6,6 +6,7 @@
 
 use pgrx::prelude::*;
 
+mod claim_window;
 mod counters;
 mod db;
 mod ddl;
@@ -34,7 +35,13 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/jobs.sql",
     name = "jobs",
-    requires = ["queues", ids::uuid_generate_v7]
+    requires = [
+        "queues",
+        ids::uuid_generate_v7,
+        claim_window::_claim_window,
+        claim_window::_claim_window_ids,
+        claim_window::_claim_window_set
+    ]
 );
 extension_sql_file!(
     "../sql/dependencies.sql",

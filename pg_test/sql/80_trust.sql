@@ -13,6 +13,12 @@ EXCEPTION WHEN OTHERS THEN
     RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM, '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<id>', 'g');
 END $$;
 GRANT EXECUTE ON FUNCTION pg_temp.try(text) TO PUBLIC;
+-- The lines of a statement's plan.
+CREATE FUNCTION pg_temp.explain(stmt text) RETURNS SETOF text LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY EXECUTE 'EXPLAIN (COSTS OFF) ' || stmt;
+END
+$$;
 CREATE ROLE regress_trust_a LOGIN;
 CREATE ROLE regress_trust_b LOGIN;
 CREATE ROLE regress_trust_worker LOGIN;
@@ -82,10 +88,13 @@ SELECT status, attempt, worker_id FROM queue_ext.job_status(:'one');
 SELECT status, attempt FROM queue_ext.job_status(:'other');
 SELECT queue_ext.cleanup_stuck_jobs() AS swept;
 SELECT status, attempt, last_error FROM queue_ext.job_status(:'other');
--- When nothing expired the claim pays one probe of the lease index.
+-- When nothing expired the claim pays one probe of the lease index (an index or bitmap
+-- scan of it, by the statistics of the moment).
 SET enable_seqscan = off;
-EXPLAIN (COSTS OFF) SELECT 1 FROM queue_ext.job_queue AS e
-WHERE e.status = 'running' AND e.lease_expires_at <= now() AND e.queue_name = 'lease_one';
+SELECT count(*) FILTER (WHERE plan ~ 'Index Scan.* job_queue_lease_idx') AS lease_index_scans,
+       count(*) FILTER (WHERE plan ~ 'Index Cond: \(lease_expires_at <= now\(\)\)') AS bounded_by_now
+FROM pg_temp.explain($$SELECT 1 FROM queue_ext.job_queue AS e
+    WHERE e.status = 'running' AND e.lease_expires_at <= now() AND e.queue_name = 'lease_one'$$) AS plan;
 RESET enable_seqscan;
 SELECT queue_ext.drop_queue(q, force => true)
 FROM unnest(ARRAY['lease_one', 'lease_multi', 'lease_limited', 'lease_next', 'lease_last', 'lease_other']) AS q;

@@ -1,0 +1,146 @@
+//! Claiming while the xmin horizon is held back.
+//!
+//! A claim walks the claim index from the oldest runnable entry. The entries of jobs already
+//! claimed stay in that index until vacuum removes them, and while a snapshot older than them
+//! is open (an idle-in-transaction session, a long query, a replication slot's xmin) nothing
+//! can remove them, nor mark them dead for index scans to skip: every claim visits the
+//! entries of every job processed since that snapshot was taken, and the queue slows down in
+//! proportion to the work it has done.
+//!
+//! So once this database's horizon has stood still for `queue_ext.claim_window_after` while
+//! transactions went on past it, a backend claims from a window: per queue and priority it keeps a
+//! floor in claim order (run_at, id): the oldest waiting job, or the probe's time less a
+//! margin when that is older, found once every PROBE_EVERY by a probe that does walk the
+//! index; it claims only jobs at or above the floor. A job that becomes runnable below its
+//! floor (run_at set in the past, a producer transaction longer than the margin, a dependent
+//! released, a claim rolled back) is found by the next probe: under a held horizon it may
+//! wait up to PROBE_EVERY longer. With the horizon free, a claim starts
+//! from the oldest job as before. The state is this backend's own: nothing is shared, and a
+//! wrong floor can delay a job, never hand it out twice (the claim still locks each row).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+use crate::gucs;
+
+/// How often a windowed claimer walks the whole queue to find its floors again.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How often a backend looks at the horizon (it takes the ProcArray lock).
+const HORIZON_EVERY: Duration = Duration::from_millis(250);
+
+/// A queue's floors: one (run_at, id) per priority, highest first (critical ... low).
+struct Window {
+    run_ats: Vec<Option<TimestampWithTimeZone>>,
+    ids: Vec<Option<pgrx::Uuid>>,
+    probed_at: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    horizon_checked_at: Option<Instant>,
+    /// The horizon last seen, and since when it has been that.
+    horizon: Option<(u32, Instant)>,
+    held: bool,
+    windows: HashMap<String, Window>,
+}
+
+impl State {
+    fn look_at_horizon(&mut self, now: Instant) {
+        self.horizon_checked_at = Some(now);
+        let Some((oldest, next)) = horizon() else {
+            self.horizon = None;
+            self.held = false;
+            return;
+        };
+        let since = match self.horizon {
+            Some((seen, since)) if seen == oldest => since,
+            _ => now,
+        };
+        self.horizon = Some((oldest, since));
+        self.held = oldest != next
+            && gucs::claim_window_after().is_some_and(|after| now.duration_since(since) >= after);
+        if !self.held {
+            self.windows.clear();
+        }
+    }
+}
+
+thread_local! {
+    static STATE: RefCell<State> = RefCell::new(State::default());
+}
+
+/// How a claim on `queue_name` starts: NULL, from the oldest job (the horizon is free);
+/// an empty array, probe for the floors first (`_claim_window_set` stores them); else the
+/// floors' run_at, one per priority from critical to low (`_claim_window_ids`: their ids).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _claim_window(queue_name: &str) -> Option<Vec<Option<TimestampWithTimeZone>>> {
+    STATE.with_borrow_mut(|state| {
+        let now = Instant::now();
+        if state
+            .horizon_checked_at
+            .is_none_or(|at| now.duration_since(at) >= HORIZON_EVERY)
+        {
+            state.look_at_horizon(now);
+        }
+        if !state.held {
+            return None;
+        }
+        match state.windows.get(queue_name) {
+            Some(w) if now.duration_since(w.probed_at) < PROBE_EVERY => Some(w.run_ats.clone()),
+            _ => Some(Vec::new()),
+        }
+    })
+}
+
+/// The ids of the floors `_claim_window` returned the run_at of.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _claim_window_ids(queue_name: &str) -> Option<Vec<Option<pgrx::Uuid>>> {
+    STATE.with_borrow(|state| state.windows.get(queue_name).map(|w| w.ids.clone()))
+}
+
+/// Stores the floors a probe found for `queue_name` (see `_claim_window`).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _claim_window_set(
+    queue_name: &str,
+    run_ats: Vec<Option<TimestampWithTimeZone>>,
+    ids: Vec<Option<pgrx::Uuid>>,
+) {
+    STATE.with_borrow_mut(|state| {
+        if state.held {
+            let window = Window {
+                run_ats,
+                ids,
+                probed_at: Instant::now(),
+            };
+            state.windows.insert(queue_name.to_owned(), window);
+        }
+    })
+}
+
+/// This database's cleanup horizon for queue_ext.job_queue (the oldest transaction whose
+/// dead rows must be kept) and the next transaction id; None when the table is not there.
+fn horizon() -> Option<(u32, u32)> {
+    // SAFETY: catalogue lookups and ProcArray reads inside a transaction (a SQL function
+    // call); the relation is opened with the lock every claim takes anyway and closed
+    // before returning, keeping the lock to the end of the transaction as usual.
+    unsafe {
+        let nsp = pg_sys::get_namespace_oid(c"queue_ext".as_ptr(), true);
+        if nsp == pg_sys::InvalidOid {
+            return None;
+        }
+        let relid = pg_sys::get_relname_relid(c"job_queue".as_ptr(), nsp);
+        if relid == pg_sys::InvalidOid {
+            return None;
+        }
+        let rel = pg_sys::relation_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let oldest = pg_sys::GetOldestNonRemovableTransactionId(rel);
+        pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        // The 32-bit id inside the 64-bit one (XidFromFullTransactionId).
+        let next = pg_sys::ReadNextFullTransactionId().value as u32;
+        Some((u32::from(oldest), next))
+    }
+}
