@@ -8,15 +8,17 @@
 //! proportion to the work it has done.
 //!
 //! So once this database's horizon has stood still for `queue_ext.claim_window_after` while
-//! transactions went on past it, a backend claims from a window: per queue and priority it keeps a
-//! floor in claim order (run_at, id): the oldest waiting job, or the probe's time less a
-//! margin when that is older, found once every PROBE_EVERY by a probe that does walk the
-//! index; it claims only jobs at or above the floor. A job that becomes runnable below its
-//! floor (run_at set in the past, a producer transaction longer than the margin, a dependent
-//! released, a claim rolled back) is found by the next probe: under a held horizon it may
-//! wait up to PROBE_EVERY longer. With the horizon free, a claim starts
-//! from the oldest job as before. The state is this backend's own: nothing is shared, and a
-//! wrong floor can delay a job, never hand it out twice (the claim still locks each row).
+//! transactions went on past it, a backend claims from a window: per queue and priority it
+//! keeps a floor in claim order (run_at, id), the older of the oldest waiting job and the
+//! probe's time less a margin, found once every PROBE_EVERY by a probe that does walk the
+//! index, and it claims only jobs at or above the floor. A job that becomes runnable below
+//! its floor (run_at set in the past, a producer transaction longer than the margin, a
+//! dependent released, a claim rolled back) is found by the next probe: it may wait up to
+//! PROBE_EVERY longer. When the horizon moves again the entries are still there until vacuum
+//! removes them (each claim from the start would step over all of them), so the windows stay
+//! until the table's dead rows are down to LINGER_DEAD_ROWS. The state is this backend's own:
+//! nothing is shared, and a wrong floor can delay a job, never hand it out twice (the claim
+//! still locks each row).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -31,6 +33,8 @@ use crate::gucs;
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// How often a backend looks at the horizon (it takes the ProcArray lock).
 const HORIZON_EVERY: Duration = Duration::from_millis(250);
+/// Dead rows of job_queue below which a claim from the start is cheap again.
+const LINGER_DEAD_ROWS: i64 = 10_000;
 
 /// A queue's floors: one (run_at, id) per priority, highest first (critical ... low).
 struct Window {
@@ -51,9 +55,12 @@ struct State {
 impl State {
     fn look_at_horizon(&mut self, now: Instant) {
         self.horizon_checked_at = Some(now);
-        let Some((oldest, next)) = horizon() else {
+        let Some(((relid, oldest, next), after)) =
+            gucs::claim_window_after().and_then(|after| Some((horizon()?, after)))
+        else {
             self.horizon = None;
             self.held = false;
+            self.windows.clear();
             return;
         };
         let since = match self.horizon {
@@ -61,8 +68,8 @@ impl State {
             _ => now,
         };
         self.horizon = Some((oldest, since));
-        self.held = oldest != next
-            && gucs::claim_window_after().is_some_and(|after| now.duration_since(since) >= after);
+        let stuck = oldest != next && now.duration_since(since) >= after;
+        self.held = stuck || (self.held && dead_rows(relid) > LINGER_DEAD_ROWS);
         if !self.held {
             self.windows.clear();
         }
@@ -121,9 +128,9 @@ fn _claim_window_set(
     })
 }
 
-/// This database's cleanup horizon for queue_ext.job_queue (the oldest transaction whose
+/// job_queue's oid, this database's cleanup horizon for it (the oldest transaction whose
 /// dead rows must be kept) and the next transaction id; None when the table is not there.
-fn horizon() -> Option<(u32, u32)> {
+fn horizon() -> Option<(pg_sys::Oid, u32, u32)> {
     // SAFETY: catalogue lookups and ProcArray reads inside a transaction (a SQL function
     // call); the relation is opened with the lock every claim takes anyway and closed
     // before returning, keeping the lock to the end of the transaction as usual.
@@ -141,6 +148,17 @@ fn horizon() -> Option<(u32, u32)> {
         pg_sys::relation_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         // The 32-bit id inside the 64-bit one (XidFromFullTransactionId).
         let next = pg_sys::ReadNextFullTransactionId().value as u32;
-        Some((u32::from(oldest), next))
+        Some((relid, u32::from(oldest), next))
     }
+}
+
+/// The dead rows of the table, as the statistics count them (vacuum resets the count).
+fn dead_rows(relid: pg_sys::Oid) -> i64 {
+    Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.pg_stat_get_dead_tuples($1)",
+        &[relid.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(0)
 }
