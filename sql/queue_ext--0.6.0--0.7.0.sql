@@ -70,7 +70,9 @@ CREATE OR REPLACE FUNCTION queue_ext.get_next_jobs(
 ) RETURNS SETOF queue_ext.claimed_job
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 SET enable_seqscan = off
+SET enable_bitmapscan = off
 SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
@@ -161,6 +163,178 @@ BEGIN
         SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
         FROM claimed AS c JOIN next AS n ON n.id = c.id
         WHERE q.keep_history
+    )
+    SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
+    FROM claimed
+    ORDER BY priority DESC, run_at, id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext.get_next_jobs(
+    queue_names text[],
+    n           integer,
+    worker_id   text     DEFAULT NULL,
+    lease       interval DEFAULT NULL
+) RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET jit = off
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+DECLARE
+    unknown text;
+    names text[] := get_next_jobs.queue_names;
+BEGIN
+    IF length(get_next_jobs.worker_id) > 200 THEN
+        -- Stored on the job and in every history row of its claims.
+        RAISE EXCEPTION 'worker_id is % characters, over the limit of 200', length(get_next_jobs.worker_id)
+            USING ERRCODE = '22023';
+    END IF;
+    IF get_next_jobs.n IS NULL OR get_next_jobs.n < 1 THEN
+        RAISE EXCEPTION 'n must be at least 1 (got %)', coalesce(get_next_jobs.n::text, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF get_next_jobs.lease IS NOT NULL THEN
+        PERFORM queue_ext._check_interval('lease', get_next_jobs.lease, '1 second', '7 days');
+    END IF;
+    IF names IS NULL THEN
+        names := ARRAY(SELECT t.queue_name FROM queue_ext.queues AS t
+                       WHERE NOT t.is_webhook AND t.queue_name NOT LIKE 'queue\_ext.%' AND NOT t.paused);
+    ELSE
+        SELECT u.name INTO unknown
+        FROM unnest(names) AS u(name)
+        WHERE NOT EXISTS (SELECT 1 FROM queue_ext.queues AS t WHERE t.queue_name = u.name)
+        LIMIT 1;
+        IF FOUND THEN
+            PERFORM queue_ext._queue(unknown);
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM queue_ext.job_queue AS e
+               WHERE e.status = 'running' AND e.lease_expires_at <= now() AND e.queue_name = ANY (names)) THEN
+        PERFORM queue_ext._return_running(NULL, 'lease expired', names);
+    END IF;
+    IF EXISTS (SELECT 1 FROM queue_ext.rate_limits)
+       AND EXISTS (SELECT 1 FROM queue_ext.job_queue AS j
+                   WHERE j.queue_name = ANY (names)
+                     AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NOT NULL) THEN
+        RETURN QUERY SELECT * FROM queue_ext._claim_limited(names, get_next_jobs.n,
+                                                            get_next_jobs.worker_id, get_next_jobs.lease);
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH candidates AS (
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.keep_history
+        FROM queue_ext.queues AS q
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at
+            FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+              AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT get_next_jobs.n
+            FOR UPDATE SKIP LOCKED
+        ) AS c
+        WHERE NOT q.paused AND q.queue_name = ANY (names)
+    ), next AS (
+        SELECT * FROM candidates ORDER BY priority DESC, run_at, id LIMIT get_next_jobs.n
+    ), claimed AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'running',
+            attempt = j.attempt + 1,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + coalesce(get_next_jobs.lease,
+                (SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)),
+            worker_id = get_next_jobs.worker_id,
+            started_at = coalesce(j.started_at, now())
+        WHERE j.id = ANY (ARRAY(SELECT id FROM next))  -- not a join: see get_next_jobs(text, ...)
+        RETURNING j.*
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
+        FROM claimed AS c JOIN next AS n ON n.id = c.id
+        WHERE n.keep_history
+    )
+    SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
+    FROM claimed
+    ORDER BY priority DESC, run_at, id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._claim_limited(queue_names text[], n integer, worker_id text, lease interval)
+RETURNS SETOF queue_ext.claimed_job
+LANGUAGE plpgsql VOLATILE
+SET jit = off
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH open_queues AS (
+        SELECT q.queue_name, q.lease_duration, q.keep_history FROM queue_ext.queues AS q
+        WHERE NOT q.paused AND (_claim_limited.queue_names IS NULL OR q.queue_name = ANY (_claim_limited.queue_names))
+    ), unlimited AS (
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, NULL::text AS rate_key
+        FROM open_queues AS q
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+              AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT _claim_limited.n
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+    ), limited AS (
+        -- Per queue and key, so that the index hands over rows in claim order.
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, b.key AS rate_key, b.tokens
+        FROM open_queues AS o
+        CROSS JOIN (SELECT r.key, floor(queue_ext._tokens(r))::integer AS tokens FROM queue_ext.rate_limits AS r) AS b
+        CROSS JOIN LATERAL (
+            SELECT id, status, priority, run_at FROM queue_ext.job_queue AS j
+            WHERE j.queue_name = o.queue_name AND j.rate_limit_key = b.key
+              AND j.status IN ('queued', 'retrying') AND j.run_at <= now()
+            ORDER BY j.priority DESC, j.run_at, j.id
+            LIMIT least(_claim_limited.n, b.tokens)
+            FOR UPDATE OF j SKIP LOCKED
+        ) AS c
+        WHERE b.tokens >= 1
+    ), next AS (
+        -- The best n, taking no more of a key than it has tokens (its jobs may come from
+        -- several queues).
+        SELECT id, old_status, priority, run_at, rate_key FROM (
+            SELECT u.*, row_number() OVER (PARTITION BY u.rate_key ORDER BY u.priority DESC, u.run_at, u.id) AS nth
+            FROM (SELECT *, NULL::integer AS tokens FROM unlimited UNION ALL SELECT * FROM limited) AS u
+        ) AS ranked
+        WHERE rate_key IS NULL OR nth <= tokens
+        ORDER BY priority DESC, run_at, id
+        LIMIT _claim_limited.n
+    ), spent AS (
+        UPDATE queue_ext.rate_limits AS r
+        SET tokens = queue_ext._tokens(r) - u.used, refilled_at = greatest(r.refilled_at, now())
+        FROM (SELECT rate_key, count(*) AS used FROM next WHERE rate_key IS NOT NULL GROUP BY rate_key) AS u
+        WHERE r.key = u.rate_key AND queue_ext._tokens(r) >= u.used
+        RETURNING r.key
+    ), claimed AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'running',
+            attempt = j.attempt + 1,
+            lease_token = gen_random_uuid(),
+            lease_expires_at = now() + coalesce(_claim_limited.lease,
+                (SELECT o.lease_duration FROM open_queues AS o WHERE o.queue_name = j.queue_name)),
+            worker_id = _claim_limited.worker_id,
+            started_at = coalesce(j.started_at, now())
+        -- Not a join: see get_next_jobs(text, ...).
+        WHERE j.id = ANY (ARRAY(SELECT n.id FROM next AS n
+                                WHERE n.rate_key IS NULL OR n.rate_key IN (SELECT s.key FROM spent AS s)))
+        RETURNING j.*
+    ), history AS (
+        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
+        FROM claimed AS c JOIN next AS n ON n.id = c.id JOIN open_queues AS o ON o.queue_name = c.queue_name
+        WHERE o.keep_history
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
