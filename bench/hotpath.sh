@@ -66,7 +66,7 @@ COMMIT;
 EOF
 
 fill() {  # enough jobs for a drain path to never run dry
-  "${psql[@]}" -c "TRUNCATE queue_ext.job_queue, queue_ext.job_archive, queue_ext.job_status_history" \
+  "${psql[@]}" -c "TRUNCATE queue_ext.job_queue, queue_ext.job_archive, queue_ext.job_status_log" \
     -c "SELECT count(*) FROM queue_ext.enqueue_jobs('hp', array_fill('{\"n\": 1}'::jsonb, ARRAY[$1]))" \
     -c "VACUUM ANALYZE" >/dev/null
 }

@@ -13,7 +13,7 @@ INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, at
 SELECT gen_random_uuid(), 'q' || (g % 10), jsonb_build_object('n', g, 'user', 'u' || (g % 1000)), 'normal', 'completed', 1, 5, 'postgres',
        t - interval '2 seconds', t - interval '2 seconds', t - interval '1 second', t
 FROM (SELECT g, now() - (g * interval '604 milliseconds') AS t FROM generate_series(1, 1000000) g) s;
-INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by, at)
+INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, enqueued_by, at)
 SELECT gen_random_uuid(), 'q' || (g % 10), 'running', CASE WHEN g % 7 = 0 THEN 'retrying' ELSE 'completed' END::queue_ext.job_state, 1, 'postgres',
        now() - ((1000001 - g) * interval '604 milliseconds')
 FROM generate_series(1, 1000000) g;
@@ -23,7 +23,7 @@ FROM generate_series(1, 100000) g;
 INSERT INTO queue_ext.webhook_deliveries (job_id, queue_name, attempt, url, outcome, status_code, duration_ms, delivered_at)
 SELECT gen_random_uuid(), 'q' || (g % 10), 1, 'http://127.0.0.1/x', (ARRAY['delivered','retry','failed'])[1 + g % 3], 200, (g % 500)::float, now() - g * interval '3 seconds'
 FROM generate_series(1, 200000) g;
-VACUUM ANALYZE queue_ext.job_archive, queue_ext.job_status_history, queue_ext.job_dead_letter, queue_ext.webhook_deliveries;
+VACUUM ANALYZE queue_ext.job_archive, queue_ext.job_status_log, queue_ext.job_dead_letter, queue_ext.webhook_deliveries;
 INSERT INTO queue_ext.job_queue (id, queue_name, payload, status, run_at, max_attempts, enqueued_by, created_at)
 SELECT gen_random_uuid(), 'q' || (g % 10), jsonb_build_object('n', g, 'user', 'u' || (g % 1000)), 'queued',
        now() - g * interval '1 millisecond', 5, 'postgres', now()

@@ -90,7 +90,7 @@ BEGIN
         last_error, errors, enqueued_by, created_at, rate_limit_key, concurrency_key)
     VALUES (d.id, d.queue_name, d.payload, d.priority, initial, now(), 0, d.max_attempts,
         d.last_error, d.errors, d.enqueued_by, d.created_at, d.rate_limit_key, d.concurrency_key);
-    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by, error)
+    INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, enqueued_by, error)
     VALUES (d.id, d.queue_name, 'dead', initial, 0, d.enqueued_by, 'redriven from the dead letter queue');
     RETURN d.id;
 END
@@ -115,7 +115,7 @@ BEGIN
           AND (purge_dead_letter.queue_name IS NULL OR queue_name = purge_dead_letter.queue_name)
         RETURNING id
     ), history AS (
-        DELETE FROM queue_ext.job_status_history AS h USING gone WHERE h.job_id = gone.id
+        DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
     )
     SELECT count(*) INTO purged FROM gone;
     RETURN purged;
@@ -144,7 +144,7 @@ BEGIN
           AND (purge_jobs.queue_name IS NULL OR queue_name = purge_jobs.queue_name)
         RETURNING id
     ), history AS (
-        DELETE FROM queue_ext.job_status_history AS h USING gone WHERE h.job_id = gone.id
+        DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
     )
     SELECT count(*) INTO purged FROM gone;
     RETURN purged;

@@ -85,7 +85,7 @@ BEGIN
         WHERE t.id = dep AND t.status = 'waiting'
         RETURNING * INTO j;
         CONTINUE WHEN NOT FOUND;
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
         VALUES (j.id, j.queue_name, 'waiting', 'queued', j.attempt, j.enqueued_by);
         PERFORM queue_ext._announce(j.queue_name);
     END LOOP;
@@ -116,7 +116,7 @@ BEGIN
             last_error, errors, enqueued_by, created_at, run_at, rate_limit_key, concurrency_key)
         VALUES (j.id, j.queue_name, j.payload, j.priority, 'cancelled', j.attempt, j.max_attempts,
             reason, j.errors, j.enqueued_by, j.created_at, j.run_at, j.rate_limit_key, j.concurrency_key);
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, error, enqueued_by)
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, error, enqueued_by)
         VALUES (j.id, j.queue_name, 'waiting', 'cancelled', j.attempt, reason, j.enqueued_by);
         PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));
     END LOOP;

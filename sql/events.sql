@@ -4,10 +4,11 @@
 -- Postgres lets any role LISTEN on any channel, so an event says only that a job moved:
 -- no error text (a subscriber reads that with job_status(), which checks who may see it).
 -- Status changes come from one place, the audit trail: a statement-level trigger on
--- job_status_history publishes each inserted row of a queue whose `notify` is on, so no
--- transition can be missed. The enqueue, recorded on the job rather than in the history,
--- publishes its own event (enqueue_job, enqueue_jobs). NOTIFY is transactional: a
--- rolled-back change publishes nothing.
+-- job_status_log publishes each inserted row of a queue whose `notify` is on, so no
+-- transition can be missed (such queues store their routine claim and completion rows,
+-- which other queues derive from the job's row). The enqueue, recorded on the job rather
+-- than in the history, publishes its own event (enqueue_job, enqueue_jobs). NOTIFY is
+-- transactional: a rolled-back change publishes nothing.
 
 CREATE FUNCTION queue_ext._notify(job_id uuid, queue_name text, status text, attempt integer,
                                   progress real) RETURNS void
@@ -36,6 +37,6 @@ END
 $$;
 
 CREATE TRIGGER publish_transitions
-    AFTER INSERT ON queue_ext.job_status_history
+    AFTER INSERT ON queue_ext.job_status_log
     REFERENCING NEW TABLE AS transitions
     FOR EACH STATEMENT EXECUTE FUNCTION queue_ext._publish_transitions();

@@ -9,7 +9,8 @@ GRANT USAGE ON SCHEMA queue_ext TO queue_ext_producer, queue_ext_worker, queue_e
 
 -- Reads are filtered by row level security (schema.sql, webhooks.sql).
 GRANT SELECT ON queue_ext.queues, queue_ext.job_queue, queue_ext.job_archive,
-                queue_ext.job_dead_letter, queue_ext.job_status_history
+                queue_ext.job_dead_letter, queue_ext.job_status_log,
+                queue_ext.job_status_history
     TO queue_ext_producer, queue_ext_worker, queue_ext_admin;
 GRANT SELECT ON queue_ext.webhook_deliveries, queue_ext.job_dependencies, queue_ext.job_processing_status
     TO queue_ext_worker, queue_ext_admin;

@@ -76,7 +76,7 @@ BEGIN
                 0, coalesce(enqueue_job.max_attempts, q.max_attempts),
                 format('dependency %s is dead or cancelled', blocked_by), who, now(), start,
                 enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
-            INSERT INTO queue_ext.job_status_history (job_id, queue_name, to_status, attempt, error, enqueued_by)
+            INSERT INTO queue_ext.job_status_log (job_id, queue_name, to_status, attempt, error, enqueued_by)
             VALUES (new_id, q.queue_name, 'cancelled', 0, format('dependency %s is dead or cancelled', blocked_by), who);
             RETURN new_id;
         END IF;
@@ -343,17 +343,18 @@ BEGIN
             lease_token = gen_random_uuid(),
             lease_expires_at = now() + lease_for,
             worker_id = get_next_jobs.worker_id,
-            started_at = coalesce(j.started_at, now())
+            started_at = coalesce(j.started_at, now()),
+            claimed_at = now()
         -- By primary key from an array, not joined to next: a join let a cached generic plan
         -- (LIMIT unknown, guessed at 10% of the table) hash a sequential scan of the whole
         -- job_queue on every claim, or rescan the index once per row.
         WHERE j.id = ANY (ARRAY(SELECT id FROM next))
         RETURNING j.*
     ), history AS (
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
         SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
         FROM claimed AS c JOIN next AS n ON n.id = c.id
-        WHERE q.keep_history
+        WHERE q.keep_history AND q.notify  -- stored only to be published (job_status_log)
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -426,7 +427,7 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH candidates AS (
-        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.keep_history
+        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.keep_history AND q.notify AS log_claim
         FROM queue_ext.queues AS q
         CROSS JOIN LATERAL (
             SELECT id, status, priority, run_at
@@ -448,14 +449,15 @@ BEGIN
             lease_expires_at = now() + coalesce(get_next_jobs.lease,
                 (SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)),
             worker_id = get_next_jobs.worker_id,
-            started_at = coalesce(j.started_at, now())
+            started_at = coalesce(j.started_at, now()),
+            claimed_at = now()
         WHERE j.id = ANY (ARRAY(SELECT id FROM next))  -- not a join: see get_next_jobs(text, ...)
         RETURNING j.*
     ), history AS (
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
         SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
         FROM claimed AS c JOIN next AS n ON n.id = c.id
-        WHERE n.keep_history
+        WHERE n.log_claim  -- stored only to be published (job_status_log)
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -483,7 +485,7 @@ AS $$
 BEGIN
     RETURN QUERY
     WITH open_queues AS (
-        SELECT q.queue_name, q.lease_duration, q.keep_history FROM queue_ext.queues AS q
+        SELECT q.queue_name, q.lease_duration, q.keep_history AND q.notify AS log_claim FROM queue_ext.queues AS q
         WHERE NOT q.paused AND (_claim_limited.queue_names IS NULL OR q.queue_name = ANY (_claim_limited.queue_names))
     ), unlimited AS (
         SELECT c.id, c.status AS old_status, c.priority, c.run_at, NULL::text AS rate_key
@@ -534,16 +536,17 @@ BEGIN
             lease_expires_at = now() + coalesce(_claim_limited.lease,
                 (SELECT o.lease_duration FROM open_queues AS o WHERE o.queue_name = j.queue_name)),
             worker_id = _claim_limited.worker_id,
-            started_at = coalesce(j.started_at, now())
+            started_at = coalesce(j.started_at, now()),
+            claimed_at = now()
         -- Not a join: see get_next_jobs(text, ...).
         WHERE j.id = ANY (ARRAY(SELECT n.id FROM next AS n
                                 WHERE n.rate_key IS NULL OR n.rate_key IN (SELECT s.key FROM spent AS s)))
         RETURNING j.*
     ), history AS (
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
         SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
         FROM claimed AS c JOIN next AS n ON n.id = c.id JOIN open_queues AS o ON o.queue_name = c.queue_name
-        WHERE o.keep_history
+        WHERE o.log_claim  -- stored only to be published (job_status_log)
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
@@ -575,6 +578,26 @@ BEGIN
 END
 $$;
 
+-- Stores the claim of a running job's current attempt, for a transition that ends it some
+-- other way than completion (job_status_log: the claim was not stored when it was made).
+-- Nothing when it is stored already (a queue with notify on) or the queue keeps no history.
+-- The caller passes the job's row as it was while running.
+CREATE FUNCTION queue_ext._log_claim(j queue_ext.job_queue) RETURNS void
+LANGUAGE sql VOLATILE
+AS $$
+    INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id,
+                                          enqueued_by, at)
+    SELECT j.id, j.queue_name,
+           -- As job_status_history derives it (schema.sql).
+           coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
+                     WHERE s.job_id = j.id ORDER BY s.id DESC LIMIT 1), 'queued'),
+           'running', j.attempt, j.worker_id, j.enqueued_by, coalesce(j.claimed_at, j.started_at, now())
+    WHERE j.status = 'running'
+      AND (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
+      AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
+                      WHERE s.job_id = j.id AND s.attempt = j.attempt AND s.to_status = 'running')
+$$;
+
 -- Completes a running job if the lease allows. Returns its new state ('completed', or
 -- 'cancelled' when cancel_job() was called while it ran), or NULL when it matched no
 -- running job. The dispatcher uses this directly (a refused result is logged, not
@@ -602,13 +625,18 @@ BEGIN
     IF q.keep_history OR final = 'cancelled' THEN
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
             worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
-            rate_limit_key, concurrency_key)
+            rate_limit_key, concurrency_key, claimed_at)
         VALUES (j.id, j.queue_name, j.payload, j.priority, final, j.attempt, j.max_attempts,
             j.worker_id, _complete.result, coalesce(j.cancel_requested, j.last_error), j.errors,
             CASE WHEN final = 'completed' THEN 100 ELSE j.progress END, j.progress_details,
-            j.enqueued_by, j.created_at, j.run_at, j.started_at, j.rate_limit_key, j.concurrency_key);
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
-        VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
+            j.enqueued_by, j.created_at, j.run_at, j.started_at, j.rate_limit_key, j.concurrency_key, j.claimed_at);
+        -- A completion's rows are derived from the archive row (job_status_log), unless they
+        -- are to be published, or the claim predates claimed_at (running across an upgrade).
+        IF final = 'cancelled' OR q.notify OR j.claimed_at IS NULL THEN
+            PERFORM queue_ext._log_claim(j);
+            INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+            VALUES (j.id, j.queue_name, 'running', final, j.attempt, j.worker_id, j.cancel_requested, j.enqueued_by);
+        END IF;
     END IF;
     IF final = 'completed' THEN
         PERFORM queue_ext._count_at_commit(j.queue_name, 'completed', 1);
@@ -691,6 +719,9 @@ BEGIN
         RETURNING t.*, i.result AS new_result, q.has_callback,
                   -- What the archive and the history keep (queues.keep_history: all, or the cancelled).
                   q.keep_history OR t.cancel_requested IS NOT NULL AS kept,
+                  -- A completion's rows are stored only to be published, or when its claim
+                  -- predates claimed_at (see _complete); a cancellation's in the loop below.
+                  q.keep_history AND t.cancel_requested IS NULL AND (q.notify OR t.claimed_at IS NULL) AS logged,
                   CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final,
                   CASE WHEN t.cancel_requested IS NOT NULL OR q.has_callback
                          OR EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = t.id)
@@ -698,14 +729,23 @@ BEGIN
     ), archived AS (
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
             worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
-            rate_limit_key, concurrency_key)
+            rate_limit_key, concurrency_key, claimed_at)
         SELECT id, queue_name, payload, priority, final, attempt, max_attempts, worker_id, new_result,
                coalesce(cancel_requested, last_error), errors, CASE WHEN final = 'completed' THEN 100 ELSE progress END,
-               progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
+               progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key, claimed_at
         FROM done WHERE kept
     ), history AS (
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
-        SELECT id, queue_name, 'running', final, attempt, worker_id, cancel_requested, enqueued_by FROM done WHERE kept
+        -- Claims not stored yet first (ids order a job's rows; an Append runs in order).
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by, at)
+        SELECT d.id, d.queue_name,
+               coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
+                         WHERE s.job_id = d.id ORDER BY s.id DESC LIMIT 1), 'queued'),
+               'running'::queue_ext.job_state, d.attempt, d.worker_id, d.enqueued_by, coalesce(d.claimed_at, d.started_at)
+        FROM done AS d
+        WHERE d.logged AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
+                                       WHERE s.job_id = d.id AND s.attempt = d.attempt AND s.to_status = 'running')
+        UNION ALL
+        SELECT id, queue_name, 'running', final, attempt, worker_id, enqueued_by, now() FROM done WHERE logged
     )
     -- (A row value IS NOT NULL only when every field is: IS DISTINCT FROM NULL asks whether
     -- there is a row at all.)
@@ -724,6 +764,10 @@ BEGIN
         IF follow_states[k] = 'completed' THEN
             PERFORM queue_ext._release_dependents(follow[k].id);
         ELSE
+            PERFORM queue_ext._log_claim(follow[k]);
+            INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+            VALUES (follow[k].id, follow[k].queue_name, 'running', 'cancelled', follow[k].attempt, follow[k].worker_id,
+                    follow[k].cancel_requested, follow[k].enqueued_by);
             PERFORM queue_ext._cancel_dependents(follow[k].id, format('dependency %s was cancelled', follow[k].id));
         END IF;
         IF follow_callbacks[k] THEN
@@ -748,7 +792,7 @@ BEGIN
     VALUES (j.id, j.queue_name, j.payload, j.priority, j.attempt, j.max_attempts,
         j.worker_id, j.last_error, j.errors, reason, j.enqueued_by, j.created_at, j.started_at,
         j.rate_limit_key, j.concurrency_key);
-    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, j.status, 'dead', j.attempt, j.worker_id, error, j.enqueued_by);
     PERFORM queue_ext._count_at_commit(j.queue_name, 'dead', 1);
     PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s is dead', j.id));
@@ -794,6 +838,7 @@ BEGIN
         PERFORM queue_ext._complete(j.id, jsonb_build_object('error', message), NULL);
         RETURN 'cancelled';
     END IF;
+    PERFORM queue_ext._log_claim(j);
     failure := jsonb_build_object('attempt', j.attempt, 'error', message, 'at', now(), 'worker_id', j.worker_id);
     j.errors := j.errors || jsonb_build_array(failure);
     j.last_error := message;
@@ -819,7 +864,7 @@ BEGIN
         last_error = j.last_error,
         errors = j.errors
     WHERE id = j.id;
-    INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
     VALUES (j.id, j.queue_name, 'running', 'retrying', j.attempt, j.worker_id, message, j.enqueued_by);
     IF q.has_callback THEN
         PERFORM queue_ext._emit_callback(j, 'job.failed', NULL);
@@ -875,6 +920,7 @@ BEGIN
         ORDER BY t.lease_expires_at
         FOR UPDATE SKIP LOCKED
     LOOP
+        PERFORM queue_ext._log_claim(j);
         j.errors := j.errors || jsonb_build_array(jsonb_build_object(
             'attempt', j.attempt, 'error', reason, 'at', now(), 'worker_id', j.worker_id));
         j.last_error := reason;
@@ -887,7 +933,7 @@ BEGIN
             SET status = 'queued', run_at = now(), lease_token = NULL, lease_expires_at = NULL,
                 last_error = j.last_error, errors = j.errors
             WHERE id = j.id;
-            INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+            INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
             VALUES (j.id, j.queue_name, 'running', 'queued', j.attempt, j.worker_id, reason, j.enqueued_by);
             PERFORM queue_ext._announce(j.queue_name);
         END IF;

@@ -135,7 +135,7 @@ BEGIN
         FROM next WHERE t.id = next.id
         RETURNING t.*
     ), history AS (
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
         SELECT id, queue_name, 'waiting', 'queued', attempt, enqueued_by FROM admitted
     )
     SELECT count(*), array_agg(DISTINCT a.queue_name) INTO admitted, queues FROM admitted AS a;

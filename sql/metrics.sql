@@ -5,7 +5,7 @@
 -- paths (enqueue, claim, complete, fail) keep no counters for it. So the cost of a scrape
 -- is bounded by what it reads, and it reads only
 --   * job_queue (live jobs) and job_dead_letter, counted in full: they are the backlog;
---   * the last five minutes of job_archive, job_status_history and webhook_deliveries,
+--   * the last five minutes of job_archive, job_status_log and webhook_deliveries,
 --     found through their time indexes (history through its index of failed attempts),
 --     so retained history of any size costs nothing.
 -- Per-queue totals since the beginning cannot be had that way (purge_jobs() deletes the
@@ -79,10 +79,10 @@ AS $$
         WHERE d.died_at > since.t GROUP BY 1
     ),
     -- Failed attempts: every transition out of running into retrying or dead
-    -- (job_status_history_failures_idx holds exactly these).
+    -- (job_status_log_failures_idx holds exactly these).
     failures AS (
         SELECT h.queue_name, count(*) AS n
-        FROM queue_ext.job_status_history AS h, since
+        FROM queue_ext.job_status_log AS h, since
         WHERE h.at > since.t AND h.from_status = 'running' AND h.to_status IN ('retrying', 'dead')
         GROUP BY 1
     ),

@@ -179,6 +179,8 @@ BEGIN
         RAISE EXCEPTION 'queue "%" still has % live jobs', drop_queue.queue_name, live
             USING ERRCODE = '55006', HINT = 'Drain it first, or call drop_queue(queue_name, force => true) to cancel them.';
     END IF;
+    PERFORM queue_ext._log_claim(j) FROM queue_ext.job_queue AS j
+    WHERE j.queue_name = drop_queue.queue_name AND j.status = 'running';
     WITH gone AS (
         DELETE FROM queue_ext.job_queue WHERE queue_name = drop_queue.queue_name RETURNING *
     ), archived AS (
@@ -188,7 +190,7 @@ BEGIN
             worker_id, 'queue dropped', errors, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
         FROM gone
     ), history AS (
-        INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
         SELECT id, queue_name, status, 'cancelled', attempt, worker_id, 'queue dropped', enqueued_by FROM gone
     )
     SELECT array_agg(id) INTO dropped FROM gone;

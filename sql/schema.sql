@@ -4,7 +4,8 @@
 --   job_queue        live jobs only (waiting, queued, retrying, running): what claims scan
 --   job_archive      finished jobs (completed, cancelled) with their result
 --   job_dead_letter  jobs that exhausted their attempts or failed permanently
--- A job id is in exactly one of the three at any time. job_status_history records every move.
+-- A job id is in exactly one of the three at any time. job_status_history (a view) shows every
+-- move: job_status_log stores those the job's own row cannot tell (schema's end says which).
 
 -- The live states come first (job_queue_live_state relies on the order).
 CREATE TYPE queue_ext.job_state AS ENUM (
@@ -38,7 +39,7 @@ CREATE TABLE queue_ext.queues (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     -- false: the routine records of every job (its claim and completion rows in
-    -- job_status_history, and its job_archive row once completed) are not written, for
+    -- job_status_history, and its job_archive row once completed) are not kept, for
     -- high-volume queues that do not need them; failures, retries, dead letters,
     -- cancellations and admin actions are still recorded. (Last: upgrades add it here.)
     keep_history     boolean     NOT NULL DEFAULT true,
@@ -74,6 +75,9 @@ CREATE TABLE queue_ext.job_queue (
     dedupe_key       text,
     rate_limit_key   text,       -- claimed no faster than queue_ext.rate_limits allows (limits.sql)
     concurrency_key  text,       -- at most max_running of the key hold a slot at once (limits.sql)
+    -- When the current attempt was claimed (started_at is the first attempt's). With the
+    -- job's status, attempt and worker it is the claim's history row (job_status_history).
+    claimed_at       timestamptz,
     -- A live state (job_state declares them first), and a running job holds a lease.
     -- PostgreSQL decodes and prepares a table's CHECK expressions again for every statement
     -- that writes it, each costing a few microseconds: the hot table has one, small (an IN
@@ -126,7 +130,8 @@ CREATE TABLE queue_ext.job_archive (
     started_at       timestamptz,
     finished_at      timestamptz NOT NULL DEFAULT now(),
     rate_limit_key   text,
-    concurrency_key  text
+    concurrency_key  text,
+    claimed_at       timestamptz  -- of the last attempt: its claim's history row, with finished_at its completion's
 );
 COMMENT ON TABLE queue_ext.job_archive IS 'Finished jobs (completed or cancelled); purge_jobs() applies retention.';
 CREATE INDEX job_archive_finished_idx ON queue_ext.job_archive (finished_at);
@@ -162,7 +167,13 @@ CREATE TABLE queue_ext.job_dependencies (
 CREATE INDEX job_dependencies_depends_on_idx ON queue_ext.job_dependencies (depends_on);
 SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_dependencies', '');
 
-CREATE TABLE queue_ext.job_status_history (
+-- The stored part of job_status_history: every transition except the two routine ones a job's
+-- own row records, the claim of its current attempt while it runs (job_queue.claimed_at) and,
+-- once it completed, that claim and the completion (job_archive.claimed_at, finished_at). The
+-- hot paths write no history row for them; any other way out of running stores the claim
+-- first (_log_claim). Queues with notify on store the routine rows too: events are published
+-- from this table's inserts (events.sql).
+CREATE TABLE queue_ext.job_status_log (
     -- Orders one job's rows. Not a key: nothing looks a row up by it, and an index on it
     -- would cost every transition one more index insert.
     id          bigint      GENERATED ALWAYS AS IDENTITY,
@@ -176,22 +187,22 @@ CREATE TABLE queue_ext.job_status_history (
     enqueued_by text        NOT NULL,
     at          timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE queue_ext.job_status_history IS 'Audit trail: one row per status transition of every job after its enqueue (recorded on the job itself: created_at, enqueued_by).';
-CREATE INDEX job_status_history_job_idx ON queue_ext.job_status_history (job_id);
+COMMENT ON TABLE queue_ext.job_status_log IS 'The stored transitions of job_status_history: all but a running or completed job''s last claim and its completion, which the job''s row records.';
+CREATE INDEX job_status_log_job_idx ON queue_ext.job_status_log (job_id);
 -- The failed attempts, by time (metrics(): failures in the last 5 minutes). Routine rows
 -- are not in it, so it costs them nothing.
-CREATE INDEX job_status_history_failures_idx ON queue_ext.job_status_history (at)
+CREATE INDEX job_status_log_failures_idx ON queue_ext.job_status_log (at)
     WHERE from_status = 'running' AND to_status IN ('retrying', 'dead');
 -- Without a primary key, logical replication of purge_jobs()'s deletes needs the whole row.
-ALTER TABLE queue_ext.job_status_history REPLICA IDENTITY FULL;
+ALTER TABLE queue_ext.job_status_log REPLICA IDENTITY FULL;
 
 -- pg_dump keeps the data of these tables although they belong to the extension.
 SELECT pg_catalog.pg_extension_config_dump('queue_ext.queues', '');
 SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_archive', '');
 SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_dead_letter', '');
-SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_status_history', '');
-SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_status_history_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_status_log', '');
+SELECT pg_catalog.pg_extension_config_dump('queue_ext.job_status_log_id_seq', '');
 
 -- Roles are cluster-wide: a second database's CREATE EXTENSION finds them already there.
 DO $roles$
@@ -216,7 +227,7 @@ ALTER TABLE queue_ext.queues             ENABLE ROW LEVEL SECURITY;
 ALTER TABLE queue_ext.job_queue          ENABLE ROW LEVEL SECURITY;
 ALTER TABLE queue_ext.job_archive        ENABLE ROW LEVEL SECURITY;
 ALTER TABLE queue_ext.job_dead_letter    ENABLE ROW LEVEL SECURITY;
-ALTER TABLE queue_ext.job_status_history ENABLE ROW LEVEL SECURITY;
+ALTER TABLE queue_ext.job_status_log     ENABLE ROW LEVEL SECURITY;
 
 CREATE POLICY queues_visible ON queue_ext.queues FOR SELECT
     TO queue_ext_producer, queue_ext_worker, queue_ext_admin USING (true);
@@ -236,11 +247,48 @@ CREATE POLICY producer_own_jobs ON queue_ext.job_dead_letter FOR SELECT
 CREATE POLICY staff_all_jobs ON queue_ext.job_dead_letter FOR SELECT
     TO queue_ext_worker, queue_ext_admin USING (true);
 
-CREATE POLICY producer_own_jobs ON queue_ext.job_status_history FOR SELECT
+CREATE POLICY producer_own_jobs ON queue_ext.job_status_log FOR SELECT
     TO queue_ext_producer USING (enqueued_by = current_user);
-CREATE POLICY staff_all_jobs ON queue_ext.job_status_history FOR SELECT
+CREATE POLICY staff_all_jobs ON queue_ext.job_status_log FOR SELECT
     TO queue_ext_worker, queue_ext_admin USING (true);
 
 ALTER TABLE queue_ext.job_dependencies ENABLE ROW LEVEL SECURITY;
 CREATE POLICY staff_all_dependencies ON queue_ext.job_dependencies FOR SELECT
     TO queue_ext_worker, queue_ext_admin USING (true);
+
+-- Every transition of every job after its enqueue: the stored ones, and those its row
+-- records (see job_status_log). id orders one job's rows; the derived rows come last in
+-- their job, with the two largest bigints (claim, completion): order a job's rows by id,
+-- and rows of several jobs by at. Read with the reader's own rights (security_invoker),
+-- so a producer sees the rows of its own jobs only, as in the tables. A claim's from_status
+-- is the state of its job's last stored transition (a job's stored rows end in the state
+-- it was claimed from; none: it was enqueued ready to run), as _log_claim stores it.
+CREATE VIEW queue_ext.job_status_history WITH (security_invoker = true) AS
+SELECT h.id, h.job_id, h.queue_name, h.from_status, h.to_status, h.attempt, h.worker_id, h.error,
+       h.enqueued_by, h.at
+FROM queue_ext.job_status_log AS h
+UNION ALL
+SELECT 9223372036854775806, j.id, j.queue_name, coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
+                 WHERE s.job_id = j.id ORDER BY s.id DESC LIMIT 1), 'queued'), 'running', j.attempt,
+       j.worker_id, NULL, j.enqueued_by, j.claimed_at
+FROM queue_ext.job_queue AS j
+WHERE j.status = 'running' AND j.claimed_at IS NOT NULL
+  AND (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
+  AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
+                  WHERE s.job_id = j.id AND s.attempt = j.attempt AND s.to_status = 'running')
+UNION ALL
+SELECT 9223372036854775806, a.id, a.queue_name, coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
+                 WHERE s.job_id = a.id ORDER BY s.id DESC LIMIT 1), 'queued'), 'running', a.attempt,
+       a.worker_id, NULL, a.enqueued_by, a.claimed_at
+FROM queue_ext.job_archive AS a
+WHERE a.status = 'completed' AND a.claimed_at IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
+                  WHERE s.job_id = a.id AND s.attempt = a.attempt AND s.to_status = 'running')
+UNION ALL
+SELECT 9223372036854775807, a.id, a.queue_name, 'running', 'completed', a.attempt,
+       a.worker_id, NULL, a.enqueued_by, a.finished_at
+FROM queue_ext.job_archive AS a
+WHERE a.status = 'completed' AND a.claimed_at IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
+                  WHERE s.job_id = a.id AND s.to_status = 'completed');
+COMMENT ON VIEW queue_ext.job_status_history IS 'Audit trail: one row per status transition of every job after its enqueue (recorded on the job itself: created_at, enqueued_by).';

@@ -283,20 +283,35 @@ BEGIN
               AND j.cancel_requested IS NULL
               AND NOT (SELECT q.has_callback FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
             RETURNING j.*, delivered -> j.id::text AS e,
-                      (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) AS keep
+                      (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) AS keep,
+                      -- Stored rows only to be published, or for a claim that predates
+                      -- claimed_at (see _complete): the archive row records the rest.
+                      (SELECT q.keep_history AND q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
+                      OR j.claimed_at IS NULL AS logged
         ), archived AS (
             INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
                 worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
-                rate_limit_key, concurrency_key)
+                rate_limit_key, concurrency_key, claimed_at)
             SELECT id, queue_name, payload, priority, 'completed', attempt, max_attempts, worker_id,
                    jsonb_build_object('status', (e ->> 'status_code')::integer, 'headers', e -> 'response_headers',
                                       'body', e ->> 'response_body', 'duration_ms', (e ->> 'duration_ms')::float8),
                    last_error, errors, 100, progress_details, enqueued_by, created_at, run_at, started_at,
-                   rate_limit_key, concurrency_key
+                   rate_limit_key, concurrency_key, claimed_at
             FROM done WHERE keep
         ), history AS (
-            INSERT INTO queue_ext.job_status_history (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-            SELECT id, queue_name, 'running', 'completed', attempt, worker_id, enqueued_by FROM done WHERE keep
+            -- Claims not stored yet first (ids order a job's rows; an Append runs in order).
+            INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by, at)
+            SELECT d.id, d.queue_name,
+                   coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
+                             WHERE s.job_id = d.id ORDER BY s.id DESC LIMIT 1), 'queued'),
+                   'running'::queue_ext.job_state, d.attempt, d.worker_id, d.enqueued_by, coalesce(d.claimed_at, d.started_at)
+            FROM done AS d
+            WHERE d.keep AND d.logged
+              AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
+                              WHERE s.job_id = d.id AND s.attempt = d.attempt AND s.to_status = 'running')
+            UNION ALL
+            SELECT id, queue_name, 'running', 'completed'::queue_ext.job_state, attempt, worker_id, enqueued_by, now()
+            FROM done WHERE keep AND logged
         )
         SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE NOT keep), '{}'),
                coalesce(array_agg(queue_name), '{}')

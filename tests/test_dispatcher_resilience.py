@@ -67,16 +67,16 @@ def test_an_outcome_that_cannot_be_recorded_does_not_stop_the_dispatcher(cluster
 def test_a_queue_whose_claim_fails_does_not_stop_the_others(cluster):
     sink = Sink()
     with cluster.connect() as conn:
-        # Claims of queue 'jammed' fail: its claim's audit row is refused.
+        # Claims of queue 'jammed' fail: the update that claims its job is refused.
         conn.execute("""
             CREATE FUNCTION public.jam_claims() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                IF NEW.queue_name = 'jammed' AND NEW.to_status = 'running' THEN
+                IF NEW.queue_name = 'jammed' AND NEW.status = 'running' THEN
                     RAISE EXCEPTION 'claims of jammed refused' USING ERRCODE = 'P0001';
                 END IF;
                 RETURN NEW;
             END $$""")
-        conn.execute("CREATE TRIGGER jam_claims BEFORE INSERT ON queue_ext.job_status_history "
+        conn.execute("CREATE TRIGGER jam_claims BEFORE UPDATE ON queue_ext.job_queue "
                      "FOR EACH ROW EXECUTE FUNCTION public.jam_claims()")
         conn.execute("SELECT queue_ext.create_queue('jammed', webhook_url => %s)", [sink.url + "/jammed"])
         conn.execute("SELECT queue_ext.create_queue('flowing', webhook_url => %s)", [sink.url + "/flowing"])
@@ -92,7 +92,7 @@ def test_a_queue_whose_claim_fails_does_not_stop_the_others(cluster):
         assert sink.to("/jammed") == []
         assert dispatcher_pid(conn) == pid
         # Once the fault is gone, the jammed queue flows too.
-        conn.execute("DROP TRIGGER jam_claims ON queue_ext.job_status_history")
+        conn.execute("DROP TRIGGER jam_claims ON queue_ext.job_queue")
         wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_archive WHERE id = %s",
                                       [jammed]).fetchone()[0] == 1, 20, what="the jammed queue recovered")
         assert "claiming from queue jammed failed" in cluster.log_tail(300)

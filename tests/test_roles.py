@@ -40,6 +40,7 @@ TABLES = """
 | job_archive            | own      | all    | all   | -    |
 | job_dead_letter        | own      | all    | all   | -    |
 | job_status_history     | own      | all    | all   | -    |
+| job_status_log         | own      | all    | all   | -    |
 | job_dependencies       | -        | all    | all   | -    |
 | job_processing_status  | -        | all    | all   | -    |
 | webhook_deliveries     | -        | all    | all   | -    |
@@ -238,7 +239,7 @@ def test_table_matrix(cluster, jobs):
                 if got != "readable":
                     bad.append(f"{table} as {col}: want {want}, got {got} {msg}")
                     continue
-                if table in ("job_queue", "job_archive", "job_dead_letter", "job_status_history"):
+                if table in ("job_queue", "job_archive", "job_dead_letter", "job_status_history", "job_status_log"):
                     owners = {r[0] for r in conn.execute(sql.SQL("SELECT DISTINCT enqueued_by::text FROM queue_ext.{}").format(
                         sql.Identifier(table)))}
                     seen = "own" if owners == {login} else "all" if {"alice", "bob"} <= owners else f"rows of {sorted(owners)}"
