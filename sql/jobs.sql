@@ -915,7 +915,10 @@ BEGIN
     FOR j IN
         SELECT * FROM queue_ext.job_queue AS t
         WHERE t.status = 'running' AND t.lease_expires_at IS NOT NULL  -- (always: lets job_queue_lease_idx serve)
-          AND CASE WHEN only_worker IS NULL THEN t.lease_expires_at <= now() ELSE t.worker_id = only_worker END
+          -- A bound of the index scan: it stops at the first lease still running, instead of
+          -- reading every entry (the dead ones of finished jobs too, until vacuum).
+          AND t.lease_expires_at <= CASE WHEN only_worker IS NULL THEN now() ELSE 'infinity' END
+          AND (only_worker IS NULL OR t.worker_id = only_worker)
           AND (queue_names IS NULL OR t.queue_name = ANY (queue_names))
         ORDER BY t.lease_expires_at
         FOR UPDATE SKIP LOCKED

@@ -38,3 +38,25 @@ SELECT pg_stat_get_xact_numscans('queue_ext.job_queue_lease_idx'::regclass) - :l
        AS lease_index_scans_by_id;
 COMMIT;
 SELECT queue_ext.drop_queue('plans_by_id', force => true);
+
+-- Returning expired leases reads the lease index only up to now(): running jobs whose lease
+-- has not expired (and the dead entries of finished ones) are never visited.
+SELECT queue_ext.create_queue('plans_leases');
+SELECT count(*) FROM queue_ext.enqueue_jobs('plans_leases', array_fill('{}'::jsonb, ARRAY[200]));
+SELECT count(*) FROM queue_ext.get_next_jobs('plans_leases', 200, lease => '1 hour');
+VACUUM ANALYZE queue_ext.job_queue;
+CREATE FUNCTION pg_temp.job_rows_read() RETURNS bigint LANGUAGE sql AS $$
+    SELECT pg_stat_get_xact_tuples_returned('queue_ext.job_queue'::regclass)
+         + pg_stat_get_xact_tuples_fetched('queue_ext.job_queue'::regclass)
+         + pg_stat_get_xact_tuples_returned('queue_ext.job_queue_lease_idx'::regclass)
+$$;
+-- The dispatcher calls it every second, and its cached plan can go generic (only_worker
+-- unknown when planned): that plan must bound the scan too.
+SET plan_cache_mode = force_generic_plan;
+BEGIN;
+SELECT pg_temp.job_rows_read() AS read_before \gset
+SELECT queue_ext.cleanup_stuck_jobs();
+SELECT pg_temp.job_rows_read() - :read_before AS job_rows_read;
+COMMIT;
+SELECT queue_ext.drop_queue('plans_leases', force => true);
+RESET plan_cache_mode;
