@@ -616,9 +616,7 @@ BEGIN
                   -- predates claimed_at (see _complete); a cancellation's in the loop below.
                   q.keep_history AND t.cancel_requested IS NULL AND (q.notify OR t.claimed_at IS NULL) AS logged,
                   CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final,
-                  CASE WHEN t.cancel_requested IS NOT NULL OR q.has_callback
-                         OR EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = t.id)
-                       THEN t END AS follow_job
+                  CASE WHEN t.cancel_requested IS NOT NULL OR q.has_callback THEN t END AS follow_job
     ), archived AS (
         INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
             worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
@@ -651,12 +649,16 @@ BEGIN
     FROM done;
     PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*))
     FROM unnest(done_queues, done_states) AS u(q, s) WHERE u.s = 'completed' GROUP BY u.q;
+    -- Dependents to release, looked up by a statement of their own: an enqueue that named one
+    -- of these jobs as a dependency locked its row, and the DELETE above waited for it; only
+    -- a snapshot taken after that wait sees the edge it added.
+    PERFORM queue_ext._release_dependents(u.id)
+    FROM unnest(done_ids, done_states) AS u(id, s)
+    WHERE u.s = 'completed' AND EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = u.id);
 
-    -- The rest is per job, and rare: dependents to release or cancel, callbacks to send.
+    -- The rest is per job, and rare: dependents to cancel, callbacks to send.
     FOR k IN 1 .. coalesce(cardinality(follow), 0) LOOP
-        IF follow_states[k] = 'completed' THEN
-            PERFORM queue_ext._release_dependents(follow[k].id);
-        ELSE
+        IF follow_states[k] = 'cancelled' THEN
             PERFORM queue_ext._log_claim(follow[k]);
             INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
             VALUES (follow[k].id, follow[k].queue_name, 'running', 'cancelled', follow[k].attempt, follow[k].worker_id,
