@@ -16,6 +16,20 @@ ALTER TABLE queue_ext.job_status_history RENAME TO job_status_log;
 ALTER SEQUENCE queue_ext.job_status_history_id_seq RENAME TO job_status_log_id_seq;
 ALTER INDEX queue_ext.job_status_history_job_idx RENAME TO job_status_log_job_idx;
 ALTER INDEX queue_ext.job_status_history_failures_idx RENAME TO job_status_log_failures_idx;
+-- PostgreSQL 18 names NOT NULL constraints after their table (15 keeps none in pg_constraint).
+DO $rename$
+DECLARE
+    old_name name;
+BEGIN
+    FOR old_name IN
+        SELECT c.conname FROM pg_catalog.pg_constraint AS c
+        WHERE c.conrelid = 'queue_ext.job_status_log'::regclass AND c.conname LIKE 'job\_status\_history\_%'
+    LOOP
+        EXECUTE format('ALTER TABLE queue_ext.job_status_log RENAME CONSTRAINT %I TO %I',
+                       old_name, 'job_status_log_' || substr(old_name, length('job_status_history_') + 1));
+    END LOOP;
+END
+$rename$;
 COMMENT ON TABLE queue_ext.job_status_log IS 'The stored transitions of job_status_history: all but a running or completed job''s last claim and its completion, which the job''s row records.';
 ALTER TABLE queue_ext.job_queue ADD COLUMN claimed_at timestamptz;
 ALTER TABLE queue_ext.job_archive ADD COLUMN claimed_at timestamptz;
