@@ -598,6 +598,21 @@ AS $$
                       WHERE s.job_id = j.id AND s.attempt = j.attempt AND s.to_status = 'running')
 $$;
 
+-- Stores the claim and completion rows of completed jobs (given as they were while running)
+-- that job_status_history would otherwise derive: in a queue with notify on (to publish
+-- them), or claimed before claimed_at existed. The claims first: ids order a job's rows.
+CREATE FUNCTION queue_ext._log_completions(jobs queue_ext.job_queue[]) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    IF cardinality(jobs) > 0 THEN
+        PERFORM queue_ext._log_claim(j) FROM unnest(jobs) AS j;
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT j.id, j.queue_name, 'running', 'completed', j.attempt, j.worker_id, j.enqueued_by FROM unnest(jobs) AS j;
+    END IF;
+END
+$$;
+
 -- Completes a running job if the lease allows. Returns its new state ('completed', or
 -- 'cancelled' when cancel_job() was called while it ran), or NULL when it matched no
 -- running job. The dispatcher uses this directly (a refused result is logged, not
@@ -697,6 +712,7 @@ DECLARE
     follow_states queue_ext.job_state[];
     follow_results jsonb[];
     follow_callbacks boolean[];
+    logged queue_ext.job_queue[];        -- completions whose rows are stored (see _complete)
 BEGIN
     IF complete_jobs.job_ids IS NULL THEN
         RAISE EXCEPTION 'job_ids must not be null' USING ERRCODE = '22004';
@@ -721,7 +737,8 @@ BEGIN
                   q.keep_history OR t.cancel_requested IS NOT NULL AS kept,
                   -- A completion's rows are stored only to be published, or when its claim
                   -- predates claimed_at (see _complete); a cancellation's in the loop below.
-                  q.keep_history AND t.cancel_requested IS NULL AND (q.notify OR t.claimed_at IS NULL) AS logged,
+                  CASE WHEN q.keep_history AND t.cancel_requested IS NULL AND (q.notify OR t.claimed_at IS NULL)
+                       THEN t END AS logged_job,
                   CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final,
                   CASE WHEN t.cancel_requested IS NOT NULL OR q.has_callback THEN t END AS follow_job
     ), archived AS (
@@ -732,18 +749,6 @@ BEGIN
                coalesce(cancel_requested, last_error), errors, CASE WHEN final = 'completed' THEN 100 ELSE progress END,
                progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key, claimed_at
         FROM done WHERE kept
-    ), history AS (
-        -- Claims not stored yet first (ids order a job's rows; an Append runs in order).
-        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by, at)
-        SELECT d.id, d.queue_name,
-               coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
-                         WHERE s.job_id = d.id ORDER BY s.id DESC LIMIT 1), 'queued'),
-               'running'::queue_ext.job_state, d.attempt, d.worker_id, d.enqueued_by, coalesce(d.claimed_at, d.started_at)
-        FROM done AS d
-        WHERE d.logged AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
-                                       WHERE s.job_id = d.id AND s.attempt = d.attempt AND s.to_status = 'running')
-        UNION ALL
-        SELECT id, queue_name, 'running', final, attempt, worker_id, enqueued_by, now() FROM done WHERE logged
     )
     -- (A row value IS NOT NULL only when every field is: IS DISTINCT FROM NULL asks whether
     -- there is a row at all.)
@@ -751,9 +756,11 @@ BEGIN
            array_agg(follow_job) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
            array_agg(final) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
            array_agg(new_result) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
-           array_agg(has_callback) FILTER (WHERE follow_job IS DISTINCT FROM NULL)
-    INTO done_ids, done_states, done_queues, follow, follow_states, follow_results, follow_callbacks
+           array_agg(has_callback) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
+           array_agg(logged_job) FILTER (WHERE logged_job IS DISTINCT FROM NULL)
+    INTO done_ids, done_states, done_queues, follow, follow_states, follow_results, follow_callbacks, logged
     FROM done;
+    PERFORM queue_ext._log_completions(logged);
     PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*))
     FROM unnest(done_queues, done_states) AS u(q, s) WHERE u.s = 'completed' GROUP BY u.q;
     -- Dependents to release, looked up by a statement of their own: an enqueue that named one

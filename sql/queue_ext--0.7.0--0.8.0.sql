@@ -534,6 +534,18 @@ AS $$
                       WHERE s.job_id = j.id AND s.attempt = j.attempt AND s.to_status = 'running')
 $$;
 
+CREATE OR REPLACE FUNCTION queue_ext._log_completions(jobs queue_ext.job_queue[]) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    IF cardinality(jobs) > 0 THEN
+        PERFORM queue_ext._log_claim(j) FROM unnest(jobs) AS j;
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT j.id, j.queue_name, 'running', 'completed', j.attempt, j.worker_id, j.enqueued_by FROM unnest(jobs) AS j;
+    END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION queue_ext._complete(job_id uuid, result jsonb, lease_token uuid) RETURNS queue_ext.job_state
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -604,6 +616,7 @@ DECLARE
     follow_states queue_ext.job_state[];
     follow_results jsonb[];
     follow_callbacks boolean[];
+    logged queue_ext.job_queue[];        -- completions whose rows are stored (see _complete)
 BEGIN
     IF complete_jobs.job_ids IS NULL THEN
         RAISE EXCEPTION 'job_ids must not be null' USING ERRCODE = '22004';
@@ -628,7 +641,8 @@ BEGIN
                   q.keep_history OR t.cancel_requested IS NOT NULL AS kept,
                   -- A completion's rows are stored only to be published, or when its claim
                   -- predates claimed_at (see _complete); a cancellation's in the loop below.
-                  q.keep_history AND t.cancel_requested IS NULL AND (q.notify OR t.claimed_at IS NULL) AS logged,
+                  CASE WHEN q.keep_history AND t.cancel_requested IS NULL AND (q.notify OR t.claimed_at IS NULL)
+                       THEN t END AS logged_job,
                   CASE WHEN t.cancel_requested IS NULL THEN 'completed' ELSE 'cancelled' END::queue_ext.job_state AS final,
                   CASE WHEN t.cancel_requested IS NOT NULL OR q.has_callback THEN t END AS follow_job
     ), archived AS (
@@ -639,18 +653,6 @@ BEGIN
                coalesce(cancel_requested, last_error), errors, CASE WHEN final = 'completed' THEN 100 ELSE progress END,
                progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key, claimed_at
         FROM done WHERE kept
-    ), history AS (
-        -- Claims not stored yet first (ids order a job's rows; an Append runs in order).
-        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by, at)
-        SELECT d.id, d.queue_name,
-               coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
-                         WHERE s.job_id = d.id ORDER BY s.id DESC LIMIT 1), 'queued'),
-               'running'::queue_ext.job_state, d.attempt, d.worker_id, d.enqueued_by, coalesce(d.claimed_at, d.started_at)
-        FROM done AS d
-        WHERE d.logged AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
-                                       WHERE s.job_id = d.id AND s.attempt = d.attempt AND s.to_status = 'running')
-        UNION ALL
-        SELECT id, queue_name, 'running', final, attempt, worker_id, enqueued_by, now() FROM done WHERE logged
     )
     -- (A row value IS NOT NULL only when every field is: IS DISTINCT FROM NULL asks whether
     -- there is a row at all.)
@@ -658,9 +660,11 @@ BEGIN
            array_agg(follow_job) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
            array_agg(final) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
            array_agg(new_result) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
-           array_agg(has_callback) FILTER (WHERE follow_job IS DISTINCT FROM NULL)
-    INTO done_ids, done_states, done_queues, follow, follow_states, follow_results, follow_callbacks
+           array_agg(has_callback) FILTER (WHERE follow_job IS DISTINCT FROM NULL),
+           array_agg(logged_job) FILTER (WHERE logged_job IS DISTINCT FROM NULL)
+    INTO done_ids, done_states, done_queues, follow, follow_states, follow_results, follow_callbacks, logged
     FROM done;
+    PERFORM queue_ext._log_completions(logged);
     PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*))
     FROM unnest(done_queues, done_states) AS u(q, s) WHERE u.s = 'completed' GROUP BY u.q;
     -- Dependents to release, looked up by a statement of their own: an enqueue that named one
@@ -1066,6 +1070,7 @@ DECLARE
     fast uuid[] := '{}';
     fast_queues text[];
     unlogged uuid[] := '{}';  -- delivered jobs of queues without history: no archive or log row
+    logged queue_ext.job_queue[];  -- delivered jobs whose history rows are stored (_log_completions)
     applied uuid[] := '{}';
     ok boolean;
     response jsonb;
@@ -1090,9 +1095,10 @@ BEGIN
             RETURNING j.*, delivered -> j.id::text AS e,
                       (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) AS keep,
                       -- Stored rows only to be published, or for a claim that predates
-                      -- claimed_at (see _complete): the archive row records the rest.
-                      (SELECT q.keep_history AND q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
-                      OR j.claimed_at IS NULL AS logged
+                      -- claimed_at (_log_completions): the archive row records the rest.
+                      CASE WHEN (SELECT q.keep_history AND (q.notify OR j.claimed_at IS NULL)
+                                 FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
+                           THEN j END AS logged_job
         ), archived AS (
             INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
                 worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
@@ -1103,24 +1109,12 @@ BEGIN
                    last_error, errors, 100, progress_details, enqueued_by, created_at, run_at, started_at,
                    rate_limit_key, concurrency_key, claimed_at
             FROM done WHERE keep
-        ), history AS (
-            -- Claims not stored yet first (ids order a job's rows; an Append runs in order).
-            INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by, at)
-            SELECT d.id, d.queue_name,
-                   coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
-                             WHERE s.job_id = d.id ORDER BY s.id DESC LIMIT 1), 'queued'),
-                   'running'::queue_ext.job_state, d.attempt, d.worker_id, d.enqueued_by, coalesce(d.claimed_at, d.started_at)
-            FROM done AS d
-            WHERE d.keep AND d.logged
-              AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
-                              WHERE s.job_id = d.id AND s.attempt = d.attempt AND s.to_status = 'running')
-            UNION ALL
-            SELECT id, queue_name, 'running', 'completed'::queue_ext.job_state, attempt, worker_id, enqueued_by, now()
-            FROM done WHERE keep AND logged
         )
         SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE NOT keep), '{}'),
-               coalesce(array_agg(queue_name), '{}')
-        INTO fast, unlogged, fast_queues FROM done;
+               coalesce(array_agg(queue_name), '{}'),
+               array_agg(logged_job) FILTER (WHERE logged_job IS DISTINCT FROM NULL)
+        INTO fast, unlogged, fast_queues, logged FROM done;
+        PERFORM queue_ext._log_completions(logged);
         PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*)) FROM unnest(fast_queues) AS u(q) GROUP BY u.q;
         PERFORM queue_ext._release_dependents(d) FROM unnest(fast) AS d
         WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);
@@ -1352,4 +1346,7 @@ AS $$
 $$;
 
 -- New functions are created executable by PUBLIC: take that away, as grants.sql does.
-REVOKE ALL ON FUNCTION queue_ext._log_claim(queue_ext.job_queue) FROM PUBLIC;
+REVOKE ALL ON FUNCTION
+    queue_ext._log_claim(queue_ext.job_queue),
+    queue_ext._log_completions(queue_ext.job_queue[])
+FROM PUBLIC;

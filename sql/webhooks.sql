@@ -261,6 +261,7 @@ DECLARE
     fast uuid[] := '{}';
     fast_queues text[];
     unlogged uuid[] := '{}';  -- delivered jobs of queues without history: no archive or log row
+    logged queue_ext.job_queue[];  -- delivered jobs whose history rows are stored (_log_completions)
     applied uuid[] := '{}';
     ok boolean;
     response jsonb;
@@ -285,9 +286,10 @@ BEGIN
             RETURNING j.*, delivered -> j.id::text AS e,
                       (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) AS keep,
                       -- Stored rows only to be published, or for a claim that predates
-                      -- claimed_at (see _complete): the archive row records the rest.
-                      (SELECT q.keep_history AND q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
-                      OR j.claimed_at IS NULL AS logged
+                      -- claimed_at (_log_completions): the archive row records the rest.
+                      CASE WHEN (SELECT q.keep_history AND (q.notify OR j.claimed_at IS NULL)
+                                 FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
+                           THEN j END AS logged_job
         ), archived AS (
             INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
                 worker_id, result, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
@@ -298,24 +300,12 @@ BEGIN
                    last_error, errors, 100, progress_details, enqueued_by, created_at, run_at, started_at,
                    rate_limit_key, concurrency_key, claimed_at
             FROM done WHERE keep
-        ), history AS (
-            -- Claims not stored yet first (ids order a job's rows; an Append runs in order).
-            INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by, at)
-            SELECT d.id, d.queue_name,
-                   coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
-                             WHERE s.job_id = d.id ORDER BY s.id DESC LIMIT 1), 'queued'),
-                   'running'::queue_ext.job_state, d.attempt, d.worker_id, d.enqueued_by, coalesce(d.claimed_at, d.started_at)
-            FROM done AS d
-            WHERE d.keep AND d.logged
-              AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
-                              WHERE s.job_id = d.id AND s.attempt = d.attempt AND s.to_status = 'running')
-            UNION ALL
-            SELECT id, queue_name, 'running', 'completed'::queue_ext.job_state, attempt, worker_id, enqueued_by, now()
-            FROM done WHERE keep AND logged
         )
         SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(id) FILTER (WHERE NOT keep), '{}'),
-               coalesce(array_agg(queue_name), '{}')
-        INTO fast, unlogged, fast_queues FROM done;
+               coalesce(array_agg(queue_name), '{}'),
+               array_agg(logged_job) FILTER (WHERE logged_job IS DISTINCT FROM NULL)
+        INTO fast, unlogged, fast_queues, logged FROM done;
+        PERFORM queue_ext._log_completions(logged);
         PERFORM queue_ext._count_at_commit(u.q, 'completed', count(*)) FROM unnest(fast_queues) AS u(q) GROUP BY u.q;
         PERFORM queue_ext._release_dependents(d) FROM unnest(fast) AS d
         WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);

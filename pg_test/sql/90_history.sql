@@ -70,6 +70,11 @@ SELECT queue_ext.enqueue_job('h_events', '{}') AS g \gset
 SELECT lease_token AS t FROM queue_ext.get_next_job('h_events') \gset
 SELECT queue_ext.complete_job(:'g', NULL, :'t');
 SELECT pg_temp.trail(:'g') AS with_events, pg_temp.stored(:'g') AS stored;
+-- The same through complete_jobs, three jobs in one batch.
+SELECT count(*) FROM queue_ext.enqueue_jobs('h_events', array_fill('{}'::jsonb, ARRAY[3]));
+CREATE TEMP TABLE evbatch AS SELECT * FROM queue_ext.get_next_jobs('h_events', 3);
+SELECT count(*) FROM queue_ext.complete_jobs((SELECT array_agg(job_id) FROM evbatch), (SELECT array_agg(lease_token) FROM evbatch));
+SELECT pg_temp.trail(job_id) AS batch_with_events, pg_temp.stored(job_id) AS stored FROM evbatch ORDER BY job_id;
 -- Events switched on while a job runs: its claim is stored with its completion.
 SELECT queue_ext.enqueue_job('h', '{}') AS i \gset
 SELECT lease_token AS t FROM queue_ext.get_next_job('h') \gset
@@ -88,6 +93,14 @@ UPDATE queue_ext.job_queue SET claimed_at = NULL WHERE id = :'k';
 SELECT pg_temp.trail(:'k') AS old_claim_running;
 SELECT queue_ext.complete_job(:'k', NULL, :'t');
 SELECT pg_temp.trail(:'k') AS old_claim_completed, pg_temp.stored(:'k') AS stored;
+-- The same through complete_jobs.
+SELECT queue_ext.enqueue_job('h', '{}') AS k2 \gset
+SELECT lease_token AS t FROM queue_ext.get_next_job('h') \gset
+INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, enqueued_by)
+SELECT id, queue_name, 'queued', 'running', attempt, enqueued_by FROM queue_ext.job_queue WHERE id = :'k2';
+UPDATE queue_ext.job_queue SET claimed_at = NULL WHERE id = :'k2';
+SELECT status FROM queue_ext.complete_jobs(ARRAY[:'k2']::uuid[], ARRAY[:'t']::uuid[]);
+SELECT pg_temp.trail(:'k2') AS old_claim_batch, pg_temp.stored(:'k2') AS stored;
 
 -- Purging finished jobs takes their derived rows with their archive rows (the dead job's
 -- two rows stay with its dead letter).
