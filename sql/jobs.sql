@@ -309,7 +309,7 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH from_start AS (
-        SELECT id, status AS old_status
+        SELECT ctid AS row_id, id, status AS old_status
         FROM queue_ext.job_queue
         WHERE floors IS NULL
           AND queue_name = q.queue_name AND status IN ('queued', 'retrying') AND rate_limit_key IS NULL
@@ -320,11 +320,11 @@ BEGIN
     ), from_floors AS (
         -- One range per priority, highest first: PostgreSQL 15 cannot start a scan at a
         -- floor on the third column of the index with the second one unbound.
-        SELECT w.id, w.old_status
+        SELECT w.row_id, w.id, w.old_status
         FROM unnest('{critical,high,normal,low}'::queue_ext.job_priority[], floors, floor_ids)
              AS p(priority, floor_at, floor_id)
         CROSS JOIN LATERAL (
-            SELECT j.id, j.status AS old_status
+            SELECT j.ctid AS row_id, j.id, j.status AS old_status
             FROM queue_ext.job_queue AS j
             WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
               AND j.priority = p.priority AND (j.run_at, j.id) >= (p.floor_at, p.floor_id) AND j.run_at <= now()
@@ -340,15 +340,18 @@ BEGIN
         UPDATE queue_ext.job_queue AS j
         SET status = 'running',
             attempt = j.attempt + 1,
-            lease_token = gen_random_uuid(),
+            lease_token = queue_ext._lease_token(),
             lease_expires_at = now() + lease_for,
             worker_id = get_next_jobs.worker_id,
             started_at = coalesce(j.started_at, now()),
             claimed_at = now()
-        -- By primary key from an array, not joined to next: a join let a cached generic plan
+        -- By the locked row versions' addresses (a TID scan: no second descent of the primary
+        -- key per job), from an array, not joined to next: a join let a cached generic plan
         -- (LIMIT unknown, guessed at 10% of the table) hash a sequential scan of the whole
-        -- job_queue on every claim, or rescan the index once per row.
-        WHERE j.id = ANY (ARRAY(SELECT id FROM next))
+        -- job_queue on every claim, or rescan the index once per row. FOR UPDATE returns the
+        -- newest version of each row it locked, and a locked row keeps its address until this
+        -- transaction ends.
+        WHERE j.ctid = ANY (ARRAY(SELECT row_id FROM next))
         RETURNING j.*
     ), history AS (
         INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
@@ -427,10 +430,10 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH candidates AS (
-        SELECT c.id, c.status AS old_status, c.priority, c.run_at, q.keep_history AND q.notify AS log_claim
+        SELECT c.row_id, c.id, c.status AS old_status, c.priority, c.run_at, q.keep_history AND q.notify AS log_claim
         FROM queue_ext.queues AS q
         CROSS JOIN LATERAL (
-            SELECT id, status, priority, run_at
+            SELECT ctid AS row_id, id, status, priority, run_at
             FROM queue_ext.job_queue AS j
             WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
               AND j.run_at <= now()
@@ -445,13 +448,13 @@ BEGIN
         UPDATE queue_ext.job_queue AS j
         SET status = 'running',
             attempt = j.attempt + 1,
-            lease_token = gen_random_uuid(),
+            lease_token = queue_ext._lease_token(),
             lease_expires_at = now() + coalesce(get_next_jobs.lease,
                 (SELECT q.lease_duration FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)),
             worker_id = get_next_jobs.worker_id,
             started_at = coalesce(j.started_at, now()),
             claimed_at = now()
-        WHERE j.id = ANY (ARRAY(SELECT id FROM next))  -- not a join: see get_next_jobs(text, ...)
+        WHERE j.ctid = ANY (ARRAY(SELECT row_id FROM next))  -- see get_next_jobs(text, ...)
         RETURNING j.*
     ), history AS (
         INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
@@ -532,7 +535,7 @@ BEGIN
         UPDATE queue_ext.job_queue AS j
         SET status = 'running',
             attempt = j.attempt + 1,
-            lease_token = gen_random_uuid(),
+            lease_token = queue_ext._lease_token(),
             lease_expires_at = now() + coalesce(_claim_limited.lease,
                 (SELECT o.lease_duration FROM open_queues AS o WHERE o.queue_name = j.queue_name)),
             worker_id = _claim_limited.worker_id,
@@ -766,9 +769,12 @@ BEGIN
     -- Dependents to release, looked up by a statement of their own: an enqueue that named one
     -- of these jobs as a dependency locked its row, and the DELETE above waited for it; only
     -- a snapshot taken after that wait sees the edge it added.
-    PERFORM queue_ext._release_dependents(u.id)
-    FROM unnest(done_ids, done_states) AS u(id, s)
-    WHERE u.s = 'completed' AND EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = u.id);
+    -- (Most databases have no dependency at all: one probe instead of one per job.)
+    IF EXISTS (SELECT 1 FROM queue_ext.job_dependencies) THEN
+        PERFORM queue_ext._release_dependents(u.id)
+        FROM unnest(done_ids, done_states) AS u(id, s)
+        WHERE u.s = 'completed' AND EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = u.id);
+    END IF;
 
     -- The rest is per job, and rare: dependents to cancel, callbacks to send.
     FOR k IN 1 .. coalesce(cardinality(follow), 0) LOOP
@@ -784,10 +790,15 @@ BEGIN
                 CASE follow_states[k] WHEN 'completed' THEN 'job.completed' ELSE 'job.cancelled' END, follow_results[k]);
         END IF;
     END LOOP;
-    RETURN QUERY SELECT u.id, f.state
-                 FROM unnest(complete_jobs.job_ids) WITH ORDINALITY AS u(id, i)
-                 LEFT JOIN unnest(done_ids, done_states) AS f(id, state) ON f.id = u.id
-                 ORDER BY u.i;
+    IF done_ids = complete_jobs.job_ids THEN
+        -- Every job done, in the order given (the usual batch): nothing to match up.
+        RETURN QUERY SELECT * FROM unnest(done_ids, done_states);
+    ELSE
+        RETURN QUERY SELECT u.id, f.state
+                     FROM unnest(complete_jobs.job_ids) WITH ORDINALITY AS u(id, i)
+                     LEFT JOIN unnest(done_ids, done_states) AS f(id, state) ON f.id = u.id
+                     ORDER BY u.i;
+    END IF;
 END
 $$;
 

@@ -12,6 +12,14 @@ pub fn uuid_generate_v7() -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes())
 }
 
+/// Lease tokens: random (version 4) UUIDs from the same thread-local generator (a CSPRNG seeded
+/// by the OS in each backend; the postmaster never draws from it, so forked backends share no
+/// state). gen_random_uuid() calls into OpenSSL for every row of a batch claim.
+#[pg_extern(volatile, parallel_safe)]
+pub fn _lease_token() -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*uuid::Uuid::new_v4().as_bytes())
+}
+
 #[cfg(test)]
 mod unit {
     #[test]
@@ -20,5 +28,13 @@ mod unit {
         let b = uuid::Uuid::now_v7();
         assert_eq!(a.get_version_num(), 7);
         assert!(b > a);
+    }
+
+    #[test]
+    fn lease_tokens_are_random_v4() {
+        let a = uuid::Uuid::new_v4();
+        let b = uuid::Uuid::new_v4();
+        assert_eq!(a.get_version_num(), 4);
+        assert_ne!(a, b);
     }
 }

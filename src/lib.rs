@@ -38,6 +38,7 @@ extension_sql_file!(
     requires = [
         "queues",
         ids::uuid_generate_v7,
+        ids::_lease_token,
         claim_window::_claim_window,
         claim_window::_claim_window_ids,
         claim_window::_claim_window_set
