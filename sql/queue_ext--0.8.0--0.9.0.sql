@@ -1,7 +1,9 @@
--- queue_ext 0.8.0 -> 0.9.0: cheaper batch claims and completions.
---   * Claims update the rows they locked by address (a TID scan) instead of looking each up
---     again through the primary key, and draw lease tokens from a generator in the library
---     (_lease_token) instead of gen_random_uuid()'s call into OpenSSL per row.
+-- queue_ext 0.8.0 -> 0.9.0: cheaper claims and batch completions.
+--   * get_next_jobs locks the jobs to claim in one statement and changes them in a second,
+--     each with only the plan nodes it runs (a claim that finds nothing changes nothing); the
+--     change finds the rows it locked by address (a TID scan) instead of through the primary
+--     key again. Claims draw lease tokens from a generator in the library (_lease_token)
+--     instead of gen_random_uuid()'s call into OpenSSL per row.
 --   * complete_jobs looks for dependents only when any exist, and returns a fully done batch
 --     without matching it up against the input again.
 --
@@ -34,6 +36,10 @@ DECLARE
     lease_for interval := coalesce(get_next_jobs.lease, q.lease_duration);
     floors timestamptz[];  -- NULL, or each priority's floor (run_at, id): claim_window.rs
     floor_ids uuid[];
+    -- The jobs this call locked: their row versions' addresses, ids and states before.
+    row_ids tid[];
+    ids uuid[];
+    old_statuses queue_ext.job_state[];
 BEGIN
     IF length(get_next_jobs.worker_id) > 200 THEN
         -- Stored on the job and in every history row of its claims.
@@ -69,36 +75,41 @@ BEGIN
                                                             get_next_jobs.worker_id, lease_for);
         RETURN;
     END IF;
-    RETURN QUERY
-    WITH from_start AS (
-        SELECT ctid AS row_id, id, status AS old_status
-        FROM queue_ext.job_queue
-        WHERE floors IS NULL
-          AND queue_name = q.queue_name AND status IN ('queued', 'retrying') AND rate_limit_key IS NULL
-          AND run_at <= now()
-        ORDER BY priority DESC, run_at, id
-        LIMIT get_next_jobs.n
-        FOR UPDATE SKIP LOCKED
-    ), from_floors AS (
+    -- Lock the jobs to claim, then change them: two statements, each with only the plan nodes
+    -- it runs (the executor sets up every node of a statement on each call, run or not), and
+    -- the change skipped when there is nothing to claim.
+    IF floors IS NULL THEN
+        SELECT array_agg(c.ctid), array_agg(c.id), array_agg(c.status) INTO row_ids, ids, old_statuses
+        FROM (SELECT j.ctid, j.id, j.status
+              FROM queue_ext.job_queue AS j
+              WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+                AND j.run_at <= now()
+              ORDER BY j.priority DESC, j.run_at, j.id
+              LIMIT get_next_jobs.n
+              FOR UPDATE SKIP LOCKED) AS c;
+    ELSE
         -- One range per priority, highest first: PostgreSQL 15 cannot start a scan at a
         -- floor on the third column of the index with the second one unbound.
-        SELECT w.row_id, w.id, w.old_status
-        FROM unnest('{critical,high,normal,low}'::queue_ext.job_priority[], floors, floor_ids)
-             AS p(priority, floor_at, floor_id)
-        CROSS JOIN LATERAL (
-            SELECT j.ctid AS row_id, j.id, j.status AS old_status
-            FROM queue_ext.job_queue AS j
-            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
-              AND j.priority = p.priority AND (j.run_at, j.id) >= (p.floor_at, p.floor_id) AND j.run_at <= now()
-            ORDER BY j.run_at, j.id
-            LIMIT get_next_jobs.n
-            FOR UPDATE SKIP LOCKED
-        ) AS w
-        WHERE floors IS NOT NULL
-        LIMIT get_next_jobs.n
-    ), next AS (
-        SELECT * FROM from_start UNION ALL SELECT * FROM from_floors
-    ), claimed AS (
+        SELECT array_agg(c.ctid), array_agg(c.id), array_agg(c.status) INTO row_ids, ids, old_statuses
+        FROM (SELECT w.ctid, w.id, w.status
+              FROM unnest('{critical,high,normal,low}'::queue_ext.job_priority[], floors, floor_ids)
+                   AS p(priority, floor_at, floor_id)
+              CROSS JOIN LATERAL (
+                  SELECT j.ctid, j.id, j.status
+                  FROM queue_ext.job_queue AS j
+                  WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+                    AND j.priority = p.priority AND (j.run_at, j.id) >= (p.floor_at, p.floor_id) AND j.run_at <= now()
+                  ORDER BY j.run_at, j.id
+                  LIMIT get_next_jobs.n
+                  FOR UPDATE SKIP LOCKED
+              ) AS w
+              LIMIT get_next_jobs.n) AS c;
+    END IF;
+    IF row_ids IS NULL THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH claimed AS (
         UPDATE queue_ext.job_queue AS j
         SET status = 'running',
             attempt = j.attempt + 1,
@@ -108,22 +119,21 @@ BEGIN
             started_at = coalesce(j.started_at, now()),
             claimed_at = now()
         -- By the locked row versions' addresses (a TID scan: no second descent of the primary
-        -- key per job), from an array, not joined to next: a join let a cached generic plan
-        -- (LIMIT unknown, guessed at 10% of the table) hash a sequential scan of the whole
-        -- job_queue on every claim, or rescan the index once per row. FOR UPDATE returns the
-        -- newest version of each row it locked, and a locked row keeps its address until this
-        -- transaction ends.
-        WHERE j.ctid = ANY (ARRAY(SELECT row_id FROM next))
+        -- key per job). FOR UPDATE returns the newest version of each row it locked, and a
+        -- locked row keeps its address until this transaction ends.
+        WHERE j.ctid = ANY (row_ids)
         RETURNING j.*
-    ), history AS (
-        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
-        FROM claimed AS c JOIN next AS n ON n.id = c.id
-        WHERE q.keep_history AND q.notify  -- stored only to be published (job_status_log)
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
     ORDER BY priority DESC, run_at, id;
+    IF q.keep_history AND q.notify THEN
+        -- Stored only to be published (job_status_log).
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT j.id, j.queue_name, u.old_status, 'running', j.attempt, j.worker_id, j.enqueued_by
+        FROM unnest(ids, old_statuses) AS u(id, old_status)
+        JOIN queue_ext.job_queue AS j ON j.id = u.id;
+    END IF;
 END
 $$;
 
@@ -144,6 +154,11 @@ AS $$
 DECLARE
     unknown text;
     names text[] := get_next_jobs.queue_names;
+    -- The jobs this call locked: see get_next_jobs(text, ...).
+    row_ids tid[];
+    ids uuid[];
+    old_statuses queue_ext.job_state[];
+    any_logged boolean;  -- whether any of them is in a queue that stores its claims
 BEGIN
     IF length(get_next_jobs.worker_id) > 200 THEN
         -- Stored on the job and in every history row of its claims.
@@ -180,23 +195,28 @@ BEGIN
                                                             get_next_jobs.worker_id, get_next_jobs.lease);
         RETURN;
     END IF;
+    -- Lock, then change: see get_next_jobs(text, ...).
+    SELECT array_agg(n.ctid), array_agg(n.id), array_agg(n.status), bool_or(n.log_claim)
+    INTO row_ids, ids, old_statuses, any_logged
+    FROM (SELECT c.ctid, c.id, c.status, q.keep_history AND q.notify AS log_claim
+          FROM queue_ext.queues AS q
+          CROSS JOIN LATERAL (
+              SELECT j.ctid, j.id, j.status, j.priority, j.run_at
+              FROM queue_ext.job_queue AS j
+              WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
+                AND j.run_at <= now()
+              ORDER BY j.priority DESC, j.run_at, j.id
+              LIMIT get_next_jobs.n
+              FOR UPDATE SKIP LOCKED
+          ) AS c
+          WHERE NOT q.paused AND q.queue_name = ANY (names)
+          ORDER BY c.priority DESC, c.run_at, c.id
+          LIMIT get_next_jobs.n) AS n;
+    IF row_ids IS NULL THEN
+        RETURN;
+    END IF;
     RETURN QUERY
-    WITH candidates AS (
-        SELECT c.row_id, c.id, c.status AS old_status, c.priority, c.run_at, q.keep_history AND q.notify AS log_claim
-        FROM queue_ext.queues AS q
-        CROSS JOIN LATERAL (
-            SELECT ctid AS row_id, id, status, priority, run_at
-            FROM queue_ext.job_queue AS j
-            WHERE j.queue_name = q.queue_name AND j.status IN ('queued', 'retrying') AND j.rate_limit_key IS NULL
-              AND j.run_at <= now()
-            ORDER BY j.priority DESC, j.run_at, j.id
-            LIMIT get_next_jobs.n
-            FOR UPDATE SKIP LOCKED
-        ) AS c
-        WHERE NOT q.paused AND q.queue_name = ANY (names)
-    ), next AS (
-        SELECT * FROM candidates ORDER BY priority DESC, run_at, id LIMIT get_next_jobs.n
-    ), claimed AS (
+    WITH claimed AS (
         UPDATE queue_ext.job_queue AS j
         SET status = 'running',
             attempt = j.attempt + 1,
@@ -206,17 +226,21 @@ BEGIN
             worker_id = get_next_jobs.worker_id,
             started_at = coalesce(j.started_at, now()),
             claimed_at = now()
-        WHERE j.ctid = ANY (ARRAY(SELECT row_id FROM next))  -- see get_next_jobs(text, ...)
+        WHERE j.ctid = ANY (row_ids)  -- see get_next_jobs(text, ...)
         RETURNING j.*
-    ), history AS (
-        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
-        SELECT c.id, c.queue_name, n.old_status, 'running', c.attempt, c.worker_id, c.enqueued_by
-        FROM claimed AS c JOIN next AS n ON n.id = c.id
-        WHERE n.log_claim  -- stored only to be published (job_status_log)
     )
     SELECT id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at, created_at
     FROM claimed
     ORDER BY priority DESC, run_at, id;
+    IF any_logged THEN
+        -- Stored only to be published (job_status_log).
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, enqueued_by)
+        SELECT j.id, j.queue_name, u.old_status, 'running', j.attempt, j.worker_id, j.enqueued_by
+        FROM unnest(ids, old_statuses) AS u(id, old_status)
+        JOIN queue_ext.job_queue AS j ON j.id = u.id
+        JOIN queue_ext.queues AS q ON q.queue_name = j.queue_name
+        WHERE q.keep_history AND q.notify;
+    END IF;
 END
 $$;
 
