@@ -2,13 +2,14 @@
 costs per job, without the drift between runs minutes apart that the 4-client headline shows.
 
     python3 bench/versions.py --port PORT [--old 0.7.0] [--new 0.8.0] [--rounds 7]
+                              [--modes drain,single,enqueue]
 
 The cluster must have the extension installed (scripts/install.sh installs every released
 version's script beside the current one) and run as the benchmark's does. One database per
 version (created once, named qe_versions_<version>), the same library; each round runs every
 measure in both databases, alternating which goes first. Measured per job, from one connection
-with synchronous_commit off: the backend's CPU time from /proc (user + system) and, for the
-drain, the WAL it wrote. Prints the median and every round."""
+with synchronous_commit off: the backend's CPU time from /proc (user + system) and the WAL it
+wrote. Prints the median and every round."""
 import argparse
 import statistics
 
@@ -19,6 +20,7 @@ MODES = {
     # name: (jobs per round, what one step does)
     "drain": (20000, "get_next_jobs(100) + complete_jobs in one transaction"),
     "single": (3000, "get_next_job + complete_job, each its own transaction"),
+    "enqueue": (100000, "enqueue_jobs, batches of 1,000"),
 }
 
 
@@ -41,15 +43,20 @@ def database(port, version):
 def one_round(dsn, mode):
     jobs, _ = MODES[mode]
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('versions', array_fill('{\"n\": 1}'::jsonb, ARRAY[%s]))"
-                  % jobs)
+        if mode != "enqueue":
+            c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('versions', "
+                      "array_fill('{\"n\": 1}'::jsonb, ARRAY[%s]))" % jobs)
         c.execute("VACUUM ANALYZE queue_ext.job_queue")
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("SET synchronous_commit = off")
         pid = c.info.backend_pid
         lsn = c.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
         start = cpu_seconds(pid)
-        if mode == "drain":
+        if mode == "enqueue":
+            for _ in range(jobs // 1000):
+                c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('versions', "
+                          "array_fill('{\"n\": 1}'::jsonb, ARRAY[1000]))")
+        elif mode == "drain":
             for _ in range(jobs // 100):
                 with c.transaction():
                     c.execute("SELECT queue_ext.complete_jobs(array_agg(job_id), array_agg(lease_token)) "
@@ -61,6 +68,9 @@ def one_round(dsn, mode):
         cpu = (cpu_seconds(pid) - start) / jobs * 1e6
         wal = float(c.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", [lsn]).fetchone()[0]) / jobs
         left = c.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = 'versions'").fetchone()[0]
+        if mode == "enqueue":
+            left -= jobs  # what was enqueued is removed, unmeasured, for the next round
+            c.execute("DELETE FROM queue_ext.job_queue WHERE queue_name = 'versions'")
     if left:
         raise SystemExit(f"{dsn}: {left} jobs left after the round")
     return cpu, wal
@@ -72,7 +82,7 @@ def main():
     ap.add_argument("--old", default="0.7.0")
     ap.add_argument("--new", default="0.8.0")
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--modes", default="drain,single")
+    ap.add_argument("--modes", default="drain,single,enqueue")
     args = ap.parse_args()
     versions = [args.old, args.new]
     dsns = {v: database(args.port, v) for v in versions}
