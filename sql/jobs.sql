@@ -563,7 +563,9 @@ BEGIN
             worker_id = _claim_limited.worker_id,
             started_at = coalesce(j.started_at, now()),
             claimed_at = now()
-        -- Not a join: see get_next_jobs(text, ...).
+        -- By primary key from an array, not joined to next: a join let a cached generic plan
+        -- (LIMIT unknown, guessed at 10% of the table) hash a sequential scan of the whole
+        -- job_queue on every claim, or rescan the index once per row.
         WHERE j.id = ANY (ARRAY(SELECT n.id FROM next AS n
                                 WHERE n.rate_key IS NULL OR n.rate_key IN (SELECT s.key FROM spent AS s)))
         RETURNING j.*
