@@ -2,6 +2,7 @@
 //! `process_jobs()`: claim deliveries, record outcomes. Both run on the Postgres thread.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use pgrx::prelude::*;
@@ -27,6 +28,43 @@ pub fn http_settings() -> HttpSettings {
     }
 }
 
+/// How this database's SQL takes claims and outcomes: as typed rows and arrays (0.10.0 on),
+/// or as JSON documents (a database not yet updated with `ALTER EXTENSION queue_ext UPDATE`;
+/// the library is shared by every database of the cluster and may be newer than its SQL).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Protocol {
+    Rows,
+    Json,
+}
+
+/// 0: not known yet, 1: rows, 2: JSON. A process serves one database, so one answer per
+/// process, asked again after any failed claim or record (the extension may have been
+/// updated, or dropped and created at another version, meanwhile).
+static PROTOCOL: AtomicU8 = AtomicU8::new(0);
+
+fn protocol() -> Result<Protocol, pgrx::spi::Error> {
+    match PROTOCOL.load(Ordering::Relaxed) {
+        1 => return Ok(Protocol::Rows),
+        2 => return Ok(Protocol::Json),
+        _ => {}
+    }
+    let rows = Spi::get_one::<bool>(
+        "SELECT to_regprocedure('queue_ext._dispatch_record_rows(uuid[], uuid[], text[], integer[], text[], \
+         text[], integer[], text[], float8[], jsonb[], text[], float8[])') IS NOT NULL",
+    )?
+    .unwrap_or(false);
+    let found = if rows { Protocol::Rows } else { Protocol::Json };
+    PROTOCOL.store(if rows { 1 } else { 2 }, Ordering::Relaxed);
+    Ok(found)
+}
+
+/// Forgets the protocol, so that the next claim or record asks the database again: after a
+/// claim or record failed (an ERROR unwinds to the caller's subtransaction, past this module),
+/// and at each `process_jobs` call.
+fn forget_protocol() {
+    PROTOCOL.store(0, Ordering::Relaxed);
+}
+
 /// Claims up to `capacity` deliveries (from `only_queue`, or every webhook queue) in the
 /// current transaction. `busy` is what the caller already has in flight per queue.
 pub fn claim(
@@ -35,13 +73,85 @@ pub fn claim(
     busy: &HashMap<String, u32>,
     only_queue: Option<&str>,
 ) -> Result<Vec<Claimed>, pgrx::spi::Error> {
-    let busy_json = serde_json::to_value(busy).unwrap_or_default();
+    let capacity = capacity.min(i32::MAX as usize) as i32;
     let default_timeout_ms = gucs::http_timeout().as_millis() as i64;
+    match protocol()? {
+        Protocol::Rows => claim_rows(worker_id, capacity, busy, only_queue, default_timeout_ms),
+        Protocol::Json => claim_json(worker_id, capacity, busy, only_queue, default_timeout_ms),
+    }
+}
+
+fn claim_rows(
+    worker_id: &str,
+    capacity: i32,
+    busy: &HashMap<String, u32>,
+    only_queue: Option<&str>,
+    default_timeout_ms: i64,
+) -> Result<Vec<Claimed>, pgrx::spi::Error> {
+    let (busy_queues, busy_counts): (Vec<String>, Vec<i32>) = busy
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(q, n)| (q.clone(), (*n).min(i32::MAX as u32) as i32))
+        .unzip();
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT job_id, lease_token, attempt, queue_name, body, url, method, header_names, header_values, \
+             timeout_ms, secret, follow_redirects \
+             FROM queue_ext._dispatch_claim_rows($1, $2, $3, $4, $5, make_interval(secs => $6::float8 / 1000))",
+            None,
+            &[
+                worker_id.into(),
+                capacity.into(),
+                busy_queues.into(),
+                busy_counts.into(),
+                only_queue.into(),
+                default_timeout_ms.into(),
+            ],
+        )?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id = |n| -> Result<String, pgrx::spi::Error> {
+                Ok(row.get::<pgrx::Uuid>(n)?.map(|u| u.to_string()).unwrap_or_default())
+            };
+            let names = row.get::<Vec<Option<String>>>(8)?.unwrap_or_default();
+            let values = row.get::<Vec<Option<String>>>(9)?.unwrap_or_default();
+            let headers = names
+                .into_iter()
+                .zip(values)
+                .filter_map(|(k, v)| Some((k?, serde_json::Value::String(v?))))
+                .collect();
+            claimed.push(Claimed::Send(Delivery {
+                job_id: id(1)?,
+                lease_token: id(2)?,
+                attempt: row.get::<i32>(3)?.unwrap_or(0),
+                queue_name: row.get::<String>(4)?.unwrap_or_default(),
+                body: row.get::<String>(5)?.unwrap_or_default(),
+                url: row.get::<String>(6)?,
+                method: row.get::<String>(7)?.unwrap_or_default(),
+                headers,
+                timeout_ms: row.get::<i64>(10)?.unwrap_or(0),
+                secret: row.get::<String>(11)?,
+                follow_redirects: row.get::<bool>(12)?.unwrap_or(false),
+            }));
+        }
+        Ok(claimed)
+    })
+}
+
+/// The claim of a database whose SQL predates [`Protocol::Rows`].
+fn claim_json(
+    worker_id: &str,
+    capacity: i32,
+    busy: &HashMap<String, u32>,
+    only_queue: Option<&str>,
+    default_timeout_ms: i64,
+) -> Result<Vec<Claimed>, pgrx::spi::Error> {
+    let busy_json = serde_json::to_value(busy).unwrap_or_default();
     let claimed = Spi::get_one_with_args::<JsonB>(
         "SELECT queue_ext._dispatch_claim($1, $2, $3, $4, make_interval(secs => $5::float8 / 1000))",
         &[
             worker_id.into(),
-            (capacity.min(i32::MAX as usize) as i32).into(),
+            capacity.into(),
             JsonB(busy_json).into(),
             only_queue.into(),
             default_timeout_ms.into(),
@@ -67,6 +177,7 @@ pub fn claim_isolated(
         Ok(claimed) => return (claimed, Vec::new()),
         Err(e) => e,
     };
+    forget_protocol();
     let queues = db::isolated(|| {
         Spi::connect(|client| {
             client
@@ -148,6 +259,68 @@ pub fn record(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
     if outcomes.is_empty() {
         return Ok(0);
     }
+    match protocol()? {
+        Protocol::Rows => record_rows(outcomes),
+        Protocol::Json => record_json(outcomes),
+    }
+}
+
+/// A job id or lease token as the uuid it is (they come from the claim, so always valid;
+/// the nil uuid, which matches no job, if not).
+fn uuid_of(text: &str) -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*uuid::Uuid::parse_str(text).unwrap_or_default().as_bytes())
+}
+
+fn record_rows(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
+    let n = outcomes.len();
+    let mut job_ids = Vec::with_capacity(n);
+    let mut lease_tokens = Vec::with_capacity(n);
+    let mut queue_names = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut urls = Vec::with_capacity(n);
+    let mut verdicts = Vec::with_capacity(n);
+    let mut status_codes = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut durations = Vec::with_capacity(n);
+    let mut headers = Vec::with_capacity(n);
+    let mut bodies = Vec::with_capacity(n);
+    let mut retry_after = Vec::with_capacity(n);
+    for o in outcomes {
+        job_ids.push(uuid_of(&o.job_id));
+        lease_tokens.push(uuid_of(&o.lease_token));
+        queue_names.push(o.queue_name.as_str());
+        attempts.push(o.attempt);
+        urls.push(o.url.as_str());
+        verdicts.push(o.outcome);
+        status_codes.push(o.status_code.map(i32::from));
+        errors.push(o.error.as_deref());
+        durations.push(o.duration_ms);
+        headers.push(o.response_headers.clone().map(JsonB));
+        bodies.push(o.response_body.as_deref());
+        retry_after.push(o.retry_after_ms.map(|ms| ms as f64));
+    }
+    Ok(Spi::get_one_with_args::<i32>(
+        "SELECT queue_ext._dispatch_record_rows($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        &[
+            job_ids.into(),
+            lease_tokens.into(),
+            queue_names.into(),
+            attempts.into(),
+            urls.into(),
+            verdicts.into(),
+            status_codes.into(),
+            errors.into(),
+            durations.into(),
+            headers.into(),
+            bodies.into(),
+            retry_after.into(),
+        ],
+    )?
+    .unwrap_or(0))
+}
+
+/// The record of a database whose SQL predates [`Protocol::Rows`].
+fn record_json(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
     let json = serde_json::to_value(outcomes).unwrap_or_default();
     Ok(Spi::get_one_with_args::<i32>(
         "SELECT queue_ext._dispatch_record($1)",
@@ -167,6 +340,7 @@ pub fn record_isolated(outcomes: &[Outcome]) -> Vec<String> {
     if outcomes.is_empty() || db::isolated(|| record(outcomes)).is_ok() {
         return notes;
     }
+    forget_protocol();
     for o in outcomes {
         let error = match db::isolated(|| record(std::slice::from_ref(o))) {
             Ok(_) => continue,
@@ -318,6 +492,8 @@ fn process_jobs(
             "Give it one with queue_ext.alter_queue(queue_name, webhook_url => ...)."
         );
     }
+    // A session may outlive an ALTER EXTENSION ... UPDATE: ask its SQL each time.
+    forget_protocol();
     let rt = backend_runtime().unwrap_or_else(|e| ProcessJobsError::Runtime(e).raise());
     let client = backend_client().unwrap_or_else(|e| ProcessJobsError::Settings(e).raise());
     // SAFETY: reading this backend's pid.

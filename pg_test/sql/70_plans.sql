@@ -60,3 +60,41 @@ SELECT pg_temp.job_rows_read() - :read_before AS job_rows_read;
 COMMIT;
 SELECT queue_ext.drop_queue('plans_leases', force => true);
 RESET plan_cache_mode;
+
+-- The dispatcher's record of a batch of outcomes (200 delivered, one whose lease was lost, one
+-- to retry) finds each job through the primary key and matches it to its outcome in one join:
+-- no lease index entry is read, and each job ends once, as its outcome says.
+SELECT queue_ext.create_queue('plans_record');
+SELECT count(*) FROM queue_ext.enqueue_jobs('plans_record', array_fill('{}'::jsonb, ARRAY[202]));
+VACUUM ANALYZE queue_ext.job_queue;
+BEGIN;
+CREATE TEMP TABLE sent AS
+SELECT row_number() OVER (ORDER BY job_id) AS n, * FROM queue_ext.get_next_jobs('plans_record', 202);
+SELECT pg_stat_get_xact_numscans('queue_ext.job_queue_lease_idx'::regclass) AS lease_scans_before \gset
+SELECT queue_ext._dispatch_record_rows(
+    array_agg(job_id ORDER BY n),
+    array_agg(CASE WHEN n = 1 THEN gen_random_uuid() ELSE lease_token END ORDER BY n),
+    array_agg(queue_name ORDER BY n), array_agg(attempt ORDER BY n),
+    array_agg('http://example.com/hook'::text ORDER BY n),
+    array_agg(CASE WHEN n = 2 THEN 'retry' ELSE 'delivered' END ORDER BY n),
+    array_agg(CASE WHEN n = 2 THEN 503 ELSE 200 END ORDER BY n),
+    array_agg(CASE WHEN n = 2 THEN 'HTTP 503' END ORDER BY n),
+    array_agg(1.5::float8 ORDER BY n),
+    array_agg('{"content-type": "text/plain"}'::jsonb ORDER BY n),
+    array_agg('ok'::text ORDER BY n),
+    array_agg(NULL::float8 ORDER BY n)) AS applied
+FROM sent;
+SELECT pg_stat_get_xact_numscans('queue_ext.job_queue_lease_idx'::regclass) - :lease_scans_before
+       AS lease_index_scans;
+SELECT s.n, j.status FROM sent AS s JOIN queue_ext.job_queue AS j ON j.id = s.job_id ORDER BY s.n;
+SELECT count(*) AS archived, count(DISTINCT a.id) AS distinct_jobs,
+       count(*) FILTER (WHERE a.result = '{"body": "ok", "status": 200, "headers": {"content-type": "text/plain"}, "duration_ms": 1.5}')
+           AS with_the_response
+FROM queue_ext.job_archive AS a JOIN sent AS s ON s.job_id = a.id;
+SELECT d.outcome, count(*) FROM queue_ext.webhook_deliveries AS d
+WHERE d.queue_name = 'plans_record' GROUP BY d.outcome ORDER BY d.outcome;
+-- Arrays of different lengths are refused, naming the length expected.
+SELECT queue_ext._dispatch_record_rows(ARRAY[gen_random_uuid()], '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}',
+                                       '{}', '{}', '{}');
+ROLLBACK;
+SELECT queue_ext.drop_queue('plans_record', force => true);

@@ -110,16 +110,14 @@ SELECT queue_ext.create_queue('slow_receiver', callback_url => 'https://example.
 BEGIN;
 SELECT queue_ext.enqueue_job('slow_receiver', '{}') AS slow \gset
 SELECT queue_ext.complete_job(job_id, '{"ok": true}') FROM queue_ext.get_next_job('slow_receiver');
-SELECT queue_ext._dispatch_claim('regress', 10, '{}', 'queue_ext.callbacks', '30 seconds') AS claim \gset
-SELECT c ->> 'url' AS url, c ->> 'timeout_ms' AS timeout_ms,
-       j.lease_expires_at - now() > make_interval(secs => (c ->> 'timeout_ms')::float8 / 1000) AS lease_outlives_request,
-       j.lease_expires_at - now() <= make_interval(secs => (c ->> 'timeout_ms')::float8 / 1000 + 30) AS by_the_margin
-FROM jsonb_array_elements(:'claim'::jsonb) AS c
-JOIN queue_ext.job_queue AS j ON j.id = (c ->> 'job_id')::uuid
-WHERE (c ->> 'body')::jsonb ->> 'queue' = 'slow_receiver';
--- The claim's output is unchanged (the dispatcher parses it).
-SELECT DISTINCT array_agg(k ORDER BY k) AS delivery_keys
-FROM jsonb_array_elements(:'claim'::jsonb) WITH ORDINALITY AS c(d, i), jsonb_object_keys(c.d) AS k GROUP BY i;
+CREATE TEMP TABLE claim AS
+SELECT * FROM queue_ext._dispatch_claim_rows('regress', 10, '{}', '{}', 'queue_ext.callbacks', '30 seconds');
+SELECT c.url, c.timeout_ms, c.method, c.secret IS NOT NULL AS signed,
+       j.lease_expires_at - now() > make_interval(secs => c.timeout_ms::float8 / 1000) AS lease_outlives_request,
+       j.lease_expires_at - now() <= make_interval(secs => c.timeout_ms::float8 / 1000 + 30) AS by_the_margin
+FROM claim AS c
+JOIN queue_ext.job_queue AS j ON j.id = c.job_id
+WHERE c.body::jsonb ->> 'queue' = 'slow_receiver';
 ROLLBACK;
 
 ---------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ pub const MAX_REDIRECTS: usize = 5;
 /// How long connecting may take (the request's own timeout still bounds it).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One webhook attempt, as `queue_ext._dispatch_claim` describes it.
+/// One webhook attempt, as `queue_ext._dispatch_claim_rows` describes it.
 #[derive(Clone, Deserialize)]
 pub struct Delivery {
     pub job_id: String,
@@ -76,7 +76,7 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-/// What happened, in the shape `queue_ext._dispatch_record` takes.
+/// What happened, as `queue_ext._dispatch_record_rows` takes it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub job_id: String,
