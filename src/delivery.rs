@@ -111,7 +111,10 @@ fn claim_rows(
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
             let id = |n| -> Result<String, pgrx::spi::Error> {
-                Ok(row.get::<pgrx::Uuid>(n)?.map(|u| u.to_string()).unwrap_or_default())
+                Ok(row
+                    .get::<pgrx::Uuid>(n)?
+                    .map(|u| u.to_string())
+                    .unwrap_or_default())
             };
             let names = row.get::<Vec<Option<String>>>(8)?.unwrap_or_default();
             let values = row.get::<Vec<Option<String>>>(9)?.unwrap_or_default();
