@@ -242,7 +242,7 @@ pub fn sensitive_strings(d: &Delivery, with_target: bool) -> Vec<String> {
         if with_target {
             secrets.push(url_text.to_string());
         }
-        if let Ok(url) = reqwest::Url::parse(url_text) {
+        if let Ok(url) = super::redact::parse_url(url_text) {
             if with_target {
                 secrets.push(url.as_str().to_string());
                 secrets.extend(url.host_str().map(str::to_string));

@@ -270,8 +270,7 @@ impl HttpClient {
         started: Instant,
     ) -> Result<reqwest::Response, DeliveryError> {
         let url_text = d.url.as_deref().ok_or(DeliveryError::NoUrl)?;
-        let first =
-            reqwest::Url::parse(url_text).map_err(|e| DeliveryError::InvalidUrl(e.to_string()))?;
+        let first = redact::parse_url(url_text).map_err(DeliveryError::InvalidUrl)?;
         self.check_target(&first)?;
         let mut method =
             reqwest::Method::from_bytes(d.method.as_bytes()).map_err(|_| DeliveryError::Method)?;
@@ -400,7 +399,7 @@ impl HttpClient {
         // endpoint sends (50 MB, or a body that never ends), and the rest is not worth
         // holding the slot for. Dropping the response closes the connection.
         let max = self.response_max_bytes;
-        let mut body = Vec::with_capacity(max.min(64 * 1024));
+        let mut body = Vec::new();
         let mut cut = false;
         let mut body_error = None;
         loop {
