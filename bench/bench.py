@@ -431,6 +431,22 @@ def bench_webhooks(dsn, sink_port, n, paced=False, lean=False, sink_pid=None):
     return {"per_s": n / elapsed, "lost": lost, "duplicated": dup, "cpu_us_per_webhook": cpu_us, **percentiles(lat)}
 
 
+def http_floor(binary, sink_port, n, sink_pid=None):
+    """The webhook cell's floor: n requests of a delivery's size to the same sink over
+    HTTP_FLOOR_CONNECTIONS keep-alive connections, from a std-only client, no database: what
+    this machine's loopback HTTP allows, and the CPU it takes per request (client and sink)."""
+    sink_before = _cpu_ticks(f"/proc/{sink_pid}/stat") if sink_pid else None
+    out = subprocess.run([binary, str(sink_port), str(n), str(HTTP_FLOOR_CONNECTIONS)],
+                         capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise Failure(f"the HTTP floor failed: {out.stderr.strip()[-500:]}")
+    result = json.loads(out.stdout)
+    cpu = {"client": result["client_cpu_us"]}
+    if sink_before is not None:
+        cpu["sink"] = (_cpu_ticks(f"/proc/{sink_pid}/stat") - sink_before) / os.sysconf("SC_CLK_TCK") / n * 1e6
+    return {"per_s": result["per_s"], "cpu_us": cpu}
+
+
 def bench_webhooks_beside_slow(dsn, sink_port, n):
     """Fast-queue throughput while another queue's endpoint takes 5 s per request."""
     slow = "bench_slow"
@@ -852,8 +868,12 @@ LEAN_CONFIG = {"keep_history": False}
 NOTIFY_FLIP = "queue_ext, notify_events flipped"  # renamed in main() to say on or off
 PGMQ_DEL = "pgmq, delete instead of archive"
 FLOOR = "bare SQL floor"
+HTTP_FLOOR = "bare HTTP floor"
+# The HTTP floor's keep-alive connections: as many requests in flight as the burst's queue can
+# have at most is more than 2 cores serve well with a thread each; this many keep them busy.
+HTTP_FLOOR_CONNECTIONS = 64
 RLS_OFF = "queue_ext, row level security off"
-SYSTEMS = ["queue_ext", LEAN, NOTIFY_FLIP, RLS_OFF, "pgmq", PGMQ_DEL, "graphile-worker", FLOOR]
+SYSTEMS = ["queue_ext", LEAN, NOTIFY_FLIP, RLS_OFF, "pgmq", PGMQ_DEL, "graphile-worker", FLOOR, HTTP_FLOOR]
 OURS = ("queue_ext", LEAN)
 PEER_OF = {"pgmq": "pgmq", PGMQ_DEL: "pgmq", "graphile-worker": "graphile"}  # system -> its --only name
 WORKLOADS = ("enqueue", "drain", "latency", "webhooks", "history")
@@ -970,7 +990,8 @@ def headline(cells, history, quick, batch):
             None if q is None else q <= limit)
     q = med("queue_ext", "webhooks", "delivered per second")
     if q is not None:
-        add("webhooks delivered by the dispatcher", "jobs/s", q, None, None, "≥ 20,000/s", q >= 20_000)
+        add("webhooks delivered by the dispatcher (floor: HTTP alone)", "jobs/s",
+            q, None, med(HTTP_FLOOR, "webhooks", "delivered per second"), "≥ 20,000/s", q >= 20_000)
     q = med("queue_ext", "webhooks", "idle enqueue->request p50_ms")
     if q is not None:
         add("webhook idle enqueue → request, p50", "ms", q, None, None, "≤ 5 ms", q <= 5.0)
@@ -1006,6 +1027,7 @@ def main():
     ap.add_argument("--port", type=int)
     ap.add_argument("--sink-port", type=int)
     ap.add_argument("--sink-pid", type=int, help="the sink's process, for the CPU split of the webhook cell")
+    ap.add_argument("--http-floor", help="the webhook cell's floor client (bench/sink-rs/src/http_floor.rs)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default=None,
@@ -1132,6 +1154,11 @@ def main():
                 if hooks["cpu_us_per_webhook"]:
                     record("webhooks", "CPU per webhook: total", "µs", sum(hooks["cpu_us_per_webhook"].values()), system)
                 extra.setdefault("webhook_burst" + ("_keep_history_off" if system == LEAN else ""), []).append(hooks)
+            if args.http_floor:
+                floor = http_floor(args.http_floor, args.sink_port, n.webhooks, args.sink_pid)
+                record("webhooks", "delivered per second", "jobs/s", floor["per_s"], HTTP_FLOOR)
+                for part, us in floor["cpu_us"].items():
+                    record("webhooks", f"CPU per webhook: {part}", "µs", us, HTTP_FLOOR)
             beside = bench_webhooks_beside_slow(dsn, args.sink_port, n.webhooks)
             record("webhooks", "delivered/s beside a 5 s endpoint", "jobs/s", beside["per_s"])
             for system in OURS:
@@ -1190,7 +1217,9 @@ def main():
     print(f"wrote {out}")
     table = headline_markdown(rows, quick)
     note = (f"queue_ext: create_queue(q) and nothing else; pgmq {info.get('pgmq', '(not run)')}, drains finishing "
-            f"with archive; floor: a plain table through the same client (psycopg), same connections. Medians of "
+            f"with archive; floor: a plain table through the same client (psycopg), same connections; for "
+            f"webhooks, the same sink sent requests of a delivery's size over {HTTP_FLOOR_CONNECTIONS} keep-alive "
+            f"connections by a std-only client, no database (bench/sink-rs/src/http_floor.rs). Medians of "
             f"{reps} round(s), jobs/s unless marked (latency: lower is better, so a ratio under 1 is ahead). "
             f"Latency: idle worker on LISTEN {channel}." + (" --quick: counts too small to judge speed." if quick else ""))
     cpu_line = webhook_cpu_line(cells, info.get("cpus"))

@@ -39,12 +39,13 @@ rm -rf "$dir"
   ${QE_BENCH_SETTING:+"$QE_BENCH_SETTING"}
 # The sink is compiled (std-only Rust, builds in seconds) so that the benchmark measures the
 # dispatcher, not a Python HTTP server; bench/sink.py is the same sink in Python.
-# QE_BENCH_SINK=python uses that one instead.
+# QE_BENCH_SINK=python uses that one instead. The same crate builds the webhook cell's floor:
+# loopback HTTP to the sink with no database (bench/sink-rs/src/http_floor.rs).
+sink_target=${CARGO_TARGET_DIR:-$root/target}/bench-sink
+cargo build -q --release --manifest-path "$here/sink-rs/Cargo.toml" --target-dir "$sink_target"
 if [ "${QE_BENCH_SINK:-rust}" = python ]; then
   python3 "$here/sink.py" "$sink_port" &
 else
-  sink_target=${CARGO_TARGET_DIR:-$root/target}/bench-sink
-  cargo build -q --release --manifest-path "$here/sink-rs/Cargo.toml" --target-dir "$sink_target"
   "$sink_target/release/queue_ext_bench_sink" "$sink_port" &
 fi
 sink_pid=$!
@@ -64,4 +65,5 @@ for peer in $peers; do
   esac
 done
 python3 "$here/bench.py" --dsn "host=127.0.0.1 port=$port user=postgres dbname=postgres" \
-  --port "$port" --sink-port "$sink_port" --sink-pid "$sink_pid" "$@"
+  --port "$port" --sink-port "$sink_port" --sink-pid "$sink_pid" \
+  --http-floor "$sink_target/release/queue_ext_bench_http_floor" "$@"

@@ -1,9 +1,10 @@
 //! The webhook benchmark's sink: answers every request with 200 at once over keep-alive
 //! HTTP/1.1 and records when each webhook-id arrived, with the `t0` (enqueue time) its body
 //! carries. `GET /__stats` returns `{webhook-id: [[arrived, t0], ...]}`, `POST /__reset` clears
-//! it, paths under `/slow` answer after 5 s. One thread per connection: the dispatcher keeps a
-//! bounded pool of connections, and a compiled sink keeps the client side of the benchmark from
-//! being what is measured.
+//! it, paths under `/slow` answer after 5 s, and `/floor` (the HTTP floor's requests,
+//! src/http_floor.rs) is answered without being recorded. One thread per connection: the
+//! dispatcher keeps a bounded pool of connections, and a compiled sink keeps the client side of
+//! the benchmark from being what is measured.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -86,6 +87,8 @@ fn serve(stream: TcpStream, arrivals: Arrivals) -> std::io::Result<()> {
                 arrivals.lock().unwrap().clear();
                 "{}".to_string()
             }
+            // The HTTP floor's requests (src/http_floor.rs): answered, not recorded.
+            (_, "/floor") => "{\"ok\":true}".to_string(),
             _ => {
                 let t0 = t0_of(&body);
                 arrivals.lock().unwrap().entry(webhook_id).or_default().push((arrived, t0));
