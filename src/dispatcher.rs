@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::{PgBuiltInOids, PgOid};
 
 use crate::db::{self, DbError};
 use crate::delivery::{self, Claimed};
@@ -150,6 +152,38 @@ impl Warnings {
     }
 }
 
+/// The statements of an announcement, planned once per dispatcher (SPI_keepplan).
+struct AnnouncePlans {
+    async_commit: OwnedPreparedStatement,
+    queues: OwnedPreparedStatement,
+    notify: OwnedPreparedStatement,
+}
+
+impl AnnouncePlans {
+    fn prepare(client: &SpiClient<'_>) -> Result<AnnouncePlans, pgrx::spi::Error> {
+        Ok(AnnouncePlans {
+            async_commit: client
+                .prepare_mut(
+                    "SELECT pg_catalog.set_config('synchronous_commit', 'off', true)",
+                    &[],
+                )?
+                .keep(),
+            queues: client
+                .prepare(
+                    "SELECT queue_name FROM queue_ext.queues WHERE NOT is_webhook AND NOT paused",
+                    &[],
+                )?
+                .keep(),
+            notify: client
+                .prepare_mut(
+                    "SELECT pg_catalog.pg_notify('queue_ext_jobs', q) FROM unnest($1::text[]) AS q",
+                    &[PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID)],
+                )?
+                .keep(),
+        })
+    }
+}
+
 struct Dispatcher {
     slot: Option<&'static Slot>,
     runtime: tokio::runtime::Runtime,
@@ -168,6 +202,7 @@ struct Dispatcher {
     /// When the last claim turn began: the poll interval counts from there.
     last_claim: Instant,
     last_announce: Instant,
+    announce_plans: Option<AnnouncePlans>,
     /// When the next token of a rate limit holding back a webhook job comes: sleep no longer.
     next_token_in: Option<Duration>,
     warnings: Warnings,
@@ -214,6 +249,7 @@ impl Dispatcher {
             last_purge: stale,
             last_claim: Instant::now(),
             last_announce: stale,
+            announce_plans: None,
             next_token_in: None,
             warnings: Warnings::default(),
         })
@@ -331,7 +367,8 @@ impl Dispatcher {
     /// Publishes `NOTIFY queue_ext_jobs, '<queue>'` for each queue whose jobs became runnable
     /// in transactions that committed since the last turn: one short transaction for all of
     /// them, without waiting for its commit to reach disk (it changes no data). Webhook
-    /// queues are ours to drain, so nobody else is told about them.
+    /// queues are ours to drain, so nobody else is told about them. An idle worker's wake-up
+    /// waits on this, so its statements are planned once and kept.
     fn announce(&mut self) {
         let Some(slot) = self.slot else { return };
         if self.last_announce.elapsed() < ANNOUNCE_GAP && wakeup::has_announcements(slot) {
@@ -343,29 +380,33 @@ impl Dispatcher {
         if bits.iter().all(|w| *w == 0) {
             return;
         }
+        let plans = &mut self.announce_plans;
         let sent = db::transaction(|| {
-            Spi::run("SET LOCAL synchronous_commit = off")?;
-            let queues: Vec<String> = Spi::connect(|client| {
-                client
-                    .select(
-                        "SELECT queue_name FROM queue_ext.queues WHERE NOT is_webhook AND NOT paused",
-                        None,
-                        &[],
-                    )?
+            Spi::connect_mut(|client| {
+                if plans.is_none() {
+                    *plans = Some(AnnouncePlans::prepare(client)?);
+                }
+                let plans = plans.as_ref().expect("prepared above");
+                client.update(&plans.async_commit, None, &[])?;
+                let queues: Vec<String> = client
+                    .select(&plans.queues, None, &[])?
                     .filter_map(|row| row.get::<String>(1).transpose())
-                    .filter(|name| name.as_ref().map_or(true, |n| wakeup::is_announced(&bits, n)))
-                    .collect::<Result<_, _>>()
-            })?;
-            if !queues.is_empty() {
-                Spi::run_with_args(
-                    "SELECT pg_notify('queue_ext_jobs', q) FROM unnest($1::text[]) AS q",
-                    &[queues.into()],
-                )?;
-            }
-            Ok(())
+                    .filter(|name| {
+                        name.as_ref()
+                            .map_or(true, |n| wakeup::is_announced(&bits, n))
+                    })
+                    .collect::<Result<_, _>>()?;
+                if !queues.is_empty() {
+                    client.update(&plans.notify, None, &[queues.into()])?;
+                }
+                Ok(())
+            })
         });
         self.last_announce = Instant::now();
         if let Err(e) = sent {
+            // Planned again next time: the error may have been the plans' (say, a queues
+            // table recreated by an extension update).
+            self.announce_plans = None;
             self.warnings
                 .warn("announce", || format!("announcing new jobs failed: {e}"));
         }
