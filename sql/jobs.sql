@@ -35,35 +35,49 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    q queue_ext.queues := queue_ext._queue(enqueue_job.queue_name);
+    q queue_ext.queues;
     new_id uuid := queue_ext.uuid_generate_v7();
     who text := queue_ext._invoker();
-    start timestamptz := queue_ext._start_time(enqueue_job.run_at, enqueue_job.delay);
+    start timestamptz;  -- NULL: now()
+    prio queue_ext.job_priority;  -- NULL: normal
     existing uuid;
     initial queue_ext.job_state := 'queued';
     blocked_by uuid;
     took_slot boolean := false;
 BEGIN
-    -- The checks' own conditions first, so that the usual enqueue makes no call for them (a
-    -- PERFORM is a statement of its own: two of them were a tenth of an enqueue's CPU).
-    IF q.queue_name LIKE 'queue\_ext.%' THEN
-        PERFORM queue_ext._refuse_internal(q.queue_name, 'enqueue into');
+    -- Each PL/pgSQL expression costs microseconds of setup in every transaction, and an
+    -- enqueue is often a transaction of its own: the usual call (a queue, a payload, nothing
+    -- else) evaluates one condition for all the options instead of a check and a helper call
+    -- each. The checks run in the same order either way, so an error names the same problem.
+    SELECT * INTO q FROM queue_ext.queues AS t WHERE t.queue_name = enqueue_job.queue_name;
+    IF NOT FOUND THEN
+        q := queue_ext._queue(enqueue_job.queue_name);  -- raises: no such queue
+    END IF;
+    IF num_nonnulls(enqueue_job.run_at, enqueue_job.delay) > 0 OR q.queue_name LIKE 'queue\_ext.%' THEN
+        start := queue_ext._start_time(enqueue_job.run_at, enqueue_job.delay);
+        IF q.queue_name LIKE 'queue\_ext.%' THEN
+            PERFORM queue_ext._refuse_internal(q.queue_name, 'enqueue into');
+        END IF;
     END IF;
     IF enqueue_job.payload IS NULL OR jsonb_typeof(enqueue_job.payload) <> 'object'
        OR pg_column_size(enqueue_job.payload) > queue_ext.max_payload_bytes() THEN
         PERFORM queue_ext._check_payload(enqueue_job.payload);
     END IF;
-    IF enqueue_job.max_attempts IS NOT NULL THEN
-        PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
-    END IF;
-    IF enqueue_job.rate_limit_key IS NOT NULL OR enqueue_job.concurrency_key IS NOT NULL THEN
-        PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
-    END IF;
-    -- The key is indexed (job_queue_dedupe_idx): a longer one fails inside the index with a
-    -- message about index rows instead.
-    IF octet_length(enqueue_job.dedupe_key) > 1000 THEN
-        RAISE EXCEPTION 'dedupe_key must be at most 1000 bytes (got %)', octet_length(enqueue_job.dedupe_key)
-            USING ERRCODE = '22023';
+    IF num_nonnulls(enqueue_job.max_attempts, enqueue_job.rate_limit_key, enqueue_job.concurrency_key,
+                    enqueue_job.dedupe_key) > 0 OR enqueue_job.priority IS DISTINCT FROM 'normal' THEN
+        IF enqueue_job.max_attempts IS NOT NULL THEN
+            PERFORM queue_ext._check_max_attempts(enqueue_job.max_attempts);
+        END IF;
+        IF enqueue_job.rate_limit_key IS NOT NULL OR enqueue_job.concurrency_key IS NOT NULL THEN
+            PERFORM queue_ext._check_limit_keys(enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
+        END IF;
+        -- The key is indexed (job_queue_dedupe_idx): a longer one fails inside the index with a
+        -- message about index rows instead.
+        IF octet_length(enqueue_job.dedupe_key) > 1000 THEN
+            RAISE EXCEPTION 'dedupe_key must be at most 1000 bytes (got %)', octet_length(enqueue_job.dedupe_key)
+                USING ERRCODE = '22023';
+        END IF;
+        prio := queue_ext._priority(enqueue_job.priority);
     END IF;
     IF enqueue_job.depends_on IS NOT NULL AND cardinality(enqueue_job.depends_on) > 0 THEN
         SELECT w.state, w.blocked_by INTO initial, blocked_by
@@ -72,9 +86,9 @@ BEGIN
             -- A dependency is already dead or cancelled: this job can never run.
             INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
                 last_error, enqueued_by, created_at, run_at, rate_limit_key, concurrency_key)
-            VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), 'cancelled',
+            VALUES (new_id, q.queue_name, enqueue_job.payload, coalesce(prio, 'normal'), 'cancelled',
                 0, coalesce(enqueue_job.max_attempts, q.max_attempts),
-                format('dependency %s is dead or cancelled', blocked_by), who, now(), start,
+                format('dependency %s is dead or cancelled', blocked_by), who, now(), coalesce(start, now()),
                 enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
             INSERT INTO queue_ext.job_status_log (job_id, queue_name, to_status, attempt, error, enqueued_by)
             VALUES (new_id, q.queue_name, 'cancelled', 0, format('dependency %s is dead or cancelled', blocked_by), who);
@@ -91,7 +105,7 @@ BEGIN
     IF enqueue_job.dedupe_key IS NULL THEN
         INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by,
                                          rate_limit_key, concurrency_key)
-        VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial, start,
+        VALUES (new_id, q.queue_name, enqueue_job.payload, coalesce(prio, 'normal'), initial, coalesce(start, now()),
                 coalesce(enqueue_job.max_attempts, q.max_attempts), who,
                 enqueue_job.rate_limit_key, enqueue_job.concurrency_key);
     ELSE
@@ -100,8 +114,8 @@ BEGIN
         LOOP
             INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts,
                                              enqueued_by, dedupe_key, rate_limit_key, concurrency_key)
-            VALUES (new_id, q.queue_name, enqueue_job.payload, queue_ext._priority(enqueue_job.priority), initial,
-                    start, coalesce(enqueue_job.max_attempts, q.max_attempts), who, enqueue_job.dedupe_key,
+            VALUES (new_id, q.queue_name, enqueue_job.payload, coalesce(prio, 'normal'), initial,
+                    coalesce(start, now()), coalesce(enqueue_job.max_attempts, q.max_attempts), who, enqueue_job.dedupe_key,
                     enqueue_job.rate_limit_key, enqueue_job.concurrency_key)
             ON CONFLICT (queue_name, enqueued_by, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING;
             EXIT WHEN FOUND;
@@ -126,7 +140,7 @@ BEGIN
     END IF;
     -- Webhook queues are the dispatcher's to deliver; SQL workers hear of the others
     -- (inline rather than _announce(): this is the hottest path).
-    IF initial <> 'queued' OR start > now() THEN
+    IF initial <> 'queued' OR coalesce(start > now(), false) THEN
         NULL;
     ELSIF q.is_webhook THEN
         PERFORM queue_ext._wake_dispatcher_at_commit();
