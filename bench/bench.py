@@ -395,8 +395,7 @@ def finished_jobs(c, queue):
 def bench_webhooks(dsn, sink_port, n, paced=False, lean=False, sink_pid=None):
     queue = "bench_hooks"
     urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{sink_port}/__reset", method="POST")).read()
-    fresh_queue(dsn, queue, webhook_url=f"http://127.0.0.1:{sink_port}/hook", webhook_max_in_flight=1000,
-                **(LEAN_CONFIG if lean else {}))
+    fresh_queue(dsn, queue, webhook_url=f"http://127.0.0.1:{sink_port}/hook", **(LEAN_CONFIG if lean else {}))
     ids = []
     with connect(dsn) as c:
         before = finished_jobs(c, queue)

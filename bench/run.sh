@@ -34,8 +34,10 @@ if [ -n "$peers" ]; then
 fi
 "$root/scripts/cluster.sh" stop "$dir" 2>/dev/null || true
 rm -rf "$dir"
+# queue_ext runs with its defaults but one: the SSRF guard refuses loopback targets unless
+# allowed, and the sink listens on 127.0.0.1.
 # QE_BENCH_SETTING adds one postgresql.conf line, e.g. "queue_ext.dispatcher_synchronous_commit = off".
-"$root/scripts/cluster.sh" start "$dir" "$port" "queue_ext.http_allowlist = '127.0.0.1'" "queue_ext.max_in_flight = 512" \
+"$root/scripts/cluster.sh" start "$dir" "$port" "queue_ext.http_allowlist = '127.0.0.1'" \
   ${QE_BENCH_SETTING:+"$QE_BENCH_SETTING"}
 # The sink is compiled (std-only Rust, builds in seconds) so that the benchmark measures the
 # dispatcher, not a Python HTTP server; bench/sink.py is the same sink in Python.
