@@ -2,7 +2,7 @@
 costs per job, without the drift between runs minutes apart that the 4-client headline shows.
 
     python3 bench/versions.py --port PORT [--old 0.7.0] [--new 0.8.0] [--rounds 7]
-                              [--modes drain,single,enqueue]
+                              [--modes drain,single,enqueue,enqueue1]
 
 The cluster must have the extension installed (scripts/install.sh installs every released
 version's script beside the current one) and run as the benchmark's does. One database per
@@ -21,6 +21,7 @@ MODES = {
     "drain": (20000, "get_next_jobs(100) + complete_jobs in one transaction"),
     "single": (3000, "get_next_job + complete_job, each its own transaction"),
     "enqueue": (100000, "enqueue_jobs, batches of 1,000"),
+    "enqueue1": (10000, "enqueue_job, each its own transaction"),
 }
 
 
@@ -43,7 +44,7 @@ def database(port, version):
 def one_round(dsn, mode):
     jobs, _ = MODES[mode]
     with psycopg.connect(dsn, autocommit=True) as c:
-        if mode != "enqueue":
+        if not mode.startswith("enqueue"):
             c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('versions', "
                       "array_fill('{\"n\": 1}'::jsonb, ARRAY[%s]))" % jobs)
         c.execute("VACUUM ANALYZE queue_ext.job_queue")
@@ -56,6 +57,9 @@ def one_round(dsn, mode):
             for _ in range(jobs // 1000):
                 c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('versions', "
                           "array_fill('{\"n\": 1}'::jsonb, ARRAY[1000]))")
+        elif mode == "enqueue1":
+            for _ in range(jobs):
+                c.execute("SELECT queue_ext.enqueue_job('versions', '{\"n\": 1}')", prepare=True)
         elif mode == "drain":
             for _ in range(jobs // 100):
                 with c.transaction():
@@ -68,7 +72,7 @@ def one_round(dsn, mode):
         cpu = (cpu_seconds(pid) - start) / jobs * 1e6
         wal = float(c.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", [lsn]).fetchone()[0]) / jobs
         left = c.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = 'versions'").fetchone()[0]
-        if mode == "enqueue":
+        if mode.startswith("enqueue"):
             left -= jobs  # what was enqueued is removed, unmeasured, for the next round
             c.execute("DELETE FROM queue_ext.job_queue WHERE queue_name = 'versions'")
     if left:
