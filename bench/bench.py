@@ -287,8 +287,9 @@ def wake_channel(dsn):
 def latency_listener(dsn, queue, n, channel, ready, out):
     """An idle worker: sleeps in LISTEN and claims when woken for its queue: on queue_ext_jobs
     until the queue is empty (one wake-up may stand for several jobs), on queue_ext_events once
-    per 'queued' event (one event per job)."""
-    lat = []
+    per 'queued' event (one event per job). Records, per job, enqueue -> claimed and enqueue ->
+    notification received (what the wake-up alone takes)."""
+    lat, wakes = [], []
     deadline = time.time() + 30 + 0.05 * n  # a missed wake-up fails the cell, not hangs it
     with connect(dsn) as listen, connect(dsn) as work:
         listen.execute(f"LISTEN {channel}")
@@ -302,16 +303,18 @@ def latency_listener(dsn, queue, n, channel, ready, out):
                     ev = json.loads(note.payload)
                     if ev["status"] != "queued" or ev["queue"] != queue:
                         continue
+                woke = time.time()
                 while True:
                     row = work.execute("SELECT payload, job_id, lease_token FROM queue_ext.get_next_job(%s, 'idle')",
                                        [queue], prepare=True).fetchone()
                     if row is None:
                         break
                     lat.append(time.time() - row[0]["t0"])
+                    wakes.append(woke - row[0]["t0"])
                     work.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [row[1], row[2]], prepare=True)
                     if channel == EVENTS_CHANNEL:
                         break
-    out.put(lat)
+    out.put((lat, wakes))
 
 
 def bench_latency(dsn, n, channel, config=None):
@@ -325,12 +328,19 @@ def bench_latency(dsn, n, channel, config=None):
         for _ in range(n):
             c.execute("SELECT queue_ext.enqueue_job(%s, jsonb_build_object('t0', %s::float8))", [queue, time.time()], prepare=True)
             time.sleep(LATENCY_GAP_S)
-    lat = sorted(out.get(timeout=360))
+    lat, wakes = out.get(timeout=360)
     p.join()
     if len(lat) != n:
         raise Failure(f"latency: {len(lat)} of {n} jobs claimed after a wake-up on {channel}")
     check_exactly_once(dsn, queue, n, lean=is_lean(config))
-    return percentiles(lat)
+    return latency_split(lat, wakes)
+
+
+def latency_split(lat, wakes):
+    """Enqueue -> claimed percentiles, and enqueue -> notification received (`wake_*`): the
+    rest of each job's latency is its claim's round trip."""
+    woke = percentiles(wakes)
+    return {**percentiles(lat), "wake_p50_ms": woke["p50_ms"], "wake_p99_ms": woke["p99_ms"]}
 
 
 def percentiles(values):
@@ -553,21 +563,23 @@ def pgmq_drain(dsn, workers, batch, n, finish="delete"):
 
 def pgmq_latency_listener(dsn, q, n, ready, out):
     """An idle pgmq consumer: sleeps in LISTEN on pgmq's insert channel, reads when woken."""
-    lat, ids = [], []
+    lat, ids, wakes = [], [], []
     deadline = time.time() + 300
     with connect(dsn) as listen, connect(dsn) as work:
         listen.execute(f'LISTEN "pgmq.q_{q}.INSERT"')
         ready.set()
         while len(lat) < n and time.time() < deadline:
             for _ in listen.notifies(timeout=5, stop_after=1):
+                woke = time.time()
                 while True:  # everything visible now (notifications without payload may coalesce)
                     row = work.execute("SELECT msg_id, message FROM pgmq.read(%s, 30, 1)", [q], prepare=True).fetchone()
                     if row is None:
                         break
                     lat.append(time.time() - row[1]["t0"])
+                    wakes.append(woke - row[1]["t0"])
                     work.execute("SELECT pgmq.delete(%s, %s::bigint)", [q, row[0]], prepare=True)
                     ids.append(row[0])
-    out.put((lat, ids))
+    out.put((lat, wakes, ids))
 
 
 def pgmq_latency(dsn, n):
@@ -581,12 +593,12 @@ def pgmq_latency(dsn, n):
         for _ in range(n):
             c.execute("SELECT pgmq.send(%s, jsonb_build_object('t0', %s::float8))", [q, time.time()], prepare=True)
             time.sleep(LATENCY_GAP_S)
-    lat, ids = out.get(timeout=360)
+    lat, wakes, ids = out.get(timeout=360)
     p.join()
     left = pgmq_count(dsn, f"q_{q}")
     if len(ids) != n or len(set(ids)) != n or left:
         raise Failure(f"pgmq latency: {len(ids)} read ({len(set(ids))} distinct) of {n}, {left} left")
-    return percentiles(lat)
+    return latency_split(lat, wakes)
 
 
 # --- graphile-worker: add_job / add_jobs from Python; its own Node worker (bench/peers/graphile.mjs)
@@ -837,21 +849,23 @@ FLOOR_NOTIFY = "floor_q"
 def floor_latency_listener(dsn, n, ready, out):
     """An idle floor worker: LISTEN on the table's channel, claim (UPDATE ... SKIP LOCKED) when
     woken until nothing is left, DELETE each claimed row."""
-    lat, ids = [], []
+    lat, ids, wakes = [], [], []
     deadline = time.time() + 30 + 0.05 * n
     with connect(dsn) as listen, connect(dsn) as work:
         listen.execute(f"LISTEN {FLOOR_NOTIFY}")
         ready.set()
         while len(lat) < n and time.time() < deadline:
             for _ in listen.notifies(timeout=5, stop_after=1):
+                woke = time.time()
                 while True:
                     row = work.execute(FLOOR_CLAIM, prepare=True).fetchone()
                     if row is None:
                         break
                     lat.append(time.time() - row[1]["t0"])
+                    wakes.append(woke - row[1]["t0"])
                     work.execute("DELETE FROM floor_q WHERE id = %s", [row[0]], prepare=True)
                     ids.append(row[0])
-    out.put((lat, ids))
+    out.put((lat, wakes, ids))
 
 
 def floor_latency(dsn, n):
@@ -868,12 +882,12 @@ def floor_latency(dsn, n):
             c.execute(f"WITH i AS (INSERT INTO floor_q (payload) VALUES (jsonb_build_object('t0', %s::float8)) RETURNING id) "
                       f"SELECT pg_notify('{FLOOR_NOTIFY}', '') FROM i", [time.time()], prepare=True)
             time.sleep(LATENCY_GAP_S)
-    lat, ids = out.get(timeout=360)
+    lat, wakes, ids = out.get(timeout=360)
     p.join()
     left = floor_count(dsn)
     if len(ids) != n or len(set(ids)) != n or left:
         raise Failure(f"floor latency: {len(ids)} claimed ({len(set(ids))} distinct) of {n}, {left} left")
-    return percentiles(lat)
+    return latency_split(lat, wakes)
 
 
 def floor_setup(dsn):
