@@ -272,6 +272,9 @@ def bench_drain(dsn, workers, batch, n, rls=True, config=None):
 # commit); a build without it has only the status events on queue_ext_events (one JSON object
 # per transition, for queues with notify on). Chosen once per run by wake_channel().
 JOBS_CHANNEL, EVENTS_CHANNEL = "queue_ext_jobs", "queue_ext_events"
+# Not a channel: the idle worker waits in CALL queue_ext.wait_for_jobs (0.11.0 on), woken by
+# the producer's commit itself.
+WAIT_PROCEDURE = "wait_for_jobs"
 # Between two enqueues of a latency cell (every system): long enough that the idle worker has
 # claimed and finished the previous job even when a commit takes several ms on a loaded machine,
 # so the figure is the wake-up and claim, not a backlog.
@@ -284,13 +287,39 @@ def wake_channel(dsn):
     return JOBS_CHANNEL if new else EVENTS_CHANNEL
 
 
+def idle_wait(dsn, channel):
+    """How queue_ext's idle worker waits in the latency cell: wait_for_jobs where the build has
+    it, else LISTEN on `channel`."""
+    with connect(dsn) as c:
+        has = c.execute("SELECT to_regprocedure('queue_ext.wait_for_jobs(text[], interval, boolean)') IS NOT NULL").fetchone()[0]
+    return WAIT_PROCEDURE if has else channel
+
+
 def latency_listener(dsn, queue, n, channel, ready, out):
-    """An idle worker: sleeps in LISTEN and claims when woken for its queue: on queue_ext_jobs
-    until the queue is empty (one wake-up may stand for several jobs), on queue_ext_events once
-    per 'queued' event (one event per job). Records, per job, enqueue -> claimed and enqueue ->
+    """An idle worker: sleeps in CALL queue_ext.wait_for_jobs (channel WAIT_PROCEDURE) or in
+    LISTEN, and claims when woken for its queue: until the queue is empty (one wake-up may
+    stand for several jobs), or on queue_ext_events once per 'queued' event (one per job). Records, per job, enqueue -> claimed and enqueue ->
     notification received (what the wake-up alone takes)."""
     lat, wakes = [], []
     deadline = time.time() + 30 + 0.05 * n  # a missed wake-up fails the cell, not hangs it
+    if channel == WAIT_PROCEDURE:
+        with connect(dsn) as work:
+            ready.set()
+            while len(lat) < n and time.time() < deadline:
+                if not work.execute("CALL queue_ext.wait_for_jobs(ARRAY[%s], '5 seconds')", [queue],
+                                    prepare=True).fetchone()[0]:
+                    continue
+                woke = time.time()
+                while True:
+                    row = work.execute("SELECT payload, job_id, lease_token FROM queue_ext.get_next_job(%s, 'idle')",
+                                       [queue], prepare=True).fetchone()
+                    if row is None:
+                        break
+                    lat.append(time.time() - row[0]["t0"])
+                    wakes.append(woke - row[0]["t0"])
+                    work.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [row[1], row[2]], prepare=True)
+        out.put((lat, wakes))
+        return
     with connect(dsn) as listen, connect(dsn) as work:
         listen.execute(f"LISTEN {channel}")
         ready.set()
@@ -922,6 +951,7 @@ def settings(dsn, peers):
 # and graphile-worker keep: nothing once a job is done), and notify_events flipped from its
 # default (the per-job NOTIFY's cost), when create_queue has it.
 LEAN = "queue_ext, keep_history off"
+LISTENING = "queue_ext, idle worker on LISTEN"  # the latency cell's other way to wait
 LEAN_CONFIG = {"keep_history": False}
 NOTIFY_FLIP = "queue_ext, notify_events flipped"  # renamed in main() to say on or off
 PGMQ_DEL = "pgmq, delete instead of archive"
@@ -931,7 +961,7 @@ HTTP_FLOOR = "bare HTTP floor"
 # have at most is more than 2 cores serve well with a thread each; this many keep them busy.
 HTTP_FLOOR_CONNECTIONS = 64
 RLS_OFF = "queue_ext, row level security off"
-SYSTEMS = ["queue_ext", LEAN, NOTIFY_FLIP, RLS_OFF, "pgmq", PGMQ_DEL, "graphile-worker", FLOOR, HTTP_FLOOR]
+SYSTEMS = ["queue_ext", LEAN, LISTENING, NOTIFY_FLIP, RLS_OFF, "pgmq", PGMQ_DEL, "graphile-worker", FLOOR, HTTP_FLOOR]
 OURS = ("queue_ext", LEAN)
 PEER_OF = {"pgmq": "pgmq", PGMQ_DEL: "pgmq", "graphile-worker": "graphile"}  # system -> its --only name
 WORKLOADS = ("enqueue", "drain", "latency", "webhooks", "history")
@@ -1119,12 +1149,14 @@ def main():
     if "history" in workloads:
         history_databases(dsn)
     channel = wake_channel(dsn)
+    waiter = idle_wait(dsn, channel)
     notify_default = create_queue_default(dsn, "notify_events", "notify")
     flip = None if notify_default is None else {"notify_events": not notify_default}
     if flip:
         SYSTEMS[SYSTEMS.index(NOTIFY_FLIP)] = NOTIFY_FLIP = f"queue_ext, notify_events {'off' if notify_default else 'on'}"
     info = settings(dsn, peers)
     info["latency_channel"] = channel
+    info["latency_idle_wait"] = waiter
     print("# queue_ext benchmark")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"workloads: {', '.join(w for w in WORKLOADS if w in workloads)}; peers: {', '.join(sorted(peers)) or 'none'}"
@@ -1143,7 +1175,7 @@ def main():
         A run returning a dict (latency percentiles) records one cell per key. queue_ext's rows
         and the floor always run; a peer's only when selected (in --quick, only in_quick cells)."""
         runs = [(s, fn) for s, fn in runs.items()
-                if s in OURS or s in (FLOOR, NOTIFY_FLIP) or (PEER_OF[s] in peers and (in_quick or not quick))]
+                if s in OURS or s in (FLOOR, NOTIFY_FLIP, LISTENING) or (PEER_OF[s] in peers and (in_quick or not quick))]
         k = rep % len(runs) if runs else 0
         for system, fn in runs[k:] + runs[:k]:
             got = fn()
@@ -1201,8 +1233,9 @@ def main():
                 cell(rep, "drain", f"batches of 100, {w} worker(s)", "jobs/s", runs, in_quick=(w == 4))
         if "latency" in workloads:
             cell(rep, "latency", "idle enqueue->claim", "ms", {
-                "queue_ext": lambda: bench_latency(dsn, n.latency, channel),
-                LEAN: lambda: bench_latency(dsn, n.latency, channel, LEAN_CONFIG),
+                "queue_ext": lambda: bench_latency(dsn, n.latency, waiter),
+                LEAN: lambda: bench_latency(dsn, n.latency, waiter, LEAN_CONFIG),
+                LISTENING: lambda: bench_latency(dsn, n.latency, channel),
                 "pgmq": lambda: pgmq_latency(pgmq_dsn, n.latency),
                 "graphile-worker": lambda: gw_latency(gw_dsn, gw_url, n.latency),
                 FLOOR: lambda: floor_latency(floor_dsn, n.latency)}, in_quick=True)
@@ -1282,7 +1315,9 @@ def main():
             f"webhooks, the same sink sent requests of a delivery's size over {HTTP_FLOOR_CONNECTIONS} keep-alive "
             f"connections by a std-only client, no database (bench/sink-rs/src/http_floor.rs). Medians of "
             f"{reps} round(s), jobs/s unless marked (latency: lower is better, so a ratio under 1 is ahead). "
-            f"Latency: idle worker on LISTEN {channel}." + (" --quick: counts too small to judge speed." if quick else ""))
+            f"Latency: queue_ext's idle worker waits in "
+            f"{'CALL queue_ext.wait_for_jobs' if waiter == WAIT_PROCEDURE else 'LISTEN ' + channel}"
+            f"{'; the row ' + repr(LISTENING) + ' on LISTEN ' + channel if waiter == WAIT_PROCEDURE else ''}." + (" --quick: counts too small to judge speed." if quick else ""))
     cpu_line = webhook_cpu_line(cells, info.get("cpus"))
     if cpu_line:
         note += "\n\n" + cpu_line

@@ -40,3 +40,19 @@ CREATE TRIGGER publish_transitions
     AFTER INSERT ON queue_ext.job_status_log
     REFERENCING NEW TABLE AS transitions
     FOR EACH STATEMENT EXECUTE FUNCTION queue_ext._publish_transitions();
+
+-- Worker wake-ups without LISTEN: waits inside this connection until a commit makes jobs of
+-- queue_names runnable (NULL: every queue get_next_jobs(NULL, ...) claims from), or until
+-- timeout. woken is true when the worker should claim now (jobs were already runnable, or a
+-- commit woke it; a wake-up meant for another queue sharing its bucket costs one empty
+-- claim), false when the timeout passed. Jobs that become due later (run_at, a retry's
+-- backoff, a rate limit's next token) are looked for every queue_ext.poll_interval.
+-- It commits the CALL's transaction before it waits, so an idle worker holds no snapshot
+-- and no transaction id (vacuum is never held back by it): CALL it outside a transaction
+-- block (SQLSTATE 25001 otherwise). It works through a pooler in transaction mode, where
+-- LISTEN does not. Needs shared_preload_libraries; without it the wait polls every 50 ms.
+CREATE PROCEDURE queue_ext.wait_for_jobs(queue_names text[] DEFAULT NULL,
+                                         timeout interval DEFAULT '30 seconds',
+                                         INOUT woken boolean DEFAULT NULL)
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'queue_ext_wait_for_jobs';

@@ -52,6 +52,10 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.list_limits()
 TO queue_ext_worker;
 
+-- (ALL FUNCTIONS above leaves procedures out.)
+REVOKE ALL ON PROCEDURE queue_ext.wait_for_jobs(text[], interval, boolean) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE queue_ext.wait_for_jobs(text[], interval, boolean) TO queue_ext_worker;
+
 -- Admins: everything public (queues and webhook targets, dead letters, retention,
 -- schedules). Admin is also a member of producer and worker (schema.sql).
 GRANT EXECUTE ON FUNCTION

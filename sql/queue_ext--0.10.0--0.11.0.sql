@@ -1,4 +1,7 @@
--- queue_ext 0.10.0 -> 0.11.0: a cheaper single enqueue.
+-- queue_ext 0.10.0 -> 0.11.0: wait_for_jobs, and a cheaper single enqueue.
+--   * CALL queue_ext.wait_for_jobs(queues, timeout): an idle worker waits in its own
+--     connection until a commit makes jobs of its queues runnable (woken by the committing
+--     backend; no LISTEN, no snapshot held while waiting). Needs the 0.11.0 library.
 --   * enqueue_job looks its queue up in its own statement and checks the options a call did
 --     not give with one condition, instead of a helper function call and a check each (each
 --     PL/pgSQL expression is set up again in every transaction, and a single enqueue is often
@@ -145,3 +148,21 @@ BEGIN
     RETURN new_id;
 END
 $$;
+
+-- Worker wake-ups without LISTEN: waits inside this connection until a commit makes jobs of
+-- queue_names runnable (NULL: every queue get_next_jobs(NULL, ...) claims from), or until
+-- timeout. woken is true when the worker should claim now (jobs were already runnable, or a
+-- commit woke it; a wake-up meant for another queue sharing its bucket costs one empty
+-- claim), false when the timeout passed. Jobs that become due later (run_at, a retry's
+-- backoff, a rate limit's next token) are looked for every queue_ext.poll_interval.
+-- It commits the CALL's transaction before it waits, so an idle worker holds no snapshot
+-- and no transaction id (vacuum is never held back by it): CALL it outside a transaction
+-- block (SQLSTATE 25001 otherwise). It works through a pooler in transaction mode, where
+-- LISTEN does not. Needs shared_preload_libraries; without it the wait polls every 50 ms.
+CREATE PROCEDURE queue_ext.wait_for_jobs(queue_names text[] DEFAULT NULL,
+                                         timeout interval DEFAULT '30 seconds',
+                                         INOUT woken boolean DEFAULT NULL)
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'queue_ext_wait_for_jobs';
+REVOKE ALL ON PROCEDURE queue_ext.wait_for_jobs(text[], interval, boolean) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE queue_ext.wait_for_jobs(text[], interval, boolean) TO queue_ext_worker;

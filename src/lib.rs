@@ -17,6 +17,7 @@ mod http;
 mod ids;
 mod launcher;
 mod status;
+mod waiting;
 mod wakeup;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -132,19 +132,45 @@ impl Slot {
     }
 }
 
+/// Backends waiting in `wait_for_jobs` at once (waiting.rs). More poll instead.
+pub const MAX_WAITERS: usize = 256;
+
+/// A backend in `wait_for_jobs`: which database and queue buckets it waits for. `pid` 0 is a
+/// free entry; `woken` is set by the commit that sets its latch.
 #[derive(Default)]
+pub struct Waiter {
+    pub pid: AtomicI32,
+    pub procno: AtomicI32,
+    pub db_oid: AtomicU32,
+    pub buckets: [AtomicU64; ANNOUNCE_WORDS],
+    pub woken: AtomicBool,
+}
+
 pub struct Shared {
     pub launcher_pid: AtomicI32,
     pub launcher_procno: AtomicI32,
     /// Set by a committed CREATE EXTENSION: look at every database again now.
     pub rescan: AtomicBool,
     pub slots: [Slot; MAX_DISPATCHERS],
+    pub waiters: [Waiter; MAX_WAITERS],
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            launcher_pid: AtomicI32::new(0),
+            launcher_procno: AtomicI32::new(0),
+            rescan: AtomicBool::new(false),
+            slots: Default::default(),
+            waiters: std::array::from_fn(|_| Waiter::default()),
+        }
+    }
 }
 
 // SAFETY: only atomics inside; no pointers into one process's memory.
 unsafe impl PGRXSharedMemory for Shared {}
 
-static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"queue_ext_shared_v3") };
+static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"queue_ext_shared_v4") };
 
 /// True in the postmaster and its children when we were preloaded and own shared memory.
 static SHMEM_READY: AtomicBool = AtomicBool::new(false);
@@ -196,6 +222,7 @@ unsafe extern "C-unwind" fn on_xact_event(
                 // SAFETY: reading this backend's database id.
                 let db = unsafe { pg_sys::MyDatabaseId };
                 post_to_dispatchers(db, deliver, &announce);
+                wake_waiters(db, &announce);
             }
             if WAKE_LAUNCHER_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_launcher();
@@ -270,6 +297,68 @@ fn post_to_dispatchers(db: pg_sys::Oid, deliver: bool, bits: &AnnounceBits) {
     }
 }
 
+/// Sets the latch of every backend waiting in `wait_for_jobs` on `db` for a bucket in `bits`.
+fn wake_waiters(db: pg_sys::Oid, bits: &AnnounceBits) {
+    let Some(shared) = shared() else { return };
+    for w in &shared.waiters {
+        if w.pid.load(Ordering::SeqCst) != 0
+            && w.db_oid.load(Ordering::Relaxed) == db.to_u32()
+            && w.buckets
+                .iter()
+                .zip(bits)
+                .any(|(mine, b)| mine.load(Ordering::Relaxed) & b != 0)
+        {
+            w.woken.store(true, Ordering::SeqCst);
+            set_latch_of(w.procno.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// Takes a free waiter entry for this backend (one whose process is gone counts as free: a
+/// FATAL exit skips the unregistering). None when every entry is taken.
+pub fn register_waiter(db: pg_sys::Oid, procno: i32, buckets: &AnnounceBits) -> Option<usize> {
+    let shared = shared()?;
+    // SAFETY: reading this process's pid.
+    let me = unsafe { pg_sys::MyProcPid };
+    for (i, w) in shared.waiters.iter().enumerate() {
+        let pid = w.pid.load(Ordering::SeqCst);
+        // SAFETY: signal 0 only checks that the process exists.
+        let free = pid == 0 || (pid != me && unsafe { libc::kill(pid, 0) } != 0);
+        if free
+            && w.pid
+                .compare_exchange(pid, me, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            w.procno.store(procno, Ordering::Relaxed);
+            w.db_oid.store(db.to_u32(), Ordering::Relaxed);
+            w.woken.store(false, Ordering::SeqCst);
+            for (word, b) in w.buckets.iter().zip(buckets) {
+                word.store(*b, Ordering::SeqCst);
+            }
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Whether a commit woke waiter `i` since the last call (and clears it).
+pub fn take_waiter_wake(i: usize) -> bool {
+    shared().is_some_and(|s| s.waiters[i].woken.swap(false, Ordering::SeqCst))
+}
+
+pub fn unregister_waiter(i: usize) {
+    let Some(shared) = shared() else { return };
+    let w = &shared.waiters[i];
+    for word in &w.buckets {
+        word.store(0, Ordering::Relaxed);
+    }
+    // SAFETY: reading this process's pid.
+    let me = unsafe { pg_sys::MyProcPid };
+    let _ = w
+        .pid
+        .compare_exchange(me, 0, Ordering::SeqCst, Ordering::SeqCst);
+}
+
 /// True when a dispatcher is attached to `db` to publish announcements.
 fn dispatcher_attached(db: pg_sys::Oid) -> bool {
     slots().is_some_and(|slots| {
@@ -320,14 +409,15 @@ fn _wake_dispatcher_at_commit() {
 /// preloaded, or not started yet): the caller then sends the NOTIFY itself.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _announce_at_commit(queue_name: &str) -> bool {
-    // SAFETY: reading this backend's database id.
-    if !SHMEM_READY.load(Ordering::Relaxed) || !dispatcher_attached(unsafe { pg_sys::MyDatabaseId })
-    {
+    if !SHMEM_READY.load(Ordering::Relaxed) {
         return false;
     }
+    // Marked whether or not a dispatcher runs: backends in wait_for_jobs are woken by the
+    // commit itself.
     let (word, mask) = announce_bucket(queue_name);
     ANNOUNCE_AT_COMMIT[word].fetch_or(mask, Ordering::Relaxed);
-    true
+    // SAFETY: reading this backend's database id.
+    dispatcher_attached(unsafe { pg_sys::MyDatabaseId })
 }
 
 /// Asks for the launcher to look at every database when the current transaction commits.

@@ -66,6 +66,7 @@ FUNCTIONS = """
 | complete_job           | -        | x      | x     | -    |
 | complete_jobs          | -        | x      | x     | -    |
 | complete_and_get_next  | -        | x      | x     | -    |
+| wait_for_jobs          | -        | x      | x     | -    |
 | fail_job               | -        | x      | x     | -    |
 | heartbeat              | -        | x      | x     | -    |
 | update_progress        | -        | x      | x     | -    |
@@ -254,13 +255,14 @@ def test_function_matrix(cluster):
     with cluster.connect() as su:
         funcs = su.execute(
             """SELECT p.oid, p.proname, p.oid::regprocedure::text, p.prorettype = 'trigger'::regtype,
-                      ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, i) ORDER BY i)
+                      ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes::oid[]) WITH ORDINALITY AS a(t, i) ORDER BY i),
+                      p.prokind = 'p'
                  FROM pg_proc p WHERE p.pronamespace = 'queue_ext'::regnamespace AND p.proname !~ '^_'""").fetchall()
         names = {f[1] for f in funcs} | {"_* (internal helpers)"}
         assert names == set(expected), (f"functions without a row in FUNCTIONS: {sorted(names - set(expected))}; "
                                         f"rows for nothing: {sorted(set(expected) - names)}")
         bad = []
-        for oid, name, sig, is_trigger, types in funcs:
+        for oid, name, sig, is_trigger, types, _ in funcs:
             for col, login in WHO.items():
                 want = expected[name][col] == "x"
                 has = su.execute("SELECT has_function_privilege(%s, %s, 'EXECUTE')", [login, oid]).fetchone()[0]
@@ -276,11 +278,12 @@ def test_function_matrix(cluster):
     # Denied cells, called for real: 42501 before any argument is looked at.
     for col, login in WHO.items():
         with connect(cluster, login) as conn:
-            for oid, name, sig, is_trigger, types in funcs:
+            for oid, name, sig, is_trigger, types, is_procedure in funcs:
                 if expected[name][col] == "x" or is_trigger:
                     continue  # a trigger function cannot be called directly by anyone
                 args = sql.SQL(", ").join(sql.SQL("NULL::{}").format(sql.SQL(t)) for t in types)
-                state, msg = error_of(conn, sql.SQL("SELECT queue_ext.{}({})").format(sql.Identifier(name), args))
+                call = "CALL queue_ext.{}({})" if is_procedure else "SELECT queue_ext.{}({})"
+                state, msg = error_of(conn, sql.SQL(call).format(sql.Identifier(name), args))
                 if state != "42501":
                     bad.append(f"{sig} as {col}: want 42501, got {state} {msg}")
     assert not bad, "\n".join(bad)

@@ -1,0 +1,213 @@
+"""CALL queue_ext.wait_for_jobs: an idle worker waits in its own connection until a commit
+makes jobs of its queues runnable. Woken by the commit, not before it and not by a rollback;
+at once when jobs are already there; never holding a snapshot or a transaction id while it
+waits; each job claimed once by many waiters; refused inside a transaction block."""
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgcluster import Cluster, wait_for
+
+WAIT = "CALL queue_ext.wait_for_jobs(%s, %s)"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster("waitjobs", 25454, ["max_connections = 100"])
+    c.start(fresh=True)
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION queue_ext")
+        for q in ("wj_a", "wj_b", "wj_many", "wj_paused"):
+            conn.execute("SELECT queue_ext.create_queue(%s)", [q])
+        conn.execute("SELECT queue_ext.pause_queue('wj_paused')")
+    yield c
+    c.stop()
+
+
+def bucket(name):
+    """The announcement bucket of a queue name (wakeup.rs: 64-bit FNV-1a modulo 256)."""
+    h = 0xCBF29CE484222325
+    for b in name.encode():
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h % 256
+
+
+class Waiter(threading.Thread):
+    """One CALL wait_for_jobs on its own connection; result and duration when it returns."""
+
+    def __init__(self, cluster, queues, timeout):
+        super().__init__(daemon=True)
+        self.conn = cluster.connect()
+        self.pid = self.conn.info.backend_pid
+        self.args = (queues, timeout)
+        self.woken = self.error = None
+        self.ended = None
+
+    def run(self):
+        try:
+            self.woken = self.conn.execute(WAIT, self.args).fetchone()[0]
+        except psycopg.Error as e:
+            self.error = e
+        self.ended = time.time()
+
+
+def waiting(conn, pid):
+    row = conn.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+    return row is not None and row[0] == "Extension"
+
+
+def drain(conn, queue):
+    conn.execute("SELECT count(*) FROM queue_ext.get_next_jobs(%s, 10000)", [queue])
+
+
+def test_woken_by_the_commit_not_before_it_and_not_by_a_rollback(cluster):
+    with cluster.connect() as admin, cluster.connect() as producer:
+        drain(admin, "wj_a")
+        w = Waiter(cluster, ["wj_a"], "20 seconds")
+        w.start()
+        wait_for(lambda: waiting(admin, w.pid), 10, what="the waiter to sleep")
+        # It holds no snapshot and no transaction id while it waits.
+        xmin, xid = admin.execute("SELECT backend_xmin, backend_xid FROM pg_stat_activity WHERE pid = %s",
+                                  [w.pid]).fetchone()
+        assert (xmin, xid) == (None, None)
+        producer.autocommit = False
+        producer.execute("SELECT queue_ext.enqueue_job('wj_a', '{}')")
+        time.sleep(0.5)
+        assert w.is_alive(), "woken before the commit"
+        producer.rollback()
+        time.sleep(0.5)
+        assert w.is_alive(), "woken by a rollback"
+        producer.execute("SELECT queue_ext.enqueue_job('wj_a', '{}')")
+        committed = time.time()
+        producer.commit()
+        w.join(10)
+        assert w.error is None and w.woken is True
+        assert w.ended - committed < 2.0
+        w.conn.close()
+
+
+def test_at_once_when_jobs_wait_and_false_at_the_timeout(cluster):
+    with cluster.connect() as conn:
+        drain(conn, "wj_b")
+        conn.execute("SELECT queue_ext.enqueue_job('wj_b', '{}')")
+        t = time.time()
+        assert conn.execute(WAIT, [["wj_b"], "10 seconds"]).fetchone()[0] is True
+        assert time.time() - t < 2.0
+        drain(conn, "wj_b")
+        t = time.time()
+        assert conn.execute(WAIT, [["wj_b"], "300 milliseconds"]).fetchone()[0] is False
+        assert time.time() - t >= 0.3
+        # The connection is usable afterwards, in and out of transactions.
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_other_queues_and_paused_queues_do_not_end_it(cluster):
+    other = next(f"wj_other{i}" for i in range(100) if bucket(f"wj_other{i}") != bucket("wj_b"))
+    with cluster.connect() as conn:
+        conn.execute("SELECT queue_ext.create_queue(%s)", [other])
+        drain(conn, "wj_b")
+        # A job in a paused queue is not runnable: it does not end the wait.
+        conn.execute("SELECT queue_ext.enqueue_job('wj_paused', '{}')")
+        w = Waiter(cluster, ["wj_b", "wj_paused"], "2 seconds")
+        w.start()
+        wait_for(lambda: waiting(conn, w.pid), 10, what="the waiter to sleep")
+        # A commit for a queue it does not wait for (in another bucket) does not wake it.
+        conn.execute("SELECT queue_ext.enqueue_job(%s, '{}')", [other])
+        w.join(10)
+        assert w.error is None and w.woken is False
+        w.conn.close()
+
+
+def test_many_waiters_claim_every_job_once(cluster):
+    jobs, workers = 400, 8
+    claimed, lock, stop = [], threading.Lock(), threading.Event()
+
+    def worker():
+        with cluster.connect() as c:
+            while not stop.is_set():
+                rows = c.execute("SELECT job_id FROM queue_ext.get_next_jobs('wj_many', 5)").fetchall()
+                if rows:
+                    c.execute("SELECT queue_ext.complete_jobs(%s::uuid[])", [[r[0] for r in rows]])
+                    with lock:
+                        claimed.extend(r[0] for r in rows)
+                else:
+                    c.execute(WAIT, [["wj_many"], "1 second"])
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    with cluster.connect() as producer:
+        for _ in range(40):
+            producer.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('wj_many', array_fill('{}'::jsonb, ARRAY[10]))")
+            time.sleep(0.02)
+        wait_for(lambda: len(claimed) >= jobs, 30, what="every job claimed")
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert len(claimed) == jobs and len(set(claimed)) == jobs
+
+
+def test_refused_inside_a_transaction_block_and_for_a_bad_timeout(cluster):
+    with cluster.connect() as conn:
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+            with conn.transaction():
+                conn.execute(WAIT, [["wj_b"], "1 second"])
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute(WAIT, [["wj_b"], "2 hours"])
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute(WAIT, [["wj_b"], "-1 second"])
+
+
+def test_a_cancelled_wait_leaves_the_connection_and_the_table_usable(cluster):
+    with cluster.connect() as admin:
+        drain(admin, "wj_a")
+        for _ in range(5):
+            w = Waiter(cluster, ["wj_a"], "20 seconds")
+            w.start()
+            wait_for(lambda: waiting(admin, w.pid), 10, what="the waiter to sleep")
+            admin.execute("SELECT pg_cancel_backend(%s)", [w.pid])
+            w.join(10)
+            assert isinstance(w.error, psycopg.errors.QueryCanceled)
+            w.conn.close()
+        w = Waiter(cluster, ["wj_a"], "20 seconds")
+        w.start()
+        wait_for(lambda: waiting(admin, w.pid), 10, what="the waiter to sleep")
+        admin.execute("SELECT queue_ext.enqueue_job('wj_a', '{}')")
+        w.join(10)
+        assert w.woken is True
+        w.conn.close()
+
+
+def test_only_workers_may_wait(cluster):
+    with cluster.connect() as admin:
+        admin.execute("DROP ROLE IF EXISTS wj_producer")
+        admin.execute("CREATE ROLE wj_producer LOGIN IN ROLE queue_ext_producer")
+        admin.execute("DROP ROLE IF EXISTS wj_worker")
+        admin.execute("CREATE ROLE wj_worker LOGIN IN ROLE queue_ext_worker")
+    with cluster.connect(user="wj_producer") as p:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            p.execute(WAIT, [["wj_b"], "100 milliseconds"])
+    with cluster.connect(user="wj_worker") as w:
+        assert w.execute(WAIT, [["wj_b"], "100 milliseconds"]).fetchone()[0] in (True, False)
+
+
+def test_without_preloading_it_polls(tmp_path):
+    # Not preloaded: no shared memory to register in, so the wait looks every 50 ms.
+    c = Cluster("waitjobs_bare", 25455, [], unset=("shared_preload_libraries",))
+    c.start(fresh=True)
+    try:
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION queue_ext")
+            conn.execute("SELECT queue_ext.create_queue('wj_bare')")
+            w = Waiter(c, ["wj_bare"], "20 seconds")
+            w.start()
+            wait_for(lambda: waiting(conn, w.pid), 10, what="the waiter to sleep")
+            conn.execute("SELECT queue_ext.enqueue_job('wj_bare', '{}')")
+            committed = time.time()
+            w.join(10)
+            assert w.error is None and w.woken is True and w.ended - committed < 2.0
+            w.conn.close()
+    finally:
+        c.stop()
