@@ -37,6 +37,25 @@ impl DbError {
     }
 }
 
+impl DbError {
+    /// Whether the error says the database could not take the statement now, rather than
+    /// that the values were wrong: SQLSTATE classes 25 (transaction state), 40 (rollback:
+    /// serialization, deadlock), 42 (an object missing or changed: a schema mid-update), 53
+    /// (resources), 55 (object state: a table turned into a view), 57 (cancelled, shutting
+    /// down), 58 (system), 0A (a feature the current definitions lack).
+    pub fn is_about_the_database(&self) -> bool {
+        match self {
+            DbError::Sql { sqlstate, .. } => {
+                matches!(
+                    &sqlstate[..2.min(sqlstate.len())],
+                    "25" | "40" | "42" | "53" | "55" | "57" | "58" | "0A"
+                )
+            }
+            DbError::Spi(_) | DbError::Panic(_) => false,
+        }
+    }
+}
+
 /// The five-character SQLSTATE of an error code (Postgres packs it six bits per character).
 pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
     let packed = code as i32;
@@ -94,6 +113,23 @@ pub fn extension_installed() -> Result<bool, DbError> {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn errors_about_the_database_are_told_from_errors_about_the_values() {
+        let sql = |code: &str| DbError::Sql {
+            sqlstate: code.into(),
+            message: String::new(),
+        };
+        for code in [
+            "42883", "55000", "40001", "40P01", "57014", "0A000", "25P02",
+        ] {
+            assert!(sql(code).is_about_the_database(), "{code}");
+        }
+        for code in ["P0001", "23505", "22P02", "22001", "XX000"] {
+            assert!(!sql(code).is_about_the_database(), "{code}");
+        }
+        assert!(!DbError::Panic("x".into()).is_about_the_database());
+    }
 
     #[test]
     fn sqlstates_unpack() {

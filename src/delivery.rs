@@ -332,16 +332,35 @@ fn record_json(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
     .unwrap_or(0))
 }
 
+/// What `record_isolated` does with an outcome that cannot be stored even without what came
+/// back from the endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Unstorable {
+    /// Fail its job permanently (dead letter queue, with the reason): nothing will try again.
+    Bury,
+    /// Give it back to the caller to try again in a later transaction when the error is
+    /// about the database rather than the outcome (`DbError::is_about_the_database`): a
+    /// transaction that began before an `ALTER EXTENSION ... UPDATE` committed and ran some of
+    /// the old functions against the new tables, a lock or statement timeout. A delivered
+    /// webhook must not go to the dead letter queue for that (redriving it would send it
+    /// twice). Other errors (a trigger refusing the row, bad data) are buried as with `Bury`.
+    Keep,
+}
+
 /// Records outcomes so that no SQL error can stop the caller or loop a job. The batch is
 /// recorded in one subtransaction; if that fails, each outcome alone. An outcome that still
 /// fails is recorded without what came back from the endpoint (the verdict stands: a
-/// delivered job is not sent again); if even that fails, the job goes to the dead letter
-/// queue with the reason. Returns a line for each outcome that needed more than one try,
-/// for the log.
-pub fn record_isolated(outcomes: &[Outcome]) -> Vec<String> {
+/// delivered job is not sent again); if even that fails, it is buried or kept (`Unstorable`).
+/// Returns a line for each outcome that needed more than one try, for the log, and the kept
+/// outcomes.
+pub fn record_isolated(
+    outcomes: &[Outcome],
+    unstorable: Unstorable,
+) -> (Vec<String>, Vec<Outcome>) {
     let mut notes = Vec::new();
+    let mut kept = Vec::new();
     if outcomes.is_empty() || db::isolated(|| record(outcomes)).is_ok() {
-        return notes;
+        return (notes, kept);
     }
     forget_protocol();
     for o in outcomes {
@@ -357,11 +376,22 @@ pub fn record_isolated(outcomes: &[Outcome]) -> Vec<String> {
             Some(text) => format!("{text}; {note}"),
             None => note.clone(),
         });
-        if db::isolated(|| record(std::slice::from_ref(&bare))).is_ok() {
+        let bare_error = match db::isolated(|| record(std::slice::from_ref(&bare))) {
+            Ok(_) => {
+                notes.push(format!(
+                    "job {}: {note}; recorded without the response",
+                    o.job_id
+                ));
+                continue;
+            }
+            Err(e) => e,
+        };
+        if unstorable == Unstorable::Keep && bare_error.is_about_the_database() {
             notes.push(format!(
-                "job {}: {note}; recorded without the response",
+                "job {}: {note}; kept to record in a later transaction",
                 o.job_id
             ));
+            kept.push(o.clone());
             continue;
         }
         let reason = format!("{}: recording the outcome failed: {error}", o.outcome);
@@ -399,7 +429,7 @@ pub fn record_isolated(outcomes: &[Outcome]) -> Vec<String> {
             ),
         });
     }
-    notes
+    (notes, kept)
 }
 
 /// Why `process_jobs` could not run; one SQLSTATE each.
@@ -526,7 +556,8 @@ fn process_jobs(
             outcomes.push(outcome);
         }
     }
-    for note in record_isolated(&outcomes) {
+    // No later transaction to try again in: this call's caller owns the transaction.
+    for note in record_isolated(&outcomes, Unstorable::Bury).0 {
         pgrx::warning!("queue_ext.process_jobs: {note}");
     }
     TableIterator::new(outcomes.into_iter().map(|o| {

@@ -24,7 +24,7 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::{PgBuiltInOids, PgOid};
 
 use crate::db::{self, DbError};
-use crate::delivery::{self, Claimed};
+use crate::delivery::{self, Claimed, Unstorable};
 use crate::gucs;
 use crate::http::{self, Delivery, HttpClient, Outcome};
 use crate::wakeup::{self, Slot, SlotState, MAX_DISPATCHERS};
@@ -38,6 +38,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// coalesce (each costs a commit record), while the first after a quiet spell goes at once.
 const ANNOUNCE_GAP: Duration = Duration::from_millis(5);
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// How long an outcome the database would not take is tried again, a transaction per turn,
+/// before its job is failed with the reason (delivery.rs, `Unstorable`).
+const RECORD_RETRY_FOR: Duration = Duration::from_secs(30);
 /// A recurring warning is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -195,6 +198,9 @@ struct Dispatcher {
     eventfd: i32,
     /// Requests in flight, by job id, kept so a shutdown can release them.
     in_flight: HashMap<String, Delivery>,
+    /// Finished requests whose outcome the database would not take yet, with when it first
+    /// refused: tried again each turn, until RECORD_RETRY_FOR has passed.
+    unrecorded: Vec<(Outcome, Instant)>,
     busy: HashMap<String, u32>,
     recovered: bool,
     last_sweep: Instant,
@@ -243,6 +249,7 @@ impl Dispatcher {
             done_rx,
             eventfd,
             in_flight: HashMap::new(),
+            unrecorded: Vec::new(),
             busy: HashMap::new(),
             recovered: false,
             last_sweep: stale,
@@ -416,20 +423,32 @@ impl Dispatcher {
     /// (one commit per turn of the loop, however busy), then starts the new requests. True
     /// when it filled every free slot, so there may be more to claim at once.
     fn record_and_claim(&mut self) -> bool {
-        let outcomes = self.take_finished();
+        let fresh = self.take_finished();
         let room = gucs::max_in_flight().saturating_sub(self.in_flight.len());
-        if outcomes.is_empty() && room == 0 {
+        if fresh.is_empty() && self.unrecorded.is_empty() && room == 0 {
             return false;
         }
+        // Outcomes refused before: once more, or, after RECORD_RETRY_FOR, for the last time.
+        let (last, again): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unrecorded)
+            .into_iter()
+            .partition(|(_, since)| since.elapsed() >= RECORD_RETRY_FOR);
+        let first_refused: HashMap<String, Instant> = again
+            .iter()
+            .map(|(o, since)| (o.job_id.clone(), *since))
+            .collect();
+        let outcomes: Vec<Outcome> = again.into_iter().map(|(o, _)| o).chain(fresh).collect();
+        let last: Vec<Outcome> = last.into_iter().map(|(o, _)| o).collect();
         let busy = self.busy.clone();
         let mut failures = Vec::new();
+        let mut kept = Vec::new();
         let turn = db::transaction(|| {
             if !gucs::dispatcher_synchronous_commit() {
                 Spi::run("SET LOCAL synchronous_commit = off")?;
             }
             // Each in a subtransaction of its own: a claim that fails does not undo the
             // records, and a record that fails is retried piece by piece (delivery.rs).
-            failures = delivery::record_isolated(&outcomes);
+            (failures, kept) = delivery::record_isolated(&outcomes, Unstorable::Keep);
+            failures.extend(delivery::record_isolated(&last, Unstorable::Bury).0);
             if room == 0 || !self.recovered {
                 return Ok((Vec::new(), Vec::new()));
             }
@@ -438,6 +457,12 @@ impl Dispatcher {
         for f in failures {
             self.warnings.warn("record", || f);
         }
+        let now = Instant::now();
+        let dated = |o: Outcome| {
+            let since = first_refused.get(&o.job_id).copied().unwrap_or(now);
+            (o, since)
+        };
+        self.unrecorded = kept.into_iter().map(dated).collect();
         let claimed = match turn {
             Ok((claimed, failed)) => {
                 for (queue, e) in failed {
@@ -449,7 +474,8 @@ impl Dispatcher {
             }
             Err(e) => {
                 // The commit itself failed: what was recorded and claimed is undone; the
-                // outcomes' jobs keep their leases, which expire into another attempt.
+                // outcomes are tried again next turn (their jobs keep their leases meanwhile).
+                self.unrecorded = outcomes.into_iter().chain(last).map(dated).collect();
                 self.warnings
                     .warn("claim", || format!("recording and claiming failed: {e}"));
                 return false;
@@ -466,7 +492,9 @@ impl Dispatcher {
             }
         }
         if !unusable.is_empty() {
-            let failures = db::transaction(|| Ok(delivery::record_isolated(&unusable)));
+            // Its own description was unusable: trying again would find the same.
+            let failures =
+                db::transaction(|| Ok(delivery::record_isolated(&unusable, Unstorable::Bury).0));
             for f in failures.unwrap_or_default() {
                 self.warnings.warn("record", || f);
             }
@@ -507,11 +535,18 @@ impl Dispatcher {
 
     /// Records finished requests on their own (at shutdown, when nothing more is claimed).
     fn record_finished(&mut self) {
-        let outcomes = self.take_finished();
+        let mut outcomes = self.take_finished();
+        outcomes.extend(
+            std::mem::take(&mut self.unrecorded)
+                .into_iter()
+                .map(|(o, _)| o),
+        );
         if outcomes.is_empty() {
             return;
         }
-        match db::transaction(|| Ok(delivery::record_isolated(&outcomes))) {
+        // What is still refused stays with its job's lease: the shutdown returns those jobs to
+        // their queues, and they are delivered again with the same webhook-id.
+        match db::transaction(|| Ok(delivery::record_isolated(&outcomes, Unstorable::Keep).0)) {
             Ok(failures) => failures
                 .into_iter()
                 .for_each(|f| self.warnings.warn("record", || f)),

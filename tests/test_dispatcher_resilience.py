@@ -124,3 +124,34 @@ def test_a_full_rate_limited_queue_does_not_make_the_dispatcher_spin(cluster):
     # A spinning loop burns most of a core (~2.5 s here); waiting costs a few polls.
     assert used < 0.5, f"the dispatcher used {used:.2f} s of CPU in 2.5 s while it could do nothing"
     sink.close()
+
+
+def test_outcomes_the_database_refuses_for_a_while_are_recorded_later_not_buried(cluster):
+    # Recording a delivered webhook calls _archive_delivered. While it is missing (as for a
+    # dispatcher transaction caught across ALTER EXTENSION UPDATE, which ran old functions
+    # against new tables), the outcomes wait in the dispatcher and are recorded once the
+    # database takes them again: the jobs complete; none goes to the dead letter queue.
+    sink = Sink()
+    sig = "uuid[], uuid[], text[], text[], integer[], float8[], jsonb[], text[]"
+    with cluster.connect() as conn:
+        conn.execute("SELECT queue_ext.create_queue('later', webhook_url => %s)", [sink.url + "/later"])
+        pid = wait_for(lambda: dispatcher_pid(conn), 10, what="the dispatcher")
+        conn.execute(f"ALTER FUNCTION queue_ext._archive_delivered({sig}) RENAME TO _archive_delivered_away")
+        try:
+            ids = [r[0] for r in conn.execute(
+                "SELECT queue_ext.enqueue_job('later', jsonb_build_object('n', n))::text "
+                "FROM generate_series(1, 5) AS n").fetchall()]
+            wait_for(lambda: len(sink.to("/later")) >= 5, 10, what="the requests")
+            time.sleep(1.5)  # several turns (poll_interval 200 ms), each refused
+            assert conn.execute("SELECT count(*) FROM queue_ext.job_queue "
+                                "WHERE queue_name = 'later' AND status = 'running'").fetchone()[0] == 5
+        finally:
+            conn.execute(f"ALTER FUNCTION queue_ext._archive_delivered_away({sig}) RENAME TO _archive_delivered")
+        wait_for(lambda: conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = 'later'")
+                 .fetchone()[0] == 0, 20, what="the outcomes recorded")
+        completed = {r[0] for r in conn.execute(
+            "SELECT id::text FROM queue_ext.job_archive WHERE queue_name = 'later' AND status = 'completed'")}
+        assert completed == set(ids)
+        assert conn.execute("SELECT count(*) FROM queue_ext.job_dead_letter WHERE queue_name = 'later'").fetchone()[0] == 0
+        assert dispatcher_pid(conn) == pid
+    assert sorted(r.headers["webhook-id"] for r in sink.to("/later")) == sorted(f"msg_{i}" for i in ids)

@@ -88,7 +88,18 @@ def test_install_restart_update_with_jobs_in_flight(cluster):
             "SELECT id::text FROM queue_ext.job_archive WHERE queue_name = 'live' AND status = 'completed'")}
         dead = conn.execute("SELECT count(*) FROM queue_ext.job_dead_letter").fetchone()[0]
     # An enqueue cut off by the restart may have committed without its id reaching us.
-    assert set(enqueued) <= completed, f"{len(set(enqueued) - completed)} jobs not completed"
+    missing = set(enqueued) - completed
+    if missing:
+        with cluster.connect() as conn:
+            diag = [conn.execute("SELECT (SELECT row_to_json(a)::text FROM queue_ext.job_archive a WHERE a.id = %s::uuid), "
+                                 "(SELECT row_to_json(j)::text FROM queue_ext.job_queue j WHERE j.id = %s::uuid), "
+                                 "(SELECT json_agg(d)::text FROM queue_ext.webhook_deliveries d WHERE d.job_id = %s::uuid), "
+                                 "(SELECT json_agg(s)::text FROM queue_ext.job_status_log s WHERE s.job_id = %s::uuid), "
+                                 "(SELECT row_to_json(x)::text FROM queue_ext.job_dead_letter x WHERE x.id = %s::uuid)",
+                                 [m, m, m, m, m]).fetchone() for m in missing]
+            diag.append(conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'queue_ext'").fetchone())
+            diag.append(sum(1 for r in sink.to("/live") if r.headers["webhook-id"] in {f"msg_{m}" for m in missing}))
+        raise AssertionError(f"{len(missing)} jobs not completed: {diag}")
     assert dead == 0
     ids = [r.headers["webhook-id"] for r in sink.to("/live")]
     assert set(ids) == {f"msg_{j}" for j in completed}, "every completed job reached the receiver"
