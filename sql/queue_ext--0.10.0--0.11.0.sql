@@ -157,8 +157,8 @@ $$;
 -- backoff, a rate limit's next token) are looked for every queue_ext.poll_interval.
 -- It commits the CALL's transaction before it waits, so an idle worker holds no snapshot
 -- and no transaction id (vacuum is never held back by it): CALL it outside a transaction
--- block (SQLSTATE 25001 otherwise). It works through a pooler in transaction mode, where
--- LISTEN does not. Needs shared_preload_libraries; without it the wait polls every 50 ms.
+-- block (SQLSTATE 25001 otherwise). It needs no LISTEN connection, which a pooler in
+-- transaction mode cannot keep. Needs shared_preload_libraries; without it the wait polls every 50 ms.
 CREATE PROCEDURE queue_ext.wait_for_jobs(queue_names text[] DEFAULT NULL,
                                          timeout interval DEFAULT '30 seconds',
                                          INOUT woken boolean DEFAULT NULL)

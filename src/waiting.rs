@@ -2,8 +2,8 @@
 //! connection until a commit makes jobs of its queues runnable, then claims.
 //!
 //! Against LISTEN on `queue_ext_jobs`, the wake-up skips two hops (the dispatcher's
-//! announcement transaction and the notification's delivery to the client), and it works
-//! through a connection pooler in transaction mode, where LISTEN does not. The waiter is
+//! announcement transaction and the notification's delivery to the client), and it needs no
+//! LISTEN connection, which a connection pooler in transaction mode cannot keep. The waiter is
 //! registered in shared memory with its queues' announcement buckets; the commit callback
 //! that hands announcements to the dispatcher sets the latch of every waiter whose buckets
 //! it touches (wakeup.rs).
