@@ -8,7 +8,7 @@ PGRX_VERSION=0.18.0
 
 need_apt=()
 for pkg in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo \
-           postgresql-$PG_MAJOR-cron python3 curl unzip chromium chromium-driver; do
+           postgresql-$PG_MAJOR-cron python3 curl unzip chromium chromium-driver pgbouncer; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -16,8 +16,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  # Debian starts a default cluster on 5432; we run our own throwaway clusters instead.
+  # Debian starts a default cluster on 5432 (and pgbouncer on 6432); we run our own
+  # throwaway ones instead.
   $SUDO pg_ctlcluster $PG_MAJOR main stop 2>/dev/null || true
+  $SUDO service pgbouncer stop >/dev/null 2>&1 || true
 fi
 
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then

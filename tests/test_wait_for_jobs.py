@@ -2,6 +2,9 @@
 makes jobs of its queues runnable. Woken by the commit, not before it and not by a rollback;
 at once when jobs are already there; never holding a snapshot or a transaction id while it
 waits; each job claimed once by many waiters; refused inside a transaction block."""
+import os
+import shutil
+import subprocess
 import threading
 import time
 
@@ -211,3 +214,72 @@ def test_without_preloading_it_polls(tmp_path):
             w.conn.close()
     finally:
         c.stop()
+
+
+PGBOUNCER = "/usr/sbin/pgbouncer"
+
+
+@pytest.mark.skipif(not os.path.exists(PGBOUNCER), reason="pgbouncer is not installed (scripts/setup.sh installs it)")
+def test_through_pgbouncer_in_transaction_mode(cluster):
+    # A worker connected through a pooler that hands server connections out per transaction:
+    # LISTEN cannot work there, the wait does (the server connection is the worker's for the
+    # CALL, and back in the pool when it returns).
+    port = 25456
+    tmp_path = cluster.dir.parent / (cluster.dir.name + "_pgbouncer")  # readable by postgres
+    shutil.rmtree(tmp_path, ignore_errors=True)
+    tmp_path.mkdir()
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text(f"""[databases]
+* = host=127.0.0.1 port={cluster.port}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {tmp_path / "users.txt"}
+pool_mode = transaction
+default_pool_size = 2
+logfile = {tmp_path / "pgbouncer.log"}
+""")
+    (tmp_path / "users.txt").write_text('"postgres" ""\n')
+    shutil.chown(tmp_path, "postgres")
+    for f in tmp_path.iterdir():
+        shutil.chown(f, "postgres")
+    bouncer = subprocess.Popen(["sudo", "-u", "postgres", PGBOUNCER, str(ini)])
+    try:
+        dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        wait_for(lambda: _connects(dsn), 10, what="pgbouncer")
+        with cluster.connect() as conn:
+            conn.execute("SELECT queue_ext.create_queue('wj_pooled')")
+        # Prepared statements do not survive transaction pooling: plain queries.
+        with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as worker, cluster.connect() as admin:
+            done = {}
+
+            def wait():
+                t = time.time()
+                done["woken"] = worker.execute("CALL queue_ext.wait_for_jobs(ARRAY['wj_pooled'], '20 seconds')").fetchone()[0]
+                done["took"] = time.time() - t
+
+            th = threading.Thread(target=wait, daemon=True)
+            th.start()
+            wait_for(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'Extension' "
+                                       "AND backend_type = 'client backend'")
+                     .fetchone()[0] == 1, 10, what="the pooled waiter to sleep")
+            time.sleep(0.3)
+            admin.execute("SELECT queue_ext.enqueue_job('wj_pooled', '{}')")
+            th.join(10)
+            assert done.get("woken") is True and done["took"] < 10
+            row = worker.execute("SELECT job_id FROM queue_ext.get_next_job('wj_pooled', 'pooled')").fetchone()
+            assert row is not None
+    finally:
+        bouncer.terminate()
+        bouncer.wait(10)
+
+
+def _connects(dsn):
+    try:
+        with psycopg.connect(dsn, connect_timeout=2) as c:
+            c.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
