@@ -314,8 +314,9 @@ fn wake_waiters(db: pg_sys::Oid, bits: &AnnounceBits) {
     }
 }
 
-/// Takes a free waiter entry for this backend (one whose process is gone counts as free: a
-/// FATAL exit skips the unregistering). None when every entry is taken.
+/// Takes a free waiter entry for this backend. Counted as free too: one whose process is gone
+/// (a FATAL exit skips the unregistering) and one of this backend's own (a backend waits once
+/// at a time, so an entry of its own is left over). None when every entry is taken.
 pub fn register_waiter(db: pg_sys::Oid, procno: i32, buckets: &AnnounceBits) -> Option<usize> {
     let shared = shared()?;
     // SAFETY: reading this process's pid.
@@ -323,7 +324,7 @@ pub fn register_waiter(db: pg_sys::Oid, procno: i32, buckets: &AnnounceBits) -> 
     for (i, w) in shared.waiters.iter().enumerate() {
         let pid = w.pid.load(Ordering::SeqCst);
         // SAFETY: signal 0 only checks that the process exists.
-        let free = pid == 0 || (pid != me && unsafe { libc::kill(pid, 0) } != 0);
+        let free = pid == 0 || pid == me || unsafe { libc::kill(pid, 0) } != 0;
         if free
             && w.pid
                 .compare_exchange(pid, me, Ordering::SeqCst, Ordering::SeqCst)
