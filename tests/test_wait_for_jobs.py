@@ -283,3 +283,18 @@ def _connects(dsn):
         return True
     except psycopg.Error:
         return False
+
+
+def test_hostile_arguments_get_answers_not_crashes(cluster):
+    with cluster.connect() as conn:
+        drain(conn, "wj_b")
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute(WAIT, [["wj_b"], None])
+        for queues in ([], [None], [None, "wj_b"], ["no_such_queue"], ["x" * 1_000_000],
+                       [f"q{i}" for i in range(10_000)]):
+            assert conn.execute(WAIT, [queues, "50 milliseconds"]).fetchone()[0] is False
+        conn.execute("SELECT queue_ext.enqueue_job('wj_b', '{}')")
+        assert conn.execute("CALL queue_ext.wait_for_jobs(NULL, '5 seconds')").fetchone()[0] is True
+        assert conn.execute(WAIT, [["wj_b", None], "5 seconds"]).fetchone()[0] is True
+        drain(conn, "wj_b")
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
