@@ -1160,9 +1160,10 @@ def main():
     print("# queue_ext benchmark")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in info.items()))
     print(f"workloads: {', '.join(w for w in WORKLOADS if w in workloads)}; peers: {', '.join(sorted(peers)) or 'none'}"
-          f"; the bare-SQL floor in every enqueue and drain cell")
+          f"; the bare-SQL floor in every enqueue, drain and latency cell")
     print(f"queue_ext rows: create_queue(q) with its defaults (notify_events default: {notify_default}) unless the "
-          f"row names a setting; idle workers LISTEN on {channel}")
+          f"row names a setting; idle workers wait in "
+          f"{'CALL queue_ext.wait_for_jobs' if waiter == WAIT_PROCEDURE else 'LISTEN on ' + channel}")
     print(f"job counts: {asdict(n)}; {reps} round(s), cells interleaved, systems rotating", flush=True)
     cells: dict[tuple, Cell] = {}
 
