@@ -295,29 +295,35 @@ def idle_wait(dsn, channel):
     return WAIT_PROCEDURE if has else channel
 
 
+def claim_after_wake(work, queue, woke, lat, wakes, once=False):
+    """Claims and completes until the queue is empty (or one job, `once`), recording each job's
+    enqueue -> claimed and enqueue -> woken."""
+    while True:
+        row = work.execute("SELECT payload, job_id, lease_token FROM queue_ext.get_next_job(%s, 'idle')",
+                           [queue], prepare=True).fetchone()
+        if row is None:
+            return
+        lat.append(time.time() - row[0]["t0"])
+        wakes.append(woke - row[0]["t0"])
+        work.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [row[1], row[2]], prepare=True)
+        if once:
+            return
+
+
 def latency_listener(dsn, queue, n, channel, ready, out):
     """An idle worker: sleeps in CALL queue_ext.wait_for_jobs (channel WAIT_PROCEDURE) or in
     LISTEN, and claims when woken for its queue: until the queue is empty (one wake-up may
-    stand for several jobs), or on queue_ext_events once per 'queued' event (one per job). Records, per job, enqueue -> claimed and enqueue ->
-    notification received (what the wake-up alone takes)."""
+    stand for several jobs), or on queue_ext_events once per 'queued' event (one per job).
+    Records, per job, enqueue -> claimed and enqueue -> woken (what the wake-up alone takes)."""
     lat, wakes = [], []
     deadline = time.time() + 30 + 0.05 * n  # a missed wake-up fails the cell, not hangs it
     if channel == WAIT_PROCEDURE:
         with connect(dsn) as work:
             ready.set()
             while len(lat) < n and time.time() < deadline:
-                if not work.execute("CALL queue_ext.wait_for_jobs(ARRAY[%s], '5 seconds')", [queue],
-                                    prepare=True).fetchone()[0]:
-                    continue
-                woke = time.time()
-                while True:
-                    row = work.execute("SELECT payload, job_id, lease_token FROM queue_ext.get_next_job(%s, 'idle')",
-                                       [queue], prepare=True).fetchone()
-                    if row is None:
-                        break
-                    lat.append(time.time() - row[0]["t0"])
-                    wakes.append(woke - row[0]["t0"])
-                    work.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [row[1], row[2]], prepare=True)
+                if work.execute("CALL queue_ext.wait_for_jobs(ARRAY[%s], '5 seconds')", [queue],
+                                prepare=True).fetchone()[0]:
+                    claim_after_wake(work, queue, time.time(), lat, wakes)
         out.put((lat, wakes))
         return
     with connect(dsn) as listen, connect(dsn) as work:
@@ -332,17 +338,7 @@ def latency_listener(dsn, queue, n, channel, ready, out):
                     ev = json.loads(note.payload)
                     if ev["status"] != "queued" or ev["queue"] != queue:
                         continue
-                woke = time.time()
-                while True:
-                    row = work.execute("SELECT payload, job_id, lease_token FROM queue_ext.get_next_job(%s, 'idle')",
-                                       [queue], prepare=True).fetchone()
-                    if row is None:
-                        break
-                    lat.append(time.time() - row[0]["t0"])
-                    wakes.append(woke - row[0]["t0"])
-                    work.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [row[1], row[2]], prepare=True)
-                    if channel == EVENTS_CHANNEL:
-                        break
+                claim_after_wake(work, queue, time.time(), lat, wakes, once=channel == EVENTS_CHANNEL)
     out.put((lat, wakes))
 
 
