@@ -41,6 +41,11 @@ const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// How long an outcome the database would not take is tried again, a transaction per turn,
 /// before its job is failed with the reason (delivery.rs, `Unstorable`).
 const RECORD_RETRY_FOR: Duration = Duration::from_secs(30);
+/// The dispatcher's `deadlock_timeout`. In a lock cycle with a schema change (an
+/// `ALTER EXTENSION UPDATE`, an operator's DDL) the waiter whose timeout ends first is the one
+/// cancelled: the dispatcher's transactions are retried on its next turn, the operator's
+/// statement is not, so the dispatcher checks first and gives way.
+const DEADLOCK_TIMEOUT: &str = "10ms";
 /// A recurring warning is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -76,6 +81,14 @@ pub extern "C-unwind" fn queue_ext_dispatcher_main(arg: pg_sys::Datum) {
         }
         // SAFETY: registering a plain callback; it runs once, as this process exits.
         unsafe { pg_sys::before_shmem_exit(Some(clear_slot_pid), pg_sys::Datum::from(index)) };
+    }
+    if let Err(e) = db::transaction(|| {
+        Spi::run_with_args(
+            "SELECT pg_catalog.set_config('deadlock_timeout', $1, false)",
+            &[DEADLOCK_TIMEOUT.into()],
+        )
+    }) {
+        pgrx::warning!("queue_ext dispatcher: cannot set deadlock_timeout: {e}");
     }
     let database = db::transaction(|| Spi::get_one::<String>("SELECT current_database()::text"))
         .ok()

@@ -155,3 +155,46 @@ def test_outcomes_the_database_refuses_for_a_while_are_recorded_later_not_buried
         assert conn.execute("SELECT count(*) FROM queue_ext.job_dead_letter WHERE queue_name = 'later'").fetchone()[0] == 0
         assert dispatcher_pid(conn) == pid
     assert sorted(r.headers["webhook-id"] for r in sink.to("/later")) == sorted(f"msg_{i}" for i in ids)
+
+
+def test_in_a_lock_cycle_with_ddl_the_dispatcher_gives_way(cluster):
+    # An operator's DDL (or ALTER EXTENSION UPDATE, which locks table after table) and the
+    # dispatcher's housekeeping can wait on each other. Here for certain: the sweep returning
+    # an expired lease holds job_queue and, in a trigger, sleeps and then reads `ddl_side`;
+    # meanwhile the operator's transaction locks ddl_side and then waits for job_queue. The
+    # operator waited first, so at the default deadlock_timeout it would be the one cancelled.
+    # The operator's statement must win; the sweep is redone on a later turn.
+    with cluster.connect() as conn, cluster.connect() as operator:
+        pid = wait_for(lambda: dispatcher_pid(conn), 10, what="the dispatcher")
+        conn.execute("SELECT queue_ext.create_queue('ddl_cycle')")
+        job = conn.execute("SELECT queue_ext.enqueue_job('ddl_cycle', '{\"cycle\": true}')::text").fetchone()[0]
+        conn.execute("SELECT * FROM queue_ext.get_next_job('ddl_cycle', lease => '1 hour')")
+        conn.execute("CREATE TABLE public.ddl_side (x int)")
+        conn.execute("""
+            CREATE FUNCTION public.slow_sweep() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.payload ->> 'cycle' = 'true' AND OLD.status = 'running' AND NEW.status = 'queued' THEN
+                    PERFORM pg_sleep(0.5);
+                    PERFORM 1 FROM public.ddl_side;
+                END IF;
+                RETURN NEW;
+            END $$""")
+        conn.execute("CREATE TRIGGER slow_sweep BEFORE UPDATE ON queue_ext.job_queue "
+                     "FOR EACH ROW EXECUTE FUNCTION public.slow_sweep()")
+        try:
+            conn.execute("UPDATE queue_ext.job_queue SET lease_expires_at = now() WHERE id = %s", [job])
+            wait_for(lambda: conn.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
+                                          [pid]).fetchone()[0] == "PgSleep",
+                     10, interval=0.01, what="the sweep sleeping inside its transaction")
+            with operator.transaction():
+                operator.execute("LOCK TABLE public.ddl_side IN ACCESS EXCLUSIVE MODE")
+                operator.execute("LOCK TABLE queue_ext.job_queue IN ACCESS EXCLUSIVE MODE")
+            wait_for(lambda: conn.execute("SELECT status::text FROM queue_ext.job_queue WHERE id = %s",
+                                          [job]).fetchone()[0] == "queued", 10, what="the sweep redone")
+            assert conn.execute("SELECT last_error FROM queue_ext.job_queue WHERE id = %s",
+                                [job]).fetchone()[0] == "lease expired"
+            assert dispatcher_pid(conn) == pid, "the dispatcher went on"
+        finally:
+            conn.execute("DROP TRIGGER slow_sweep ON queue_ext.job_queue")
+            conn.execute("DROP FUNCTION public.slow_sweep()")
+            conn.execute("DROP TABLE public.ddl_side")
