@@ -183,6 +183,39 @@ def test_a_cancelled_wait_leaves_the_connection_and_the_table_usable(cluster):
         w.conn.close()
 
 
+def test_terminated_waiters_leave_the_server_and_the_other_waiters_as_they_were(cluster):
+    # pg_terminate_backend ends a waiter with FATAL, which exits the process without unwinding
+    # the procedure: no crash and no restart of the server, and waiters that come after (more
+    # terminated over the rounds than the 256 shared entries, whose dead holders' entries are
+    # taken again) wake for the next job, which one of them claims.
+    with cluster.connect() as admin:
+        drain(admin, "wj_a")
+        started = admin.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
+        for _ in range(9):
+            ws = [Waiter(cluster, ["wj_a"], "60 seconds") for _ in range(30)]
+            for w in ws:
+                w.start()
+            wait_for(lambda: all(waiting(admin, w.pid) for w in ws), 20, what="30 waiters asleep")
+            admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid",
+                          [[w.pid for w in ws]])
+            for w in ws:
+                w.join(10)
+                assert isinstance(w.error, psycopg.errors.AdminShutdown), w.error
+                w.conn.close()
+        assert admin.execute("SELECT pg_postmaster_start_time()").fetchone()[0] == started
+        survivors = [Waiter(cluster, ["wj_a"], "60 seconds") for _ in range(4)]
+        for w in survivors:
+            w.start()
+        wait_for(lambda: all(waiting(admin, w.pid) for w in survivors), 10, what="the next waiters asleep")
+        admin.execute("SELECT queue_ext.enqueue_job('wj_a', '{}')")
+        for w in survivors:
+            w.join(10)
+            assert w.woken is True and w.error is None
+            w.conn.close()
+        assert admin.execute("SELECT count(*) FROM queue_ext.get_next_jobs('wj_a', 10)").fetchone()[0] == 1
+    assert "terminated by signal" not in cluster.log_tail(400)
+
+
 def test_only_workers_may_wait(cluster):
     with cluster.connect() as admin:
         admin.execute("DROP ROLE IF EXISTS wj_producer")
