@@ -35,9 +35,7 @@ impl DbError {
             CaughtError::RustPanic { ereport, .. } => DbError::Panic(ereport.message().to_string()),
         }
     }
-}
 
-impl DbError {
     /// Whether the error says the database could not take the statement now, rather than
     /// that the values were wrong: SQLSTATE classes 25 (transaction state), 40 (rollback:
     /// serialization, deadlock), 42 (an object missing or changed: a schema mid-update), 53
