@@ -1,13 +1,15 @@
-"""Where a single enqueue's time goes: the function, or the table it writes.
+"""Where an enqueue's time goes: the function, or the table it writes.
 
-    python3 bench/enqueue_split.py --port PORT [--pgmq FILE] [--rounds 3] [--seconds 8]
+    python3 bench/enqueue_split.py --port PORT [--pgmq FILE] [--rounds 3] [--seconds 8] [--batch N]
 
-Four ways to store one job, each call its own transaction, on one cluster at the same time:
+Four ways to store jobs, each call its own transaction, on one cluster at the same time:
 `enqueue_job` as shipped; the same row INSERTed straight into queue_ext.job_queue (what a
 function that cost nothing would leave); pgmq's `send`; and a plain 3-column table (the
-headline's floor). Measured twice: the backend's CPU time and WAL per call from one
-connection with synchronous_commit off (from /proc), and calls per second from 4 client
-threads with synchronous_commit on (the headline's setting). Rounds alternate the order.
+headline's floor). With --batch N, N jobs per call: `enqueue_jobs`, INSERT ... SELECT from
+unnest into job_queue, `send_batch`, and the same into the plain table. Measured twice: the
+backend's CPU time and WAL per job from one connection with synchronous_commit off (from
+/proc), and jobs per second from 4 client threads with synchronous_commit on (the headline's
+setting). Rounds alternate the order; the tables are emptied after each way.
 
 The cluster must have queue_ext installed and preloaded (scripts/install.sh); this script
 creates the database `enqueue_split` with queue_ext, pgmq's SQL (bench/peers/setup.sh pgmq)
@@ -21,15 +23,29 @@ import psycopg
 
 DB = "enqueue_split"
 PAYLOAD = "'{\"n\": 1}'::jsonb"
-WAYS = {
-    "enqueue_job": f"SELECT queue_ext.enqueue_job('split', {PAYLOAD})",
-    "INSERT into job_queue": (
-        "INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, "
-        f"enqueued_by) VALUES (queue_ext.uuid_generate_v7(), 'split', {PAYLOAD}, 'normal', 'queued', now(), 3, "
-        "current_user::text)"),
-    "pgmq send": f"SELECT pgmq.send('split', {PAYLOAD})",
-    "plain INSERT (floor)": f"INSERT INTO split_floor (payload) VALUES ({PAYLOAD})",
-}
+COLUMNS = "(id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by)"
+ROW = "queue_ext.uuid_generate_v7(), 'split', {p}, 'normal', 'queued', now(), 3, current_user::text"
+FLOOR = "plain INSERT (floor)"
+
+
+def ways(batch):
+    """The four statements, each storing `batch` jobs."""
+    if batch == 1:
+        return {
+            "enqueue_job": f"SELECT queue_ext.enqueue_job('split', {PAYLOAD})",
+            "INSERT into job_queue": (f"INSERT INTO queue_ext.job_queue {COLUMNS} "
+                                      f"VALUES ({ROW.format(p=PAYLOAD)})"),
+            "pgmq send": f"SELECT pgmq.send('split', {PAYLOAD})",
+            FLOOR: f"INSERT INTO split_floor (payload) VALUES ({PAYLOAD})",
+        }
+    payloads = f"array_fill({PAYLOAD}, ARRAY[{batch}])"
+    return {
+        "enqueue_jobs": f"SELECT count(*) FROM queue_ext.enqueue_jobs('split', {payloads})",
+        "INSERT into job_queue": (f"INSERT INTO queue_ext.job_queue {COLUMNS} "
+                                  f"SELECT {ROW.format(p='u.p')} FROM unnest({payloads}) AS u(p)"),
+        "pgmq send_batch": f"SELECT count(*) FROM pgmq.send_batch('split', {payloads})",
+        FLOOR: f"INSERT INTO split_floor (payload) SELECT u.p FROM unnest({payloads}) AS u(p)",
+    }
 
 
 def cpu_seconds(pid):
@@ -110,25 +126,32 @@ def main():
                     help="pgmq's SQL install script (bench/peers/setup.sh pgmq prints its path)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=8, help="length of each 4-client run")
-    ap.add_argument("--calls", type=int, default=5000, help="calls per CPU measurement")
+    ap.add_argument("--batch", type=int, default=1, help="jobs per call")
+    ap.add_argument("--calls", type=int, help="calls per CPU measurement (default: 5,000 jobs' worth, "
+                                               "at least 100 calls)")
     args = ap.parse_args()
+    if args.batch < 1:
+        ap.error("--batch must be at least 1")
+    calls = args.calls or max(100, 5000 // args.batch)
+    statements = ways(args.batch)
     dsn = prepare(args.port, args.pgmq)
-    cpu, wal, rates = ({w: [] for w in WAYS} for _ in range(3))
+    cpu, wal, rates = ({w: [] for w in statements} for _ in range(3))
     for r in range(args.rounds):
-        for way in (list(WAYS) if r % 2 == 0 else list(reversed(WAYS))):
-            us, b = cost_per_call(dsn, WAYS[way], args.calls)
-            cpu[way].append(us)
-            wal[way].append(b)
-            rates[way].append(rate(dsn, WAYS[way], args.seconds))
-        empty(dsn)
-    floor = statistics.median(rates["plain INSERT (floor)"])
-    print(f"| way ({args.rounds} rounds, medians) | backend CPU µs/call | WAL B/call | 4 clients, calls/s | × floor |")
+        for way in (list(statements) if r % 2 == 0 else list(reversed(statements))):
+            us, b = cost_per_call(dsn, statements[way], calls)
+            cpu[way].append(us / args.batch)
+            wal[way].append(b / args.batch)
+            rates[way].append(rate(dsn, statements[way], args.seconds) * args.batch)
+            empty(dsn)
+    floor = statistics.median(rates[FLOOR])
+    print(f"{args.batch:,} job(s) per call, {args.rounds} rounds, medians")
+    print("| way | backend CPU µs/job | WAL B/job | 4 clients, jobs/s | × floor |")
     print("|---|---:|---:|---:|---:|")
-    for way in WAYS:
+    for way in statements:
         r = statistics.median(rates[way])
-        print(f"| {way} | {statistics.median(cpu[way]):.0f} | {statistics.median(wal[way]):.0f} "
-              f"| {r:,.0f} | {r / floor:.2f} |")
-    print("rounds, calls/s: " + "; ".join(f"{w} {' '.join(f'{x:.0f}' for x in rates[w])}" for w in WAYS))
+        print(f"| {way} | {statistics.median(cpu[way]):.{0 if args.batch == 1 else 2}f} "
+              f"| {statistics.median(wal[way]):.0f} | {r:,.0f} | {r / floor:.2f} |")
+    print("rounds, jobs/s: " + "; ".join(f"{w} {' '.join(f'{x:.0f}' for x in rates[w])}" for w in statements))
 
 
 if __name__ == "__main__":
