@@ -14,20 +14,16 @@ The database (qe_dispatch_turns, created once) must have no dispatcher, or it wo
 same jobs: set queue_ext.database to the other databases, or run the cluster without queue_ext
 in shared_preload_libraries."""
 import argparse
-import os
 import statistics
 import time
 
 import psycopg
 
+from enqueue_split import cpu_seconds
+
 DB = "qe_dispatch_turns"
 QUEUE = "turns"
 REPLY_HEADERS = '{"content-length": "0", "date": "Wed, 02 Dec 2026 16:00:00 GMT"}'
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def database(port):
