@@ -19,7 +19,7 @@ import time
 
 import psycopg
 
-from enqueue_split import cpu_seconds
+from splitlib import cpu_seconds, queue_ext_database
 
 DB = "qe_dispatch_turns"
 QUEUE = "turns"
@@ -27,17 +27,14 @@ REPLY_HEADERS = '{"content-length": "0", "date": "Wed, 02 Dec 2026 16:00:00 GMT"
 
 
 def database(port):
+    dsn = queue_ext_database(port, DB)
     with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as c:
-        if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DB]).fetchone():
-            c.execute(f"CREATE DATABASE {DB}")
-            with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname={DB}", autocommit=True) as d:
-                d.execute("CREATE EXTENSION queue_ext")
         time.sleep(0.5)  # a dispatcher the launcher starts for it shows up meanwhile
         if c.execute("SELECT 1 FROM pg_stat_activity WHERE datname = %s AND backend_type LIKE '%%dispatcher%%'",
                      [DB]).fetchone():
             raise SystemExit(f"{DB} has a dispatcher, which would claim the same jobs: leave it out of "
                              "queue_ext.database, or run without queue_ext in shared_preload_libraries")
-    return f"host=127.0.0.1 port={port} user=postgres dbname={DB}"
+    return dsn
 
 
 def one_round(dsn, batch, jobs):

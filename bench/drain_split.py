@@ -20,7 +20,8 @@ import time
 
 import psycopg
 
-from enqueue_split import cpu_seconds, prepare
+from enqueue_split import prepare
+from splitlib import cpu_seconds
 
 CLAIMED = ("SELECT array_agg(job_id), array_agg(lease_token) FROM queue_ext.get_next_jobs('split', %(n)s)")
 COMPLETE = "SELECT count(*) FROM queue_ext.complete_jobs(%(ids)s, %(tokens)s)"

@@ -21,6 +21,8 @@ import time
 
 import psycopg
 
+from splitlib import cpu_seconds
+
 DB = "enqueue_split"
 PAYLOAD = "'{\"n\": 1}'::jsonb"
 COLUMNS = "(id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by)"
@@ -46,11 +48,6 @@ def ways(batch):
         "pgmq send_batch": f"SELECT count(*) FROM pgmq.send_batch('split', {payloads})",
         FLOOR: f"INSERT INTO split_floor (payload) SELECT u.p FROM unnest({payloads}) AS u(p)",
     }
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100.0
 
 
 def prepare(port, pgmq_sql):

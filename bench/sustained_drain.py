@@ -16,17 +16,10 @@ import time
 
 import psycopg
 
+from splitlib import queue_ext_database
+
 DB = "qe_sustained_drain"
 QUEUE = "sustained"
-
-
-def database(port):
-    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as c:
-        if not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DB]).fetchone():
-            c.execute(f"CREATE DATABASE {DB}")
-            with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname={DB}", autocommit=True) as d:
-                d.execute("CREATE EXTENSION queue_ext")
-    return f"host=127.0.0.1 port={port} user=postgres dbname={DB}"
 
 
 def vacuums(c):
@@ -42,7 +35,7 @@ def main():
     ap.add_argument("--slice", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=100)
     args = ap.parse_args()
-    dsn = database(args.port)
+    dsn = queue_ext_database(args.port, DB)
     with psycopg.connect(dsn, autocommit=True) as c:
         naptime = c.execute("SHOW autovacuum_naptime").fetchone()[0]
         c.execute("SELECT queue_ext.drop_queue(q.queue_name, force => true) FROM queue_ext.queues AS q "
