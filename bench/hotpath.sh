@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # Where the time of each core path goes, per call, with the default configuration.
 #
-#   bash bench/hotpath.sh [seconds per path, default 10]
+#   bash bench/hotpath.sh [--perf] [seconds per path, default 10]
 #
 # One throwaway cluster with pg_stat_statements tracking nested statements. Each path runs
 # in pgbench (prepared statements) on one connection with synchronous_commit = off, so the figures are the CPU
 # cost inside Postgres (no WAL flush wait, no client threads competing): microseconds per
 # call, and below it every statement the call ran, with its share. pgmq's SQL is installed
 # beside (bench/peers/setup.sh fetches it) and measured the same way when present.
+# With --perf, each path then runs again as the benchmark runs it (synchronous_commit on) while
+# perf samples its backend, and bench/perf_buckets.py splits the backend's CPU per job into the
+# phases of a statement's life: what pg_stat_statements cannot see (executor start-up and
+# shutdown, commit, the client protocol, PL/pgSQL itself, SET clauses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+with_perf=0
+if [ "${1:-}" = --perf ]; then
+  with_perf=1
+  shift
+  command -v perf >/dev/null || { echo "hotpath.sh --perf: perf is not installed (apt-get install linux-perf)" >&2; exit 1; }
+fi
 secs=${1:-10}
 port=${QE_HOTPATH_PORT:-25463}
 dir=/tmp/queue_ext_hotpath
@@ -91,6 +101,41 @@ run() {  # name, script, jobs per transaction, pgbench options
            round((100 * total_exec_time / nullif(top.t, 0))::numeric, 1) AS pct_of_calls, query
     FROM s, top
     ORDER BY toplevel DESC, total_exec_time DESC LIMIT 24"
+  if [ "$with_perf" = 1 ]; then
+    profile "$name" "$script" "$per" "$@"
+  fi
+}
+
+cpu_ticks() {  # user + system clock ticks of a process so far
+  awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$1/stat"
+}
+
+profile() {  # name, script, jobs per transaction, pgbench options: where the backend's CPU goes
+  local name=$1 script=$2 per=$3
+  shift 3
+  local pid="" ticks0 ticks1 t0 t1 txns
+  rm -f "$tmp"/perfbench.*
+  # -l: a line per transaction with its end time, to count those inside the recording.
+  (cd "$tmp" && PGOPTIONS="-c synchronous_commit=on" pgbench -n -h 127.0.0.1 -p "$port" -U postgres -M prepared \
+    -c 1 -T "$((secs + 2))" -l --log-prefix=perfbench "$@" -f "$script" postgres >/dev/null 2>&1) &
+  local bench=$!
+  for _ in $(seq 50); do
+    pid=$("${psql[@]}" -Atc "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench' LIMIT 1")
+    [ -n "$pid" ] && break
+    sleep 0.1
+  done
+  sleep 1
+  t0=$(date +%s.%N)
+  ticks0=$(cpu_ticks "$pid")
+  perf record -q -F 1999 -g -p "$pid" -o "$tmp/perf.data" -- sleep "$((secs - 1))" 2>/dev/null
+  ticks1=$(cpu_ticks "$pid")
+  t1=$(date +%s.%N)
+  wait "$bench" || true
+  txns=$(awk -v a="$t0" -v b="$t1" '{t = $5 + $6 / 1e6} t >= a && t <= b {n++} END {print n + 0}' "$tmp"/perfbench.*)
+  local us
+  us=$(echo "($ticks1 - $ticks0) * 1000000 / $(getconf CLK_TCK) / ($txns * $per)" | bc -l)
+  printf '\n%s, synchronous_commit on, perf: ' "$name"
+  python3 bench/perf_buckets.py "$tmp/perf.data" --us-per-job "$us"
 }
 
 echo "# queue_ext hot paths: $(date -u '+%F %H:%M UTC'), $(nproc) cpus, queue_ext $("${psql[@]}" -Atc "SELECT extversion FROM pg_extension WHERE extname = 'queue_ext'")"
@@ -99,8 +144,14 @@ run "enqueue_job" "$tmp/enqueue.sql" 1
 fill 200000
 run "get_next_job + complete_job" "$tmp/claim_complete.sql" 1
 fill 200000
-read -r j t < <("${psql[@]}" -Atc "SELECT job_id, lease_token FROM queue_ext.get_next_job('hp')" | tr '|' ' ')
-run "complete_and_get_next" "$tmp/complete_and_get_next.sql" 1 -D "j=$j" -D "t=$t"
+claim_one() { "${psql[@]}" -Atc "SELECT job_id, lease_token FROM queue_ext.get_next_job('hp')" | tr '|' ' '; }
+# Each run starts from a job of its own: the last one a run claimed stays running.
+read -r j t < <(claim_one)
+with_perf=0 run "complete_and_get_next" "$tmp/complete_and_get_next.sql" 1 -D "j=$j" -D "t=$t"
+if [ "$with_perf" = 1 ]; then
+  read -r j t < <(claim_one)
+  profile "complete_and_get_next" "$tmp/complete_and_get_next.sql" 1 -D "j=$j" -D "t=$t"
+fi
 fill 0
 run "enqueue_jobs, 1,000 per call" "$tmp/enqueue_batch.sql" 1000
 fill 500000
