@@ -7,9 +7,9 @@ Each sample is charged to the frame nearest its leaf that names a phase: a sampl
 `hash_search` under `LockAcquire` under `standard_ExecutorStart` is executor start-up. A frame of
 PL/pgSQL's, queue_ext's or pg_stat_statements' library names that library's phase, so time in
 PL/pgSQL's statements (SPI) and simple expressions is PL/pgSQL's, and a statement it runs starts
-a phase of its own again. Prints one Markdown
-row per phase with its share of the samples and, given --us-per-job (the backend's CPU per job,
-measured beside the recording), its microseconds per job. Needs only `perf script`."""
+a phase of its own again. Prints one Markdown row per phase with its share of the samples and,
+given --us-per-job (the backend's CPU per job, measured beside the recording), its microseconds
+per job. Needs only `perf script`."""
 import argparse
 import collections
 import subprocess
@@ -39,7 +39,8 @@ PHASES = [
 ]
 BY_SYMBOL = {sym: phase for phase, syms in PHASES for sym in syms}
 # Libraries whose frames are a phase of their own.
-BY_LIBRARY = [("plpgsql.so", "PL/pgSQL: its statements (SPI) and expressions"), ("queue_ext.so", "queue_ext's Rust code"),
+BY_LIBRARY = [("plpgsql.so", "PL/pgSQL: its statements (SPI) and expressions"),
+              ("queue_ext.so", "queue_ext's Rust code"),
               ("pg_stat_statements.so", "pg_stat_statements (measuring)")]
 ORDER = [p for p, _ in PHASES] + [p for _, p in BY_LIBRARY] + ["other (bind, portal, memory, kernel)"]
 
