@@ -1,6 +1,7 @@
 """Where a batched drain's time goes: the functions, or the tables they change.
 
     python3 bench/drain_split.py --port PORT [--pgmq FILE] [--rounds 3] [--jobs 20000] [--batch 100]
+                                 [--worker] [--perf DIR]
 
 Four ways to claim a batch of jobs and finish them in one transaction, on one cluster at the
 same time: `get_next_jobs` + `complete_jobs` as shipped; the same changes written straight
@@ -9,19 +10,28 @@ batch, then delete it and insert its archive rows in one statement); pgmq's `rea
 `archive(ids)`; and the headline's floor (UPDATE ... SKIP LOCKED, then DELETE ... ANY on a plain
 table). Measured twice: per job from one connection with synchronous_commit off, the backend's
 CPU time (from /proc) and the WAL it wrote; and jobs per second with 4 connections draining
-together, synchronous_commit on (the headline's setting). Rounds alternate the order; every way
-drains the jobs it was given, each exactly once (checked).
+together, synchronous_commit on (the headline's setting), with the CPU the whole cluster and the
+client threads spent per job meanwhile: at 4 clients on 2 cores the rate is what the CPU per job
+allows, and the client's share of it differs by API (ids and lease tokens to read and send back).
+With --perf, the last round's 4-client drains are sampled and the cluster's CPU per job is split
+into phases. Rounds alternate the order; every way drains the jobs it was given, each exactly
+once (checked).
 
 Creates the database bench/enqueue_split.py uses (queue_ext, pgmq's SQL) and the floor's table."""
 import argparse
+import os
+import resource
+import signal
 import statistics
+import subprocess
 import threading
 import time
 
 import psycopg
 
 from enqueue_split import prepare
-from splitlib import cpu_seconds
+from perf_buckets import table
+from splitlib import cluster_cpu_seconds, cpu_seconds, postmaster_of
 
 CLAIMED = ("SELECT array_agg(job_id), array_agg(lease_token) FROM queue_ext.get_next_jobs('split', %(n)s)")
 COMPLETE = "SELECT count(*) FROM queue_ext.complete_jobs(%(ids)s, %(tokens)s)"
@@ -164,34 +174,56 @@ def one_round(dsn, way, jobs, batch, worker):
     return used / jobs * 1e6, wal / jobs
 
 
-def rate(dsn, way, jobs, batch, worker, clients=4):
+def rate(dsn, way, jobs, batch, worker, clients=4, perf_to=None):
     """Jobs per second for `clients` connections draining `jobs` jobs together, with
-    synchronous_commit as configured (on, as in the headline)."""
+    synchronous_commit as configured (on, as in the headline), and where the CPU went: the
+    whole cluster's per job, and the client threads' per job. With perf_to, the cluster's
+    processes are sampled meanwhile (perf record -a -g) into that file."""
     _, drain = WAYS[way]
     fill(dsn, way, jobs)
     seen = [[] for _ in range(clients)]
+    client_cpu = [0.0] * clients
     ready = threading.Barrier(clients + 1)
+    drained = threading.Barrier(clients + 1)
+    may_close = threading.Event()
 
     def client(i):
         with psycopg.connect(drainer(dsn, way, worker), autocommit=True) as c:
             ready.wait()
+            began = resource.getrusage(resource.RUSAGE_THREAD)
             while True:
                 with c.transaction():
                     ids = drain(c, batch)
                 if not ids:
-                    return
+                    break
                 seen[i] += ids
+            ended = resource.getrusage(resource.RUSAGE_THREAD)
+            client_cpu[i] = ended.ru_utime + ended.ru_stime - began.ru_utime - began.ru_stime
+            drained.wait()
+            may_close.wait()  # the cluster's CPU is read while every backend still runs
 
+    with psycopg.connect(dsn, autocommit=True) as c:
+        postmaster = postmaster_of(c)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
+    perf = None
+    if perf_to:
+        perf = subprocess.Popen(["perf", "record", "-q", "-a", "-g", "-F", "999", "-o", perf_to],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)  # perf is sampling before the clients start
     ready.wait()
-    began = time.monotonic()
+    began, server_began = time.monotonic(), cluster_cpu_seconds(postmaster)
+    drained.wait()
+    elapsed, server = time.monotonic() - began, cluster_cpu_seconds(postmaster) - server_began
+    if perf:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+    may_close.set()
     for t in threads:
         t.join()
-    elapsed = time.monotonic() - began
     check_once(way, [i for s in seen for i in s], jobs)
-    return jobs / elapsed
+    return jobs / elapsed, server / jobs * 1e6, sum(client_cpu) / jobs * 1e6
 
 
 def main():
@@ -204,29 +236,46 @@ def main():
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--worker", action="store_true",
                     help=f"queue_ext's functions drain as {WORKER}, an ordinary role in queue_ext_worker (as bench/run.sh does)")
+    ap.add_argument("--perf", metavar="DIR",
+                    help="in the last round, sample the cluster with perf while 4 clients drain, and split its CPU "
+                         "per job into phases (bench/perf_buckets.py); the recordings go to DIR")
     args = ap.parse_args()
     dsn = prepare(args.port, args.pgmq)
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute(FLOOR_TABLE)
         if not c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [WORKER]).fetchone():
             c.execute(f"CREATE ROLE {WORKER} LOGIN IN ROLE queue_ext_worker")
-    cpu, wal, rates = ({w: [] for w in WAYS} for _ in range(3))
+    cpu, wal, rates, server, client = ({w: [] for w in WAYS} for _ in range(5))
+    recordings = {}
     for r in range(args.rounds):
         for way in (list(WAYS) if r % 2 == 0 else list(reversed(WAYS))):
             us, b = one_round(dsn, way, args.jobs, args.batch, args.worker)
             cpu[way].append(us)
             wal[way].append(b)
-            rates[way].append(rate(dsn, way, args.jobs, args.batch, args.worker))
+            if args.perf and r == args.rounds - 1:
+                recordings[way] = os.path.join(args.perf, f"drain-{len(recordings)}.data")
+            per_second, server_us, client_us = rate(dsn, way, args.jobs, args.batch, args.worker,
+                                                    perf_to=recordings.get(way) if r == args.rounds - 1 else None)
+            rates[way].append(per_second)
+            server[way].append(server_us)
+            client[way].append(client_us)
     floor_rate = statistics.median(rates["floor: UPDATE SKIP LOCKED + DELETE ANY"])
     who = f"queue_ext's functions as {WORKER}" if args.worker else "everything as the superuser"
+
+    def cell(values, fmt):
+        return f"{fmt.format(statistics.median(values))} ({', '.join(fmt.format(x) for x in values)})"
+
     print(f"{args.jobs:,} jobs per round in batches of {args.batch}, {who}, {args.rounds} rounds, medians (every round)")
-    print("| way | backend CPU µs/job | WAL B/job | 4 clients, jobs/s | × floor |")
-    print("|---|---:|---:|---:|---:|")
+    print("| way | backend CPU µs/job | WAL B/job | 4 clients, jobs/s | × floor | 4 clients: cluster CPU µs/job "
+          "| 4 clients: client CPU µs/job |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for way in WAYS:
         r = statistics.median(rates[way])
-        print(f"| {way} | {statistics.median(cpu[way]):.1f} ({', '.join(f'{x:.1f}' for x in cpu[way])}) "
-              f"| {statistics.median(wal[way]):.0f} | {r:,.0f} ({', '.join(f'{x:,.0f}' for x in rates[way])}) "
-              f"| {r / floor_rate:.2f} |")
+        print(f"| {way} | {cell(cpu[way], '{:.1f}')} | {statistics.median(wal[way]):.0f} | {cell(rates[way], '{:,.0f}')} "
+              f"| {r / floor_rate:.2f} | {cell(server[way], '{:.1f}')} | {cell(client[way], '{:.1f}')} |")
+    for way, path in recordings.items():
+        print()
+        print("\n".join(table(path, server[way][-1], f"{way}, 4 clients, the cluster's processes", comm="postgres")))
 
 
 if __name__ == "__main__":

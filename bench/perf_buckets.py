@@ -1,6 +1,6 @@
 """Splits a backend's CPU samples (perf record -g) into the phases of a statement's life.
 
-    python3 bench/perf_buckets.py PERF_DATA [--us-per-job US] [--label NAME]
+    python3 bench/perf_buckets.py PERF_DATA [--us-per-job US] [--label NAME] [--comm postgres]
 
 Each sample is charged to the frame nearest its leaf that names a phase: a sample in
 `_bt_compare` under `_bt_doinsert` under `ExecInsertIndexTuples` is an index insert, one in
@@ -45,9 +45,11 @@ BY_LIBRARY = [("plpgsql.so", "PL/pgSQL: its statements (SPI) and expressions"),
 ORDER = [p for p, _ in PHASES] + [p for _, p in BY_LIBRARY] + ["other (bind, portal, memory, kernel)"]
 
 
-def samples(path):
-    """Each sample's frames, leaf first, as (symbol, library) pairs."""
-    out = subprocess.run(["perf", "script", "-i", path, "-F", "ip,sym,dso"], capture_output=True, text=True,
+def samples(path, comm=None):
+    """Each sample's frames, leaf first, as (symbol, library) pairs; only those of processes
+    named `comm` when given (a system-wide recording)."""
+    only = ["--comms", comm] if comm else []
+    out = subprocess.run(["perf", "script", "-i", path, *only, "-F", "ip,sym,dso"], capture_output=True, text=True,
                          check=True).stdout
     stack = []
     for line in out.splitlines():
@@ -77,26 +79,31 @@ def phase_of(stack):
     return ORDER[-1]
 
 
+def table(path, per_job=None, label="", comm=None):
+    """The phase table of a recording, as Markdown lines."""
+    counts = collections.Counter(phase_of(s) for s in samples(path, comm))
+    total = sum(counts.values())
+    if not total:
+        sys.exit(f"{path}: no samples")
+    head = f"{label}: " if label else ""
+    lines = [f"{head}{total:,} samples" + (f", {per_job:.1f} µs of CPU per job" if per_job else ""),
+             "| phase | share | µs/job |" if per_job else "| phase | share |",
+             "|---|---:|---:|" if per_job else "|---|---:|"]
+    for phase in ORDER:
+        if counts[phase]:
+            share = counts[phase] / total
+            lines.append(f"| {phase} | {100 * share:.1f}% |" + (f" {share * per_job:.1f} |" if per_job else ""))
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("perf_data")
     ap.add_argument("--us-per-job", type=float)
     ap.add_argument("--label", default="")
+    ap.add_argument("--comm", help="only the samples of processes of this name (a recording with perf record -a)")
     args = ap.parse_args()
-    counts = collections.Counter(phase_of(s) for s in samples(args.perf_data))
-    total = sum(counts.values())
-    if not total:
-        sys.exit(f"{args.perf_data}: no samples")
-    per_job = args.us_per_job
-    head = f"{args.label}: " if args.label else ""
-    print(f"{head}{total:,} samples" + (f", {per_job:.1f} µs of backend CPU per job" if per_job else ""))
-    print("| phase | share | µs/job |" if per_job else "| phase | share |")
-    print("|---|---:|---:|" if per_job else "|---|---:|")
-    for phase in ORDER:
-        if counts[phase]:
-            share = counts[phase] / total
-            cells = f"| {phase} | {100 * share:.1f}% |"
-            print(cells + (f" {share * per_job:.1f} |" if per_job else ""))
+    print("\n".join(table(args.perf_data, args.us_per_job, args.label, args.comm)))
 
 
 if __name__ == "__main__":

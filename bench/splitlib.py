@@ -11,6 +11,30 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cluster_cpu_seconds(postmaster_pid):
+    """User + system CPU time of a whole cluster so far: the postmaster, every process it still
+    runs (backends, WAL writer, checkpointer, autovacuum, queue_ext's workers) and the ones it
+    has reaped. A backend that ends between two readings moves from the second term to the
+    third, so keep the connections being measured open until the last reading."""
+    def fields(pid):
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+
+    own = fields(postmaster_pid)
+    ticks = int(own[11]) + int(own[12]) + int(own[13]) + int(own[14])
+    for child in open(f"/proc/{postmaster_pid}/task/{postmaster_pid}/children").read().split():
+        try:
+            f = fields(child)
+        except FileNotFoundError:  # ended meanwhile: the postmaster reaps it into its own count
+            continue
+        ticks += int(f[11]) + int(f[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postmaster_of(conn):
+    """The postmaster's pid: the parent of this connection's backend."""
+    return int(open(f"/proc/{conn.info.backend_pid}/stat").read().rsplit(")", 1)[1].split()[1])
+
+
 def queue_ext_database(port, name):
     """The DSN of database `name`, created with queue_ext the first time."""
     with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as c:
