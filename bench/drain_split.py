@@ -191,16 +191,18 @@ def rate(dsn, way, jobs, batch, worker, clients=4, perf_to=None):
         with psycopg.connect(drainer(dsn, way, worker), autocommit=True) as c:
             ready.wait()
             began = resource.getrusage(resource.RUSAGE_THREAD)
-            while True:
-                with c.transaction():
-                    ids = drain(c, batch)
-                if not ids:
-                    break
-                seen[i] += ids
-            ended = resource.getrusage(resource.RUSAGE_THREAD)
-            client_cpu[i] = ended.ru_utime + ended.ru_stime - began.ru_utime - began.ru_stime
-            drained.wait()
-            may_close.wait()  # the cluster's CPU is read while every backend still runs
+            try:
+                while True:
+                    with c.transaction():
+                        ids = drain(c, batch)
+                    if not ids:
+                        break
+                    seen[i] += ids
+            finally:  # a client that failed still lets the others finish (check_once reports it)
+                ended = resource.getrusage(resource.RUSAGE_THREAD)
+                client_cpu[i] = ended.ru_utime + ended.ru_stime - began.ru_utime - began.ru_stime
+                drained.wait()
+                may_close.wait()  # the cluster's CPU is read while every backend still runs
 
     with psycopg.connect(dsn, autocommit=True) as c:
         postmaster = postmaster_of(c)

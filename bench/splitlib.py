@@ -1,13 +1,19 @@
 """What the one-connection measuring scripts (enqueue_split, drain_split, dispatch_turns,
-sustained_drain) share: a backend's CPU time, and a database of their own with queue_ext."""
+sustained_drain) share: a backend's or a whole cluster's CPU time, and a database of their own
+with queue_ext."""
 import os
 
 import psycopg
 
 
+def _stat(pid):
+    """The fields of /proc/PID/stat after the command name (state first)."""
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid):
     """User + system CPU time of process `pid` so far (from /proc)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -16,14 +22,11 @@ def cluster_cpu_seconds(postmaster_pid):
     runs (backends, WAL writer, checkpointer, autovacuum, queue_ext's workers) and the ones it
     has reaped. A backend that ends between two readings moves from the second term to the
     third, so keep the connections being measured open until the last reading."""
-    def fields(pid):
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-
-    own = fields(postmaster_pid)
+    own = _stat(postmaster_pid)
     ticks = int(own[11]) + int(own[12]) + int(own[13]) + int(own[14])
     for child in open(f"/proc/{postmaster_pid}/task/{postmaster_pid}/children").read().split():
         try:
-            f = fields(child)
+            f = _stat(child)
         except FileNotFoundError:  # ended meanwhile: the postmaster reaps it into its own count
             continue
         ticks += int(f[11]) + int(f[12])
@@ -32,7 +35,7 @@ def cluster_cpu_seconds(postmaster_pid):
 
 def postmaster_of(conn):
     """The postmaster's pid: the parent of this connection's backend."""
-    return int(open(f"/proc/{conn.info.backend_pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    return int(_stat(conn.info.backend_pid)[1])
 
 
 def queue_ext_database(port, name):
