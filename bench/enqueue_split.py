@@ -21,7 +21,7 @@ import time
 
 import psycopg
 
-from splitlib import cpu_seconds
+from splitlib import cpu_seconds, fresh_database_with_pgmq
 
 DB = "enqueue_split"
 PAYLOAD = "'{\"n\": 1}'::jsonb"
@@ -51,18 +51,10 @@ def ways(batch):
 
 
 def prepare(port, pgmq_sql):
-    admin = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(f"DROP DATABASE IF EXISTS {DB}")
-        c.execute(f"CREATE DATABASE {DB}")
-    dsn = f"host=127.0.0.1 port={port} user=postgres dbname={DB}"
+    dsn = fresh_database_with_pgmq(port, DB, pgmq_sql, "split")
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("CREATE EXTENSION queue_ext")
-        c.execute("SELECT queue_ext.create_queue('split')")
         c.execute("CREATE TABLE split_floor (id bigserial PRIMARY KEY, payload jsonb NOT NULL, "
                   "created_at timestamptz NOT NULL DEFAULT now())")
-        c.execute(open(pgmq_sql).read())
-        c.execute("SELECT pgmq.create('split')")
     return dsn
 
 

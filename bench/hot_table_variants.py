@@ -37,7 +37,7 @@ import statistics
 
 import psycopg
 
-from splitlib import cpu_seconds
+from splitlib import cpu_seconds, fresh_database_with_pgmq
 
 DB = "qe_hot_variants"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,64 +46,64 @@ ENQUEUE_ROWS = 1000
 DRAIN_BATCH = 100
 
 # Columns a job has beside those narrow keeps (sql/schema.sql: job_queue).
-WIDE_COLUMNS = """
-    worker_id        text,
-    last_error       text,
-    errors           jsonb       NOT NULL DEFAULT '[]',
-    started_at       timestamptz,
-    heartbeat_at     timestamptz,
-    progress         real,
-    progress_details jsonb,
-    cancel_requested text,
-    dedupe_key       text,
-    rate_limit_key   text,
-    concurrency_key  text,
-    claimed_at       timestamptz,"""
-NARROW_COLUMNS = """
-    id               uuid        PRIMARY KEY,
-    payload          jsonb       NOT NULL,
-    priority         queue_ext.job_priority NOT NULL DEFAULT 'normal',
-    status           queue_ext.job_state   NOT NULL DEFAULT 'queued',
-    run_at           timestamptz NOT NULL DEFAULT now(),
-    attempt          integer     NOT NULL DEFAULT 0,
-    max_attempts     integer     NOT NULL,
-    lease_token      uuid,
-    lease_expires_at timestamptz,
-    enqueued_by      text        NOT NULL,
-    created_at       timestamptz NOT NULL DEFAULT now(),"""
-LIVE_STATE = ("CONSTRAINT {t}_live_state CHECK (status <= 'running' AND (status <> 'running' "
-              "OR (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)))")
-
-SCHEMA = {
-    "shipped_copy": """
-        CREATE TABLE hv_shipped_copy (LIKE queue_ext.job_queue INCLUDING ALL);
-        CREATE TABLE hv_shipped_copy_archive (LIKE queue_ext.job_archive INCLUDING ALL);""",
-    "per_queue": f"""
-        CREATE TABLE hv_per_queue ({NARROW_COLUMNS}{WIDE_COLUMNS} {LIVE_STATE.format(t='hv_per_queue')});
-        CREATE INDEX ON hv_per_queue (priority DESC, run_at, id)
-            WHERE status IN ('queued', 'retrying') AND rate_limit_key IS NULL;
-        CREATE INDEX ON hv_per_queue (rate_limit_key, priority DESC, run_at, id)
-            WHERE status IN ('queued', 'retrying') AND rate_limit_key IS NOT NULL;
-        CREATE INDEX ON hv_per_queue (concurrency_key, id) WHERE status = 'waiting' AND concurrency_key IS NOT NULL;
-        CREATE UNIQUE INDEX ON hv_per_queue (enqueued_by, dedupe_key) WHERE dedupe_key IS NOT NULL;
-        CREATE INDEX ON hv_per_queue (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
-        CREATE TABLE hv_per_queue_archive (LIKE queue_ext.job_archive INCLUDING ALL);
-        ALTER TABLE hv_per_queue_archive DROP COLUMN queue_name;""",
-    "narrow": f"""
-        CREATE TABLE hv_narrow ({NARROW_COLUMNS} {LIVE_STATE.format(t='hv_narrow')});
-        CREATE INDEX ON hv_narrow (priority DESC, run_at, id) WHERE status IN ('queued', 'retrying');
-        CREATE INDEX ON hv_narrow (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
-        CREATE TABLE hv_narrow_archive ({NARROW_COLUMNS} finished_at timestamptz NOT NULL DEFAULT now(),
-                                        result jsonb);
-        CREATE INDEX ON hv_narrow_archive (finished_at);""",
-    "narrow_no_id": f"""
-        CREATE TABLE hv_narrow_no_id ({NARROW_COLUMNS} {LIVE_STATE.format(t='hv_narrow_no_id')});
-        CREATE INDEX ON hv_narrow_no_id (priority DESC, run_at) WHERE status IN ('queued', 'retrying');
-        CREATE INDEX ON hv_narrow_no_id (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
-        CREATE TABLE hv_narrow_no_id_archive ({NARROW_COLUMNS} finished_at timestamptz NOT NULL DEFAULT now(),
-                                              result jsonb);
-        CREATE INDEX ON hv_narrow_no_id_archive (finished_at);""",
+# What the claim and the completion read or change: all a narrow table keeps.
+NARROW = ("id", "payload", "priority", "status", "run_at", "attempt", "max_attempts", "lease_token",
+          "lease_expires_at", "enqueued_by", "created_at")
+CLAIMABLE = "WHERE status IN ('queued', 'retrying')"
+# Per variant: the hot table's columns (a filter on job_queue's), its indexes, and its archive's
+# columns (on job_archive's, or the narrow hot table's plus the completion's own).
+VARIANTS = {
+    "shipped_copy": (lambda n: True, [], "job_archive", lambda n: True),
+    "per_queue": (lambda n: n != "queue_name",
+                  [f"INDEX ON {{t}} (priority DESC, run_at, id) {CLAIMABLE} AND rate_limit_key IS NULL",
+                   f"INDEX ON {{t}} (rate_limit_key, priority DESC, run_at, id) {CLAIMABLE} AND rate_limit_key IS NOT NULL",
+                   "INDEX ON {t} (concurrency_key, id) WHERE status = 'waiting' AND concurrency_key IS NOT NULL",
+                   "UNIQUE INDEX ON {t} (enqueued_by, dedupe_key) WHERE dedupe_key IS NOT NULL",
+                   "INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL"],
+                  "job_archive", lambda n: n != "queue_name"),
+    "narrow": (lambda n: n in NARROW,
+               [f"INDEX ON {{t}} (priority DESC, run_at, id) {CLAIMABLE}",
+                "INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL"],
+               "job_queue", lambda n: n in NARROW),
+    "narrow_no_id": (lambda n: n in NARROW,
+                     [f"INDEX ON {{t}} (priority DESC, run_at) {CLAIMABLE}",
+                      "INDEX ON {t} (lease_expires_at) WHERE lease_expires_at IS NOT NULL"],
+                     "job_queue", lambda n: n in NARROW),
 }
+
+
+def columns_of(c, table, keep):
+    """queue_ext's own column definitions (type, NOT NULL, default) as its catalog has them,
+    so that the variants follow the schema."""
+    rows = c.execute("""
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+        FROM pg_attribute AS a
+        LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum""", [f"queue_ext.{table}"]).fetchall()
+    return [f"{name} {kind}" + (" NOT NULL" if not_null else "") + (f" DEFAULT {default}" if default else "")
+            for name, kind, not_null, default in rows if keep(name)]
+
+
+def create_variants(c):
+    """Each variant's hot table and archive: job_queue's columns, primary key and CHECK, the
+    variant's own indexes (shipped_copy: job_queue's own)."""
+    live_state = c.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                           "WHERE conrelid = 'queue_ext.job_queue'::regclass AND contype = 'c'").fetchone()[0]
+    for variant, (hot_keeps, indexes, archive_of, archive_keeps) in VARIANTS.items():
+        hot, archive = TABLES[variant]
+        if variant == "shipped_copy":
+            c.execute(f"CREATE TABLE {hot} (LIKE queue_ext.job_queue INCLUDING ALL)")
+        else:
+            c.execute(f"CREATE TABLE {hot} ({', '.join(columns_of(c, 'job_queue', hot_keeps))}, "
+                      f"PRIMARY KEY (id), {live_state})")
+        for index in indexes:
+            c.execute("CREATE " + index.format(t=hot))
+        extra = [] if archive_of == "job_archive" else ["finished_at timestamptz NOT NULL DEFAULT now()", "result jsonb"]
+        c.execute(f"CREATE TABLE {archive} ({', '.join(columns_of(c, archive_of, archive_keeps) + extra)}, "
+                  "PRIMARY KEY (id))")
+        c.execute(f"CREATE INDEX ON {archive} (finished_at)")
+
 
 ENQUEUE_ARRAY = f"unnest(array_fill('{PAYLOAD}'::jsonb, ARRAY[{ENQUEUE_ROWS}])) AS p"
 ENQUEUE = {
@@ -212,18 +212,9 @@ TABLES = {
 
 
 def prepare(port, pgmq_sql):
-    admin = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(f"DROP DATABASE IF EXISTS {DB}")
-        c.execute(f"CREATE DATABASE {DB}")
-    dsn = f"host=127.0.0.1 port={port} user=postgres dbname={DB}"
+    dsn = fresh_database_with_pgmq(port, DB, pgmq_sql, "hv")
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("CREATE EXTENSION queue_ext")
-        c.execute("SELECT queue_ext.create_queue('hv')")
-        for ddl in SCHEMA.values():
-            c.execute(ddl)
-        c.execute(open(pgmq_sql).read())
-        c.execute("SELECT pgmq.create('hv')")
+        create_variants(c)
         c.execute("SELECT pgmq.create('hv_api')")
     return dsn
 
@@ -313,8 +304,8 @@ def main():
     for v in variants:
         m = med[v]
         base = med.get("pgmq_api" if v.endswith("_api") else "pgmq")
-        ratios = (f" {base['enqueue'] / m['enqueue']:.2f} | {base['drain'] / m['drain']:.2f} |" if base
-                  else " | |")
+        # A CPU reading of 0 (too few jobs for the clock's ticks) has no ratio.
+        ratios = "".join(f" {base[k] / m[k]:.2f} |" if base and m[k] else " |" for k in ("enqueue", "drain"))
         print(f"| {v} | {m['enqueue']:.2f} {[round(x, 1) for x in results[v]['enqueue']]} | {m['enqueue_wal']:.0f} "
               f"| {m['drain']:.2f} {[round(x, 1) for x in results[v]['drain']]} | {m['drain_wal']:.0f} |" + ratios)
 

@@ -1,6 +1,6 @@
 """What the one-connection measuring scripts (enqueue_split, drain_split, dispatch_turns,
-sustained_drain) share: a backend's or a whole cluster's CPU time, and a database of their own
-with queue_ext."""
+sustained_drain, hot_table_variants) share: a backend's or a whole cluster's CPU time, and a
+database of their own with queue_ext (and pgmq's SQL beside it)."""
 import os
 
 import psycopg
@@ -46,3 +46,18 @@ def queue_ext_database(port, name):
             with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname={name}", autocommit=True) as d:
                 d.execute("CREATE EXTENSION queue_ext")
     return f"host=127.0.0.1 port={port} user=postgres dbname={name}"
+
+
+def fresh_database_with_pgmq(port, name, pgmq_sql, queue):
+    """The DSN of database `name`, created afresh with queue_ext and pgmq's SQL, and a queue
+    `queue` in each."""
+    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        c.execute(f'CREATE DATABASE "{name}"')
+    dsn = f"host=127.0.0.1 port={port} user=postgres dbname={name}"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE EXTENSION queue_ext")
+        c.execute("SELECT queue_ext.create_queue(%s)", [queue])
+        c.execute(open(pgmq_sql).read())
+        c.execute("SELECT pgmq.create(%s)", [queue])
+    return dsn
