@@ -1,6 +1,6 @@
 """What a different hot table would buy the batched paths: measured, not guessed.
 
-    python3 bench/hot_table_variants.py --port PORT [--pgmq FILE] [--rounds 6] [--jobs 20000]
+    python3 bench/hot_table_variants.py --port PORT [--pgmq FILE] [--rounds 8] [--jobs 50000] [--only VARIANT,...]
 
 The batched enqueue and drain are the paths where queue_ext stays below pgmq, and the cost is
 in the tables: rows and indexes, not the functions around them (bench/enqueue_split.py and
@@ -45,7 +45,6 @@ PAYLOAD = '{"n": 1, "kind": "hot_table_variants"}'
 ENQUEUE_ROWS = 1000
 DRAIN_BATCH = 100
 
-# Columns a job has beside those narrow keeps (sql/schema.sql: job_queue).
 # What the claim and the completion read or change: all a narrow table keeps.
 NARROW = ("id", "payload", "priority", "status", "run_at", "attempt", "max_attempts", "lease_token",
           "lease_expires_at", "enqueued_by", "created_at")
@@ -105,45 +104,40 @@ def create_variants(c):
         c.execute(f"CREATE INDEX ON {archive} (finished_at)")
 
 
-ENQUEUE_ARRAY = f"unnest(array_fill('{PAYLOAD}'::jsonb, ARRAY[{ENQUEUE_ROWS}])) AS p"
-ENQUEUE = {
-    "shipped_api": f"SELECT count(*) FROM queue_ext.enqueue_jobs('hv', array_fill('{PAYLOAD}'::jsonb, ARRAY[{ENQUEUE_ROWS}]))",
-    "shipped": f"""INSERT INTO queue_ext.job_queue (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by)
-                   SELECT queue_ext.uuid_generate_v7(), 'hv', p, 'normal', 'queued', now(), 5, current_user FROM {ENQUEUE_ARRAY}""",
-    "shipped_copy": f"""INSERT INTO hv_shipped_copy (id, queue_name, payload, priority, status, run_at, max_attempts, enqueued_by)
-                        SELECT queue_ext.uuid_generate_v7(), 'hv', p, 'normal', 'queued', now(), 5, current_user
-                        FROM {ENQUEUE_ARRAY}""",
-    "per_queue": f"""INSERT INTO hv_per_queue (id, payload, priority, status, run_at, max_attempts, enqueued_by)
-                     SELECT queue_ext.uuid_generate_v7(), p, 'normal', 'queued', now(), 5, current_user FROM {ENQUEUE_ARRAY}""",
-    "narrow": f"""INSERT INTO hv_narrow (id, payload, priority, status, run_at, max_attempts, enqueued_by)
-                  SELECT queue_ext.uuid_generate_v7(), p, 'normal', 'queued', now(), 5, current_user FROM {ENQUEUE_ARRAY}""",
-    "narrow_no_id": f"""INSERT INTO hv_narrow_no_id (id, payload, priority, status, run_at, max_attempts, enqueued_by)
-                        SELECT queue_ext.uuid_generate_v7(), p, 'normal', 'queued', now(), 5, current_user
-                        FROM {ENQUEUE_ARRAY}""",
-    # pgmq's send_batch inserts these columns (its vt defaults to now() + delay).
-    "pgmq": f"INSERT INTO pgmq.q_hv (vt, message) SELECT clock_timestamp(), p FROM {ENQUEUE_ARRAY}",
-    "pgmq_api": f"SELECT count(*) FROM pgmq.send_batch('hv_api', array_fill('{PAYLOAD}'::jsonb, ARRAY[{ENQUEUE_ROWS}]))",
-}
+ENQUEUE_ARRAY = f"array_fill('{PAYLOAD}'::jsonb, ARRAY[{ENQUEUE_ROWS}])"
+SHIPPED_ARCHIVED = ("id, queue_name, payload, priority, status, attempt, max_attempts, worker_id, last_error, errors, "
+                    "progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key, "
+                    "claimed_at")
+NARROW_ARCHIVED = "id, payload, priority, status, attempt, max_attempts, enqueued_by, created_at, run_at"
 
 
-def claim(table, order, where="status IN ('queued', 'retrying')"):
-    return f"""
+def ours(table, archive, shared, wide):
+    """Enqueue, claim and completion in plain SQL on one of our variants' tables. `shared`: a
+    table for every queue (queue_name in the row and the claim); `wide`: with every column a
+    job has (a claim also sets started_at and claimed_at)."""
+    name, value, in_queue = ("queue_name, ", "'hv', ", "s.queue_name = 'hv' AND ") if shared else ("", "", "")
+    order = "s.priority DESC, s.run_at" + ("" if table.endswith("no_id") else ", s.id")
+    enqueue = f"""
+        INSERT INTO {table} (id, {name}payload, priority, status, run_at, max_attempts, enqueued_by)
+        SELECT queue_ext.uuid_generate_v7(), {value}p, 'normal', 'queued', now(), 5, current_user
+        FROM unnest({ENQUEUE_ARRAY}) AS p"""
+    claim = f"""
         WITH c AS (
             UPDATE {table} AS j
             SET status = 'running', attempt = j.attempt + 1, lease_token = queue_ext._lease_token(),
-                lease_expires_at = now() + interval '30 seconds'{{extra}}
+                lease_expires_at = now() + interval '30 seconds'
+                {", started_at = coalesce(j.started_at, now()), claimed_at = now()" if wide else ""}
             WHERE j.ctid = ANY (ARRAY(
                 SELECT s.ctid FROM {table} AS s
-                WHERE {where} AND s.run_at <= now()
+                WHERE {in_queue}s.status IN ('queued', 'retrying') {"AND s.rate_limit_key IS NULL" if wide else ""}
+                  AND s.run_at <= now()
                 ORDER BY {order}
                 LIMIT {DRAIN_BATCH}
                 FOR UPDATE SKIP LOCKED))
             RETURNING j.id, j.lease_token)
         SELECT array_agg(id), array_agg(lease_token) FROM c"""
-
-
-def complete(table, archive, columns):
-    return f"""
+    columns = (SHIPPED_ARCHIVED if shared else SHIPPED_ARCHIVED.replace("queue_name, ", "")) if wide else NARROW_ARCHIVED
+    complete = f"""
         WITH done AS (
             DELETE FROM {table} AS t
             USING unnest(%(ids)s::uuid[], %(tokens)s::uuid[]) AS i(id, token)
@@ -156,47 +150,38 @@ def complete(table, archive, columns):
             INSERT INTO {archive} ({columns}) SELECT {columns.replace('status', "'completed'")} FROM done RETURNING 1
         )
         SELECT count(*) FROM archived"""
+    return enqueue, claim, complete
 
 
-SHIPPED_ARCHIVED = ("id, queue_name, payload, priority, status, attempt, max_attempts, worker_id, last_error, errors, "
-                    "progress_details, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key, "
-                    "claimed_at")
-NARROW_ARCHIVED = "id, payload, priority, status, attempt, max_attempts, enqueued_by, created_at, run_at"
-WIDE_EXTRA = ", started_at = coalesce(j.started_at, now()), claimed_at = now()"
-DRAIN = {
-    "shipped_api": (f"SELECT array_agg(job_id), array_agg(lease_token) FROM queue_ext.get_next_jobs('hv', {DRAIN_BATCH})",
+# Per variant: its enqueue statement, its claim, and its completion (given ids and tokens).
+STATEMENTS = {
+    "shipped_api": (f"SELECT count(*) FROM queue_ext.enqueue_jobs('hv', {ENQUEUE_ARRAY})",
+                    f"SELECT array_agg(job_id), array_agg(lease_token) FROM queue_ext.get_next_jobs('hv', {DRAIN_BATCH})",
                     "SELECT count(*) FROM queue_ext.complete_jobs(%(ids)s::uuid[], %(tokens)s::uuid[])"),
-    "shipped": (claim("queue_ext.job_queue", "s.priority DESC, s.run_at, s.id",
-                      "s.queue_name = 'hv' AND s.status IN ('queued', 'retrying') AND s.rate_limit_key IS NULL")
-                .replace("{extra}", WIDE_EXTRA),
-                complete("queue_ext.job_queue", "queue_ext.job_archive", SHIPPED_ARCHIVED)),
-    "shipped_copy": (claim("hv_shipped_copy", "s.priority DESC, s.run_at, s.id",
-                           "s.queue_name = 'hv' AND s.status IN ('queued', 'retrying') AND s.rate_limit_key IS NULL")
-                     .replace("{extra}", WIDE_EXTRA),
-                     complete("hv_shipped_copy", "hv_shipped_copy_archive", SHIPPED_ARCHIVED)),
-    "per_queue": (claim("hv_per_queue", "s.priority DESC, s.run_at, s.id",
-                        "s.status IN ('queued', 'retrying') AND s.rate_limit_key IS NULL").replace("{extra}", WIDE_EXTRA),
-                  complete("hv_per_queue", "hv_per_queue_archive", SHIPPED_ARCHIVED.replace("queue_name, ", ""))),
-    "narrow": (claim("hv_narrow", "s.priority DESC, s.run_at, s.id").replace("{extra}", ""),
-               complete("hv_narrow", "hv_narrow_archive", NARROW_ARCHIVED)),
-    "narrow_no_id": (claim("hv_narrow_no_id", "s.priority DESC, s.run_at").replace("{extra}", ""),
-                     complete("hv_narrow_no_id", "hv_narrow_no_id_archive", NARROW_ARCHIVED)),
-    "pgmq": ("""
+    "shipped": ours("queue_ext.job_queue", "queue_ext.job_archive", shared=True, wide=True),
+    "shipped_copy": ours("hv_shipped_copy", "hv_shipped_copy_archive", shared=True, wide=True),
+    "per_queue": ours("hv_per_queue", "hv_per_queue_archive", shared=False, wide=True),
+    "narrow": ours("hv_narrow", "hv_narrow_archive", shared=False, wide=False),
+    "narrow_no_id": ours("hv_narrow_no_id", "hv_narrow_no_id_archive", shared=False, wide=False),
+    # What pgmq's send_batch, read and archive(ids) do to its tables, without the functions.
+    "pgmq": (f"INSERT INTO pgmq.q_hv (vt, message) SELECT clock_timestamp(), p FROM unnest({ENQUEUE_ARRAY}) AS p",
+             f"""
         WITH c AS (
             UPDATE pgmq.q_hv AS m SET vt = clock_timestamp() + interval '30 seconds', read_ct = m.read_ct + 1,
                                       last_read_at = clock_timestamp()
             WHERE m.msg_id = ANY (ARRAY(
                 SELECT s.msg_id FROM pgmq.q_hv AS s WHERE s.vt <= clock_timestamp()
-                ORDER BY s.msg_id LIMIT %(n)s FOR UPDATE SKIP LOCKED))
+                ORDER BY s.msg_id LIMIT {DRAIN_BATCH} FOR UPDATE SKIP LOCKED))
             RETURNING m.msg_id)
-        SELECT array_agg(msg_id), NULL::uuid[] FROM c""".replace("%(n)s", str(DRAIN_BATCH)),
+        SELECT array_agg(msg_id), NULL::uuid[] FROM c""",
              """
         WITH done AS (DELETE FROM pgmq.q_hv WHERE msg_id = ANY (%(ids)s::bigint[])
                       RETURNING msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers),
              archived AS (INSERT INTO pgmq.a_hv (msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers)
                           SELECT msg_id, vt, read_ct, enqueued_at, last_read_at, message, headers FROM done RETURNING 1)
         SELECT count(*) FROM archived"""),
-    "pgmq_api": (f"SELECT array_agg(msg_id), NULL::uuid[] FROM pgmq.read('hv_api', 30, {DRAIN_BATCH})",
+    "pgmq_api": (f"SELECT count(*) FROM pgmq.send_batch('hv_api', {ENQUEUE_ARRAY})",
+                 f"SELECT array_agg(msg_id), NULL::uuid[] FROM pgmq.read('hv_api', 30, {DRAIN_BATCH})",
                  "SELECT count(*) FROM pgmq.archive('hv_api', %(ids)s::bigint[])"),
 }
 TABLES = {
@@ -240,14 +225,14 @@ def enqueue_round(c, variant, jobs):
 
     def work():
         for _ in range(statements):
-            c.execute(ENQUEUE[variant], prepare=True)
+            c.execute(STATEMENTS[variant][0], prepare=True)
     used, wal = measured(c, work)
     return used / jobs * 1e6, wal / jobs
 
 
 def drain_round(c, variant, jobs):
     """Drains the jobs enqueue_round left; checks each was archived exactly once."""
-    claim_sql, complete_sql = DRAIN[variant]
+    _, claim_sql, complete_sql = STATEMENTS[variant]
     hot, archive = TABLES[variant]
     c.execute(f"VACUUM ANALYZE {hot}")
     done = 0
@@ -277,11 +262,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--pgmq", default=os.path.join(HERE, "peers", "cache", "pgmq-1.11.1.sql"))
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--jobs", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--jobs", type=int, default=50000)
     ap.add_argument("--only", help="comma-separated variants")
     args = ap.parse_args()
-    variants = args.only.split(",") if args.only else list(ENQUEUE)
+    variants = args.only.split(",") if args.only else list(STATEMENTS)
     dsn = prepare(args.port, args.pgmq)
     results = {v: {"enqueue": [], "enqueue_wal": [], "drain": [], "drain_wal": []} for v in variants}
     with psycopg.connect(dsn, autocommit=True) as c:
