@@ -49,10 +49,9 @@ DRAIN_BATCH = 100
 NARROW = ("id", "payload", "priority", "status", "run_at", "attempt", "max_attempts", "lease_token",
           "lease_expires_at", "enqueued_by", "created_at")
 CLAIMABLE = "WHERE status IN ('queued', 'retrying')"
-# Per variant: the hot table's columns (a filter on job_queue's), its indexes, and its archive's
-# columns (on job_archive's, or the narrow hot table's plus the completion's own).
+# Per variant built here: the hot table's columns (a filter on job_queue's), its indexes, and its
+# archive's columns (on job_archive's, or the narrow hot table's plus the completion's own).
 VARIANTS = {
-    "shipped_copy": (lambda n: True, [], "job_archive", lambda n: True),
     "per_queue": (lambda n: n != "queue_name",
                   [f"INDEX ON {{t}} (priority DESC, run_at, id) {CLAIMABLE} AND rate_limit_key IS NULL",
                    f"INDEX ON {{t}} (rate_limit_key, priority DESC, run_at, id) {CLAIMABLE} AND rate_limit_key IS NOT NULL",
@@ -85,17 +84,18 @@ def columns_of(c, table, keep):
 
 
 def create_variants(c):
-    """Each variant's hot table and archive: job_queue's columns, primary key and CHECK, the
-    variant's own indexes (shipped_copy: job_queue's own)."""
+    """Each variant's hot table and archive. shipped_copy: copies of job_queue and job_archive
+    with everything but their trigger and row level security; the others: job_queue's columns,
+    primary key and CHECK, with the variant's own indexes."""
+    for table in ("job_queue", "job_archive"):
+        c.execute(f"CREATE TABLE hv_shipped_copy{'' if table == 'job_queue' else '_archive'} "
+                  f"(LIKE queue_ext.{table} INCLUDING ALL)")
     live_state = c.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
                            "WHERE conrelid = 'queue_ext.job_queue'::regclass AND contype = 'c'").fetchone()[0]
     for variant, (hot_keeps, indexes, archive_of, archive_keeps) in VARIANTS.items():
         hot, archive = TABLES[variant]
-        if variant == "shipped_copy":
-            c.execute(f"CREATE TABLE {hot} (LIKE queue_ext.job_queue INCLUDING ALL)")
-        else:
-            c.execute(f"CREATE TABLE {hot} ({', '.join(columns_of(c, 'job_queue', hot_keeps))}, "
-                      f"PRIMARY KEY (id), {live_state})")
+        c.execute(f"CREATE TABLE {hot} ({', '.join(columns_of(c, 'job_queue', hot_keeps))}, "
+                  f"PRIMARY KEY (id), {live_state})")
         for index in indexes:
             c.execute("CREATE " + index.format(t=hot))
         extra = [] if archive_of == "job_archive" else ["finished_at timestamptz NOT NULL DEFAULT now()", "result jsonb"]
