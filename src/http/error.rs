@@ -1,13 +1,14 @@
 //! Why a delivery did not succeed, and the one place that turns that into what is recorded:
 //! an outcome kind (`retry` or `failed`) and a message. The message goes into the job's
-//! `last_error`, which its producer reads, so it never carries the URL (reqwest's errors
-//! print it unless told not to), its query, userinfo or host, a header or the secret.
+//! `last_error`, which its producer reads, so it never carries the URL (lower layers' errors
+//! quote it), its query, userinfo or host, a header or the secret.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use reqwest::StatusCode;
+use http::StatusCode;
 
-use super::ssrf::Refused;
+use super::connect::ConnectError;
+use super::ssrf::{Refused, ResolveError};
 use super::Delivery;
 
 /// Messages are kept short: they are stored on every attempt.
@@ -53,8 +54,6 @@ pub enum DeliveryError {
     Connect(String),
     #[error("redirect refused: {0}")]
     Redirect(RedirectRefused),
-    #[error("redirect refused: {0}")]
-    RedirectOther(String),
     #[error("invalid request: {0}")]
     Request(String),
     #[error("request failed: {0}")]
@@ -117,7 +116,6 @@ impl DeliveryError {
             | HeaderValue(_)
             | JobId
             | Redirect(_)
-            | RedirectOther(_)
             | Request(_)
             | Redirected { .. }
             | Unusable(_) => "failed",
@@ -134,43 +132,31 @@ impl DeliveryError {
         (kind, message)
     }
 
-    /// Classifies an error from sending the request (before any status arrived).
-    pub fn from_send(e: reqwest::Error, d: &Delivery) -> DeliveryError {
-        // The guard's refusal is permanent: retrying cannot make the address public. It can
-        // come from the resolver (a connect error) or the redirect policy (a redirect error).
-        if let Some(refused) = find::<Refused>(&e) {
-            return DeliveryError::Refused(*refused);
-        }
-        if let Some(r) = find::<RedirectRefused>(&e) {
-            return DeliveryError::Redirect(*r);
-        }
-        let e = e.without_url();
-        if e.is_timeout() {
-            return if e.is_connect() {
-                DeliveryError::ConnectTimeout
-            } else {
-                DeliveryError::Timeout(d.effective_timeout_ms())
-            };
-        }
-        let detail = scrub(&source_chain(&e), d);
-        if e.is_connect() {
-            DeliveryError::Connect(detail)
-        } else if e.is_redirect() {
-            DeliveryError::RedirectOther(detail)
-        } else if e.is_builder() {
-            DeliveryError::Request(detail)
-        } else {
-            DeliveryError::Transport(detail)
+    /// Classifies a connection that could not be made. The guard's refusal is permanent:
+    /// retrying cannot make the address public.
+    pub fn from_connect(e: ConnectError, d: &Delivery) -> DeliveryError {
+        match e {
+            ConnectError::Resolve(ResolveError::Refused(refused)) => {
+                DeliveryError::Refused(refused)
+            }
+            other => DeliveryError::Connect(scrub(&source_chain(&other), d)),
         }
     }
 
+    /// Classifies an error from sending the request (before any status arrived).
+    pub fn from_hyper(e: &hyper::Error, d: &Delivery) -> DeliveryError {
+        if e.is_timeout() {
+            return DeliveryError::Timeout(d.effective_timeout_ms());
+        }
+        DeliveryError::Transport(scrub(&source_chain(e), d))
+    }
+
     /// Classifies an error while reading the body of a response with `status`.
-    pub fn from_body(e: reqwest::Error, status: StatusCode, d: &Delivery) -> DeliveryError {
-        let e = e.without_url();
+    pub fn from_body(e: &hyper::Error, status: StatusCode, d: &Delivery) -> DeliveryError {
         let cause = if e.is_timeout() {
             BodyFailure::Timeout(d.effective_timeout_ms())
         } else {
-            BodyFailure::Broken(scrub(&source_chain(&e), d))
+            BodyFailure::Broken(scrub(&source_chain(e), d))
         };
         DeliveryError::Body { status, cause }
     }
@@ -193,36 +179,19 @@ impl DeliveryError {
     }
 }
 
-fn find<T: std::error::Error + 'static>(e: &reqwest::Error) -> Option<&T> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(found) = err.downcast_ref::<T>() {
-            return Some(found);
-        }
-        source = err.source();
-    }
-    None
-}
-
-/// The texts of the error's causes, below reqwest's own (which is only its kind, once
-/// `without_url` took the URL out), e.g. "client error (Connect): tcp connect error:
-/// Connection refused (os error 111)".
-fn source_chain(e: &reqwest::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = std::error::Error::source(e);
+/// The error's text and its causes', each once (hyper repeats its cause in its own text
+/// sometimes), e.g. "tcp connect error: Connection refused (os error 111)".
+fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut source = Some(e);
     while let Some(s) = source {
         let text = s.to_string();
-        // hyper repeats its cause in its own text sometimes: keep each once.
-        if !parts.iter().any(|p: &String| p.contains(&text)) {
+        if !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
         }
         source = s.source();
     }
-    if parts.is_empty() {
-        e.to_string()
-    } else {
-        parts.join(": ")
-    }
+    parts.join(": ")
 }
 
 /// Removes what a lower layer might quote from the request: TLS names the host it
@@ -251,7 +220,7 @@ pub fn sensitive_strings(d: &Delivery, with_target: bool) -> Vec<String> {
             }
             secrets.extend(url.password().map(str::to_string));
             if !url.username().is_empty() || url.password().is_some() {
-                // What reqwest sends for userinfo: `Authorization: Basic base64(user:pw)`.
+                // What is sent for userinfo: `Authorization: Basic base64(user:pw)`.
                 let user = percent_decode(url.username());
                 let pass = url.password().map(percent_decode).unwrap_or_default();
                 secrets.push(STANDARD.encode(format!("{user}:{pass}")));
@@ -295,7 +264,7 @@ pub fn redact_all(text: &str, secrets: &[String]) -> String {
     text
 }
 
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -379,7 +348,7 @@ mod unit {
             assert_eq!(k, kind, "{e:?}");
             assert!(m.starts_with(message), "{m:?} should start with {message:?}");
         }
-        let invalid = reqwest::Url::parse("http://exa mple.com/?token=s3cr3t").unwrap_err();
+        let invalid = url::Url::parse("http://exa mple.com/?token=s3cr3t").unwrap_err();
         let (k, m) = InvalidUrl(invalid.to_string()).verdict();
         assert_eq!(k, "failed");
         assert!(!m.contains("s3cr3t") && !m.contains("exa mple"), "{m}");

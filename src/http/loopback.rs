@@ -1,7 +1,7 @@
 //! The client against real endpoints on loopback: raw TCP servers that misbehave the way
 //! real ones do (NUL bytes, invalid UTF-8, 50 MB, an endless body, 1 byte per second, a
 //! reset mid-body, silence, redirects to private addresses), and an environment proxy.
-//! Only tokio and reqwest: these run under plain `cargo test --lib`.
+//! Only tokio and the client: these run under plain `cargo test --lib`.
 //!
 //! The endpoints listen on 127.0.0.2, the one address the client's allowlist opens, so a
 //! redirect to 127.0.0.1 or to `localhost` is a redirect to a refused address.
@@ -40,10 +40,16 @@ enum Script {
     Redirect(String),
     /// The same as a 307, which keeps the method and body.
     Temporary(String),
+    /// Writes these bytes and waits for the next request on the same connection.
+    KeepAlive(Vec<u8>),
+    /// Writes these bytes, then closes the connection 50 ms later, as an endpoint closes an
+    /// idle keep-alive connection (no `connection: close` said beforehand).
+    IdleClose(Vec<u8>),
 }
 
 struct Endpoint {
     port: u16,
+    connections: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
     /// Request heads, in order.
     heads: Arc<std::sync::Mutex<Vec<String>>>,
@@ -56,6 +62,9 @@ impl Endpoint {
     fn count(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
+    fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
 }
 
 /// Starts an endpoint on `ip` that answers every request on `path_script`'s first match
@@ -63,14 +72,16 @@ impl Endpoint {
 async fn endpoint(ip: &str, scripts: Vec<(&'static str, Script)>) -> Endpoint {
     let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
     let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (r, h) = (requests.clone(), heads.clone());
+    let (c, r, h) = (connections.clone(), requests.clone(), heads.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            c.fetch_add(1, Ordering::SeqCst);
             let (r, h, scripts) = (r.clone(), h.clone(), scripts.clone());
             tokio::spawn(async move {
                 let _ = serve(stream, port, &r, &h, &scripts).await;
@@ -79,6 +90,7 @@ async fn endpoint(ip: &str, scripts: Vec<(&'static str, Script)>) -> Endpoint {
     });
     Endpoint {
         port,
+        connections,
         requests,
         heads,
     }
@@ -134,6 +146,15 @@ async fn serve(
                 b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n".to_vec(),
             ));
         match script {
+            Script::KeepAlive(bytes) => stream.write_all(&bytes).await?,
+            Script::IdleClose(bytes) => {
+                stream.write_all(&bytes).await?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                stream.shutdown().await?;
+                let mut sink = [0u8; 4096];
+                while stream.read(&mut sink).await? > 0 {}
+                return Ok(());
+            }
             Script::Raw(bytes) => {
                 stream.write_all(&bytes).await?;
                 stream.shutdown().await?;
@@ -343,7 +364,7 @@ async fn an_endpoint_echoing_its_request_gets_no_secret_stored() {
         "[redacted]"
     );
     assert_clean(&out);
-    // Without a configured Authorization, reqwest sends the userinfo as basic auth.
+    // Without a configured Authorization, the userinfo is sent as basic auth.
     let mut d = delivery(&secret_url(&e, "/echo"), 5000, false);
     d.headers.remove("Authorization");
     let out = c.deliver(d).await;
@@ -715,4 +736,72 @@ async fn the_environment_proxy_is_ignored() {
     );
     assert_eq!(target.count(), 1, "the target was not reached directly");
     assert_eq!(proxy.count(), 0, "the request went through the proxy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_kept_alive_and_a_cut_response_never_leaves_one_half_read() {
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec();
+    let mut big = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 3 * CAP).into_bytes();
+    big.extend(std::iter::repeat_n(b'b', 3 * CAP));
+    let e = endpoint(
+        "127.0.0.2",
+        vec![
+            ("/ok", Script::KeepAlive(ok)),
+            ("/big", Script::KeepAlive(big)),
+        ],
+    )
+    .await;
+    let c = client();
+    for _ in 0..20 {
+        let out = c.deliver(delivery(&e.url("/ok"), 5000, false)).await;
+        assert_eq!(out.outcome, "delivered", "{out:?}");
+        assert_eq!(out.response_body.as_deref(), Some("ok"));
+    }
+    assert_eq!((e.count(), e.connection_count()), (20, 1));
+
+    // A response cut at the cap takes its connection along: the next request goes on a new
+    // one and reads its own answer, not the rest of the cut body.
+    let out = c.deliver(delivery(&e.url("/big"), 5000, false)).await;
+    assert!(out.response_body.as_deref().unwrap().ends_with(TRUNCATED));
+    let out = c.deliver(delivery(&e.url("/ok"), 5000, false)).await;
+    assert_eq!(out.response_body.as_deref(), Some("ok"), "{out:?}");
+    assert_eq!((e.count(), e.connection_count()), (22, 2));
+
+    // Many at once: each request arrives once, on at most one connection each.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (c, url) = (c.clone(), e.url(&format!("/ok?n={i}")));
+        tasks.push(tokio::spawn(async move {
+            c.deliver(delivery(&url, 5000, false)).await
+        }));
+    }
+    for t in tasks {
+        let out = t.await.unwrap();
+        assert_eq!(out.outcome, "delivered", "{out:?}");
+    }
+    assert_eq!(e.count(), 22 + 64);
+    assert!(e.connection_count() <= 2 + 64, "{}", e.connection_count());
+    let heads = e.heads.lock().unwrap();
+    for i in 0..64 {
+        let path = format!("POST /ok?n={i} ");
+        assert_eq!(
+            heads.iter().filter(|h| h.starts_with(&path)).count(),
+            1,
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_endpoint_closed_while_idle_is_not_sent_on() {
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec();
+    let e = endpoint("127.0.0.2", vec![("/", Script::IdleClose(ok))]).await;
+    let c = client();
+    for round in 1..=3 {
+        let out = c.deliver(delivery(&e.url("/idle"), 5000, false)).await;
+        assert_eq!(out.outcome, "delivered", "round {round}: {out:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Sent once each, every one on a connection of its own.
+    assert_eq!((e.count(), e.connection_count()), (3, 3));
 }

@@ -8,6 +8,7 @@
 //! Nothing recorded carries the URL's credentials or query values, a header or the secret
 //! ([`error`], [`redact_url`]).
 
+pub mod connect;
 pub mod error;
 pub mod redact;
 pub mod signing;
@@ -16,17 +17,21 @@ pub mod ssrf;
 #[cfg(test)]
 mod loopback;
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{
-    HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT,
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION,
+    RETRY_AFTER, USER_AGENT,
 };
+use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 
 pub use error::DeliveryError;
 pub use redact::redact_url;
-use ssrf::{Allowlist, GuardedResolver};
+use ssrf::Allowlist;
 
 /// Redirects followed at most, for queues that follow them.
 pub const MAX_REDIRECTS: usize = 5;
@@ -151,13 +156,14 @@ pub fn new_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     })
 }
 
-/// The reqwest client and the SSRF allowlist it resolves with. Settings change by building
-/// a new client: pooled connections were checked against the old allowlist, so they must
-/// go with it.
+/// The connection pool, the TLS roots and the SSRF allowlist every connection is checked
+/// against. Settings change by building a new client: pooled connections were checked
+/// against the old allowlist, so they must go with it.
 #[derive(Clone)]
 pub struct HttpClient {
-    client: reqwest::Client,
-    allowlist: Arc<RwLock<Allowlist>>,
+    pool: Arc<connect::Pool>,
+    tls: Arc<rustls::ClientConfig>,
+    allowlist: Arc<Allowlist>,
     response_max_bytes: usize,
 }
 
@@ -177,13 +183,10 @@ pub enum ClientError {
         path: String,
         source: std::io::Error,
     },
-    #[error("queue_ext.http_ca_file {path} holds no usable PEM certificates: {source}")]
-    CaPem {
-        path: String,
-        source: reqwest::Error,
-    },
-    #[error("cannot build the HTTP client: {0}")]
-    Build(reqwest::Error),
+    #[error("queue_ext.http_ca_file {path} holds no usable PEM certificates: {reason}")]
+    CaPem { path: String, reason: String },
+    #[error("cannot set up TLS: {0}")]
+    Tls(rustls::Error),
 }
 
 /// Callers report these as text.
@@ -193,46 +196,47 @@ impl From<ClientError> for String {
     }
 }
 
+/// One hop's answer, with the connection it came on (back to the pool once read to the end).
+struct Reply {
+    response: http::Response<hyper::body::Incoming>,
+    url: url::Url,
+    origin: connect::Origin,
+    sender: connect::Sender,
+}
+
 impl HttpClient {
     pub fn new(settings: &HttpSettings) -> Result<HttpClient, ClientError> {
-        let allowlist = Arc::new(RwLock::new(Allowlist::parse(&settings.allowlist)));
         let mut roots = Vec::new();
         if let Some(path) = &settings.ca_file {
+            use rustls_pki_types::pem::PemObject;
             let pem = std::fs::read(path).map_err(|source| ClientError::CaFile {
                 path: path.clone(),
                 source,
             })?;
-            roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+            let bad = |reason: String| ClientError::CaPem {
+                path: path.clone(),
+                reason,
+            };
+            roots = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(e.to_string()))?;
+            if roots.is_empty() {
+                return Err(bad("no CERTIFICATE block".into()));
+            }
+        }
+        let tls = connect::tls_config(roots).map_err(|e| match e {
+            rustls::Error::InvalidCertificate(_) | rustls::Error::General(_) => {
                 ClientError::CaPem {
-                    path: path.clone(),
-                    source,
+                    path: settings.ca_file.clone().unwrap_or_default(),
+                    reason: e.to_string(),
                 }
-            })?;
-        }
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            // A proxy from HTTP_PROXY/HTTPS_PROXY/ALL_PROXY would be the address the guard
-            // checks instead of the target's: never use one.
-            .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver {
-                allowlist: allowlist.clone(),
-            }))
-            // Redirects are followed by `exchange`, hop by hop, where each target is checked
-            // and the queue's headers stay with the origin they were configured for.
-            .redirect(reqwest::redirect::Policy::none())
-            .referer(false)
-            .pool_max_idle_per_host(settings.max_idle_per_host.max(1))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .connect_timeout(CONNECT_TIMEOUT)
-            // HTTP/1 heads are bounded by hyper (100 headers, ~400 KiB); bound HTTP/2's.
-            .http2_max_header_list_size(256 * 1024)
-            .tcp_nodelay(true);
-        for cert in roots {
-            builder = builder.add_root_certificate(cert);
-        }
+            }
+            other => ClientError::Tls(other),
+        })?;
         Ok(HttpClient {
-            client: builder.build().map_err(ClientError::Build)?,
-            allowlist,
+            pool: Arc::new(connect::Pool::new(settings.max_idle_per_host)),
+            tls: Arc::new(tls),
+            allowlist: Arc::new(Allowlist::parse(&settings.allowlist)),
             response_max_bytes: settings.response_max_bytes,
         })
     }
@@ -241,73 +245,59 @@ impl HttpClient {
     /// every failure becomes an Outcome to record on the job.
     pub async fn deliver(&self, d: Delivery) -> Outcome {
         let started = Instant::now();
-        match self.exchange(&d, started).await {
-            Ok(response) => self.read_response(&d, response, started).await,
+        let deadline = started + Duration::from_millis(d.effective_timeout_ms());
+        match self.exchange(&d, deadline).await {
+            Ok(reply) => self.read_response(&d, reply, started, deadline).await,
             Err(e) => Outcome::from_error(&d, &e, started),
         }
     }
 
     /// A target the guard lets through: http(s), a host, and not a refused IP literal.
     /// (Host names are checked when they are resolved, at connection time.)
-    fn check_target(&self, url: &reqwest::Url) -> Result<(), DeliveryError> {
+    fn check_target(&self, url: &url::Url) -> Result<(), DeliveryError> {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(DeliveryError::Scheme);
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(DeliveryError::NoHost);
         }
-        let list = self.allowlist.read().map(|l| l.clone()).unwrap_or_default();
-        Ok(ssrf::check_url(&list, url)?)
+        Ok(ssrf::check_url(&self.allowlist, url)?)
     }
 
     /// Sends the request and, when the queue follows redirects, each hop after it: every
-    /// target is checked by the guard, all hops together get the request's timeout, and a
-    /// hop to another origin goes without the queue's configured headers (an API key for
+    /// target is checked by the guard, all hops together end at the request's deadline, and
+    /// a hop to another origin goes without the queue's configured headers (an API key for
     /// the webhook's host is not for wherever it redirects to).
-    async fn exchange(
-        &self,
-        d: &Delivery,
-        started: Instant,
-    ) -> Result<reqwest::Response, DeliveryError> {
+    async fn exchange(&self, d: &Delivery, deadline: Instant) -> Result<Reply, DeliveryError> {
         let url_text = d.url.as_deref().ok_or(DeliveryError::NoUrl)?;
         let first = redact::parse_url(url_text).map_err(DeliveryError::InvalidUrl)?;
         self.check_target(&first)?;
         let mut method =
-            reqwest::Method::from_bytes(d.method.as_bytes()).map_err(|_| DeliveryError::Method)?;
-        let mut body = if method == reqwest::Method::GET {
-            Vec::new()
+            http::Method::from_bytes(d.method.as_bytes()).map_err(|_| DeliveryError::Method)?;
+        let mut body = if method == http::Method::GET {
+            Bytes::new()
         } else {
-            d.body.clone().into_bytes()
+            Bytes::from(d.body.clone())
         };
-        let timeout = Duration::from_millis(d.effective_timeout_ms());
         let mut url = first.clone();
         let mut hops = 0;
         loop {
-            let left = timeout.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                return Err(DeliveryError::Timeout(d.effective_timeout_ms()));
-            }
             let own_headers = url.origin() == first.origin();
-            // reqwest's timeout runs from connecting until the body has been read (it moves
-            // into the response body), so a body trickled byte by byte ends there too.
-            let response = self
-                .request(d, &url, method.clone(), body.clone(), own_headers)?
-                .timeout(left)
-                .send()
-                .await
-                .map_err(|e| DeliveryError::from_send(e, d))?;
-            let status = response.status().as_u16();
+            let request = self.request(d, &url, method.clone(), body.clone(), own_headers)?;
+            let reply = self.send(d, url, request, deadline).await?;
+            let status = reply.response.status().as_u16();
             if !d.follow_redirects || !matches!(status, 301 | 302 | 303 | 307 | 308) {
-                return Ok(response);
+                return Ok(reply);
             }
-            let Some(next) = response
+            let Some(next) = reply
+                .response
                 .headers()
                 .get(LOCATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| response.url().join(v).ok())
+                .and_then(|v| reply.url.join(v).ok())
             else {
                 // Recorded as a redirect that could not be followed.
-                return Ok(response);
+                return Ok(reply);
             };
             if !matches!(next.scheme(), "http" | "https") {
                 return Err(DeliveryError::Redirect(error::RedirectRefused::Scheme));
@@ -319,14 +309,80 @@ impl HttpClient {
                 )));
             }
             self.check_target(&next)?;
-            // As browsers and reqwest do: 303, and 301/302 after a POST, fetch with GET.
+            // As browsers do: 303, and 301/302 after a POST, fetch with GET.
             let to_get =
-                status == 303 || (matches!(status, 301 | 302) && method == reqwest::Method::POST);
-            if to_get && method != reqwest::Method::HEAD {
-                method = reqwest::Method::GET;
-                body = Vec::new();
+                status == 303 || (matches!(status, 301 | 302) && method == http::Method::POST);
+            if to_get && method != http::Method::HEAD {
+                method = http::Method::GET;
+                body = Bytes::new();
             }
+            // The redirect's own body is not read: its connection closes with it.
             url = next;
+        }
+    }
+
+    /// Sends one hop's request on a pooled connection to its origin, or a new one. A pooled
+    /// connection the endpoint closed meanwhile hands the request back unsent; it then goes
+    /// on a new connection (the one case where a request is tried twice, and it was never
+    /// written).
+    async fn send(
+        &self,
+        d: &Delivery,
+        url: url::Url,
+        mut request: http::Request<Full<Bytes>>,
+        deadline: Instant,
+    ) -> Result<Reply, DeliveryError> {
+        let timeout = || DeliveryError::Timeout(d.effective_timeout_ms());
+        let origin = connect::Origin::of(&url).ok_or(DeliveryError::NoHost)?;
+        let mut pooled = self.pool.take(&origin);
+        loop {
+            let reused = pooled.is_some();
+            let mut sender = match pooled.take() {
+                Some(sender) => sender,
+                None => self.connect(d, &origin, deadline).await?,
+            };
+            let ready = tokio::time::timeout_at(deadline.into(), sender.ready())
+                .await
+                .map_err(|_| timeout())?;
+            if let Err(e) = ready {
+                if reused {
+                    continue;
+                }
+                return Err(DeliveryError::from_hyper(&e, d));
+            }
+            match tokio::time::timeout_at(deadline.into(), sender.try_send_request(request))
+                .await
+                .map_err(|_| timeout())?
+            {
+                Ok(response) => {
+                    return Ok(Reply {
+                        response,
+                        url,
+                        origin,
+                        sender,
+                    })
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => request = unsent,
+                    _ => return Err(DeliveryError::from_hyper(&e.into_error(), d)),
+                },
+            }
+        }
+    }
+
+    /// A new connection, within both the connect timeout and the request's deadline.
+    async fn connect(
+        &self,
+        d: &Delivery,
+        origin: &connect::Origin,
+        deadline: Instant,
+    ) -> Result<connect::Sender, DeliveryError> {
+        let by_connect = Instant::now() + CONNECT_TIMEOUT;
+        let connecting = connect::connect(&self.tls, &self.allowlist, origin);
+        match tokio::time::timeout_at(deadline.min(by_connect).into(), connecting).await {
+            Ok(result) => result.map_err(|e| DeliveryError::from_connect(e, d)),
+            Err(_) if by_connect < deadline => Err(DeliveryError::ConnectTimeout),
+            Err(_) => Err(DeliveryError::Timeout(d.effective_timeout_ms())),
         }
     }
 
@@ -334,17 +390,18 @@ impl HttpClient {
     fn request(
         &self,
         d: &Delivery,
-        url: &reqwest::Url,
-        method: reqwest::Method,
-        body: Vec<u8>,
+        url: &url::Url,
+        method: http::Method,
+        body: Bytes,
         own_headers: bool,
-    ) -> Result<reqwest::RequestBuilder, DeliveryError> {
+    ) -> Result<http::Request<Full<Bytes>>, DeliveryError> {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(
             USER_AGENT,
             HeaderValue::from_static(concat!("queue_ext/", env!("CARGO_PKG_VERSION"))),
         );
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
         if own_headers {
             for (i, (name, value)) in d.headers.iter().enumerate() {
                 let name = HeaderName::from_bytes(name.as_bytes())
@@ -354,6 +411,22 @@ impl HttpClient {
                     .and_then(|v| HeaderValue::from_str(v).ok())
                     .ok_or_else(|| DeliveryError::HeaderValue(name.to_string()))?;
                 headers.insert(name, value);
+            }
+        }
+        // Credentials in the URL are sent as basic auth, unless an Authorization is configured.
+        if !headers.contains_key(AUTHORIZATION)
+            && (!url.username().is_empty() || url.password().is_some())
+        {
+            let user = error::percent_decode(url.username());
+            let pass = url
+                .password()
+                .map(error::percent_decode)
+                .unwrap_or_default();
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+            if let Ok(mut value) = HeaderValue::from_str(&format!("Basic {encoded}")) {
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
             }
         }
         let timestamp = SystemTime::now()
@@ -374,37 +447,79 @@ impl HttpClient {
                 headers.insert("webhook-signature", value);
             }
         }
-        Ok(self
-            .client
-            .request(method, url.clone())
-            .headers(headers)
-            .body(body))
+        // The host as the URL writes it, with the port unless it is the scheme's own (unless
+        // the queue configured a Host of its own: the connection still goes to the URL's).
+        if !headers.contains_key(HOST) {
+            let host = match (url.host_str(), url.port()) {
+                (Some(host), Some(port)) => format!("{host}:{port}"),
+                (Some(host), None) => host.to_string(),
+                (None, _) => return Err(DeliveryError::NoHost),
+            };
+            headers.insert(
+                HOST,
+                HeaderValue::from_str(&host).map_err(|_| DeliveryError::NoHost)?,
+            );
+        }
+        // Origin form: the path and query, never the userinfo or the fragment.
+        let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(target)
+            .body(Full::new(body))
+            .map_err(|e| DeliveryError::Request(e.to_string()))?;
+        *request.headers_mut() = headers;
+        Ok(request)
     }
 
     async fn read_response(
         &self,
         d: &Delivery,
-        mut response: reqwest::Response,
+        reply: Reply,
         started: Instant,
+        deadline: Instant,
     ) -> Outcome {
-        let status = response.status();
-        let retry_after = response
-            .headers()
+        let Reply {
+            response,
+            url,
+            origin,
+            sender,
+        } = reply;
+        let (parts, mut incoming) = response.into_parts();
+        let status = parts.status;
+        let retry_after = parts
+            .headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let secrets = error::sensitive_strings(d, false);
-        let headers = redact::storable_headers(response.headers(), response.url(), &secrets);
+        let headers = redact::storable_headers(&parts.headers, &url, &secrets);
         // Read at most response_max_bytes and then stop: memory stays bounded whatever the
         // endpoint sends (50 MB, or a body that never ends), and the rest is not worth
-        // holding the slot for. Dropping the response closes the connection.
+        // holding the slot for. A body not read to its end closes its connection.
         let max = self.response_max_bytes;
         let mut body = Vec::new();
         let mut cut = false;
         let mut body_error = None;
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
+        let mut finished = false;
+        while !finished {
+            let frame = tokio::time::timeout_at(deadline.into(), incoming.frame()).await;
+            match frame {
+                Err(_) => {
+                    body_error = Some(DeliveryError::Body {
+                        status,
+                        cause: error::BodyFailure::Timeout(d.effective_timeout_ms()),
+                    });
+                    break;
+                }
+                Ok(None) => finished = true,
+                Ok(Some(Err(e))) => {
+                    body_error = Some(DeliveryError::from_body(&e, status, d));
+                    break;
+                }
+                Ok(Some(Ok(frame))) => {
+                    let Ok(chunk) = frame.into_data() else {
+                        continue; // trailers
+                    };
                     let room = max.saturating_sub(body.len());
                     body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                     if chunk.len() > room {
@@ -412,14 +527,12 @@ impl HttpClient {
                         break;
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    body_error = Some(DeliveryError::from_body(e, status, d));
-                    break;
-                }
             }
         }
-        drop(response);
+        drop(incoming);
+        if finished {
+            self.pool.put(origin, sender);
+        }
         let cut = cut || body_error.is_some();
         let error = match body_error {
             Some(e) => Some(e),
@@ -499,6 +612,42 @@ mod unit {
         let out = Outcome::from_error(&d, &DeliveryError::NoUrl, Instant::now());
         assert_eq!(out.outcome, "failed");
         assert_eq!(out.url, "https://example.com/in?token=REDACTED");
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_refused_with_the_reason() {
+        let dir = std::env::temp_dir().join(format!("queue_ext_ca_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let settings = |path: &std::path::Path| HttpSettings {
+            ca_file: Some(path.display().to_string()),
+            response_max_bytes: 1024,
+            ..Default::default()
+        };
+        let missing = dir.join("missing.pem");
+        let e = HttpClient::new(&settings(&missing)).err().unwrap();
+        assert!(matches!(e, ClientError::CaFile { .. }), "{e}");
+        let no_pem = dir.join("no-pem.pem");
+        std::fs::write(&no_pem, "not a certificate\n").unwrap();
+        let e = HttpClient::new(&settings(&no_pem))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.ends_with("holds no usable PEM certificates: no CERTIFICATE block"),
+            "{e}"
+        );
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = HttpClient::new(&settings(&garbage))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("holds no usable PEM certificates: "), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]

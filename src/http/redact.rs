@@ -4,7 +4,7 @@
 //! Response bodies and headers are whatever a remote endpoint sent: `text` and `jsonb`
 //! refuse NUL and invalid UTF-8, so they are made valid and bounded here.
 
-use reqwest::header::HeaderMap;
+use http::HeaderMap;
 
 /// Stands in for a URL that cannot be parsed (its text could hold anything).
 pub const UNPARSABLE_URL: &str = "(unparsable URL)";
@@ -18,13 +18,13 @@ pub const MAX_HEADERS: usize = 64;
 /// ...and at most this many bytes of header names and values in all.
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 
-/// `reqwest::Url::parse`, remembering the last URL each thread parsed: the deliveries of a
+/// `url::Url::parse`, remembering the last URL each thread parsed: the deliveries of a
 /// queue share one URL, and each needs it parsed three times (the request, what to redact from
 /// the response, the delivery log's redacted form). URL parsing was 8% of the HTTP thread's
 /// time (`perf`). The error is the parser's message.
-pub fn parse_url(text: &str) -> Result<reqwest::Url, String> {
+pub fn parse_url(text: &str) -> Result<url::Url, String> {
     thread_local! {
-        static LAST: std::cell::RefCell<Option<(String, reqwest::Url)>> =
+        static LAST: std::cell::RefCell<Option<(String, url::Url)>> =
             const { std::cell::RefCell::new(None) };
     }
     LAST.with(|last| {
@@ -34,7 +34,7 @@ pub fn parse_url(text: &str) -> Result<reqwest::Url, String> {
                 return Ok(url.clone());
             }
         }
-        let url = reqwest::Url::parse(text).map_err(|e| e.to_string())?;
+        let url = url::Url::parse(text).map_err(|e| e.to_string())?;
         *last = Some((text.to_string(), url.clone()));
         Ok(url)
     })
@@ -51,7 +51,7 @@ pub fn redact_url(text: &str) -> String {
 }
 
 /// [`redact_url`] for a URL already parsed.
-pub fn redact_parsed(url: &reqwest::Url) -> String {
+pub fn redact_parsed(url: &url::Url) -> String {
     let Some(host) = url.host_str() else {
         // mailto:, data: and the like: nothing in them is safe to show.
         return format!("{}:{REDACTED}", url.scheme());
@@ -83,7 +83,7 @@ fn redact_query(query: &str) -> String {
 }
 
 /// A `Location`-like header value, which may be relative to the URL that answered.
-fn redact_reference(value: &str, base: &reqwest::Url) -> String {
+fn redact_reference(value: &str, base: &url::Url) -> String {
     match base.join(value) {
         Ok(url) => redact_parsed(&url),
         Err(_) => UNPARSABLE_URL.to_string(),
@@ -123,7 +123,7 @@ fn floor_char_boundary(s: &str, max: usize) -> usize {
 /// any of `secrets` echoed in a value is replaced.
 pub fn storable_headers(
     headers: &HeaderMap,
-    base: &reqwest::Url,
+    base: &url::Url,
     secrets: &[String],
 ) -> serde_json::Map<String, serde_json::Value> {
     let mut out = serde_json::Map::new();
@@ -162,7 +162,7 @@ pub fn storable_headers(
 #[cfg(test)]
 mod unit {
     use super::*;
-    use reqwest::header::{HeaderName, HeaderValue};
+    use http::header::{HeaderName, HeaderValue};
 
     #[test]
     fn the_remembered_url_is_only_ever_the_one_asked_for() {
@@ -175,7 +175,7 @@ mod unit {
         ];
         for _ in 0..2 {
             for text in urls {
-                let direct = reqwest::Url::parse(text).map_err(|e| e.to_string());
+                let direct = url::Url::parse(text).map_err(|e| e.to_string());
                 assert_eq!(parse_url(text), direct, "{text}");
                 assert_eq!(parse_url(text), direct, "{text}, asked again");
             }
@@ -253,7 +253,7 @@ mod unit {
 
     #[test]
     fn headers_are_bounded_redacted_and_storable() {
-        let base = reqwest::Url::parse("https://example.com/hook?token=s3cr3t").unwrap();
+        let base = url::Url::parse("https://example.com/hook?token=s3cr3t").unwrap();
         let mut h = HeaderMap::new();
         h.insert("location", HeaderValue::from_static("/hook/?token=s3cr3t"));
         h.insert(

@@ -7,14 +7,12 @@
 //! Every spelling of an address ends up here as an [`IpAddr`]: the `url` crate (WHATWG URL
 //! parsing) already turns decimal, hex, octal and short IPv4 (`2130706433`, `0x7f000001`,
 //! `0177.0.0.1`, `127.1`) into dotted quads and IPv6 into its canonical text, and host names
-//! are checked after resolution by [`GuardedResolver`]. What the parser cannot know is that
+//! are checked after resolution by [`resolve`]. What the parser cannot know is that
 //! some IPv6 ranges carry an IPv4 address inside (IPv4-mapped and -compatible, NAT64, 6to4,
 //! SIIT): [`is_public`] judges those by the address they embed.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, RwLock};
-
 use ipnet::IpNet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 #[derive(Debug, Default, Clone)]
 pub struct Allowlist {
@@ -131,7 +129,7 @@ pub fn is_public(ip: IpAddr) -> bool {
         || (s[0] & 0xffc0) == 0xfec0) // fec0::/10 site-local (deprecated, still routed by some)
 }
 
-/// Why a request was refused; reqwest hands it back inside its error. The text names no
+/// Why a request was refused. The text names no
 /// host or address: it ends up in the job's `last_error`, which its producer reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
@@ -150,8 +148,8 @@ pub fn host_ip(host: &str) -> Option<IpAddr> {
     bare.parse::<IpAddr>().ok()
 }
 
-/// Checks a host that is an IP literal (reqwest connects to those without resolving them).
-/// Host names pass here: [`GuardedResolver`] checks what they resolve to.
+/// Checks a host that is an IP literal (connected to without resolving it).
+/// Host names pass here: [`resolve`] checks what they resolve to.
 pub fn check_literal(list: &Allowlist, host: &str) -> Result<(), Refused> {
     match host_ip(host) {
         Some(ip) if !list.allows_ip(ip) => Err(Refused::Address),
@@ -161,37 +159,39 @@ pub fn check_literal(list: &Allowlist, host: &str) -> Result<(), Refused> {
 
 /// Checks a parsed URL's host. The URL parser has already normalised every IPv4 spelling
 /// to a dotted quad, so `host_str` of an IP host always parses here.
-pub fn check_url(list: &Allowlist, url: &reqwest::Url) -> Result<(), Refused> {
+pub fn check_url(list: &Allowlist, url: &url::Url) -> Result<(), Refused> {
     match url.host_str() {
         Some(host) => check_literal(list, host),
         None => Err(Refused::Address),
     }
 }
 
-/// A DNS resolver for reqwest that drops refused addresses, so the connection can only go to
-/// an address we checked (no time-of-check/time-of-use gap through a second lookup).
-pub struct GuardedResolver {
-    pub allowlist: Arc<RwLock<Allowlist>>,
+/// Why a host name gave no address to connect to.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error("dns error: {0}")]
+    Lookup(#[from] std::io::Error),
 }
 
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let list = self.allowlist.read().map(|l| l.clone()).unwrap_or_default();
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let host_ok = list.allows_host(&host);
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| host_ok || list.allows_ip(a.ip()))
-                .collect();
-            if allowed.is_empty() {
-                return Err(Box::new(Refused::Resolved) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
+/// The addresses `host` resolves to that the guard lets through, with `port`: the connection
+/// can only go to an address checked here (no time-of-check/time-of-use gap through a second
+/// lookup).
+pub async fn resolve(
+    list: &Allowlist,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, ResolveError> {
+    let addrs = tokio::net::lookup_host((host, port)).await?;
+    let host_ok = list.allows_host(host);
+    let allowed: Vec<SocketAddr> = addrs
+        .filter(|a| host_ok || list.allows_ip(a.ip()))
+        .collect();
+    if allowed.is_empty() {
+        return Err(Refused::Resolved.into());
     }
+    Ok(allowed)
 }
 
 #[cfg(test)]
@@ -204,7 +204,7 @@ mod unit {
 
     /// The host a URL ends up with, after the `url` crate's normalisation.
     fn host_of(url: &str) -> String {
-        reqwest::Url::parse(url)
+        url::Url::parse(url)
             .unwrap_or_else(|e| panic!("{url}: {e}"))
             .host_str()
             .unwrap()
@@ -321,8 +321,8 @@ mod unit {
         assert_eq!(host_of("http://[0:0:0:0:0:0:0:1]/"), "[::1]");
         assert_eq!(host_of("http://[::]/"), "[::]");
         // Out-of-range numbers are not hosts at all.
-        assert!(reqwest::Url::parse("http://4294967296/").is_err());
-        assert!(reqwest::Url::parse("http://0x100000000/").is_err());
+        assert!(url::Url::parse("http://4294967296/").is_err());
+        assert!(url::Url::parse("http://0x100000000/").is_err());
     }
 
     #[test]
@@ -351,7 +351,7 @@ mod unit {
             "http://[fe80::1]/",
             "https://[fd00:ec2::254]/latest/meta-data/",
         ] {
-            let parsed = reqwest::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            let parsed = url::Url::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert_eq!(
                 check_url(&none, &parsed),
                 Err(Refused::Address),
@@ -364,7 +364,7 @@ mod unit {
             "http://[2606:4700::1111]/",
             "http://example.com/", // names are checked by the resolver
         ] {
-            let parsed = reqwest::Url::parse(url).unwrap();
+            let parsed = url::Url::parse(url).unwrap();
             assert_eq!(check_url(&none, &parsed), Ok(()), "{url} should pass");
         }
     }
@@ -400,30 +400,20 @@ mod unit {
 
     #[tokio::test]
     async fn the_resolver_refuses_names_of_private_addresses() {
-        use reqwest::dns::Resolve;
-        let resolver = GuardedResolver {
-            allowlist: Arc::new(RwLock::new(Allowlist::parse(""))),
-        };
-        let name: reqwest::dns::Name = "localhost".parse().unwrap();
-        let err = match resolver.resolve(name).await {
-            Ok(addrs) => panic!("localhost resolved to {:?}", addrs.collect::<Vec<_>>()),
-            Err(e) => e,
-        };
-        assert!(
-            err.downcast_ref::<Refused>() == Some(&Refused::Resolved),
-            "{err}"
-        );
-
-        let open = GuardedResolver {
-            allowlist: Arc::new(RwLock::new(Allowlist::parse("127.0.0.1"))),
-        };
-        let addrs: Vec<SocketAddr> = open
-            .resolve("localhost".parse().unwrap())
-            .await
-            .unwrap()
-            .collect();
-        // Only the address that was checked is handed to the connector (::1 is dropped).
+        let closed = Allowlist::parse("");
+        match resolve(&closed, "localhost", 80).await {
+            Err(ResolveError::Refused(Refused::Resolved)) => {}
+            other => panic!("localhost: {other:?}"),
+        }
+        let open = Allowlist::parse("127.0.0.1");
+        let addrs = resolve(&open, "localhost", 8080).await.unwrap();
+        // Only the address that was checked is connected to (::1 is dropped).
         assert!(!addrs.is_empty());
-        assert!(addrs.iter().all(|a| a.ip() == ip("127.0.0.1")), "{addrs:?}");
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.ip() == ip("127.0.0.1") && a.port() == 8080),
+            "{addrs:?}"
+        );
     }
 }
