@@ -1,24 +1,26 @@
-//! Claiming while the xmin horizon is held back.
+//! Claiming past the index entries of jobs already claimed.
 //!
 //! A claim walks the claim index from the oldest runnable entry. The entries of jobs already
-//! claimed stay in that index until vacuum removes them, and while a snapshot older than them
-//! is open (an idle-in-transaction session, a long query, a replication slot's xmin) nothing
-//! can remove them, nor mark them dead for index scans to skip: every claim visits the
-//! entries of every job processed since that snapshot was taken, and the queue slows down in
-//! proportion to the work it has done.
+//! claimed stay in that index until vacuum removes them. While a snapshot older than them is
+//! open (an idle-in-transaction session, a long query, a replication slot's xmin) nothing
+//! can remove them, nor mark them dead for index scans to skip: every claim visits the heap
+//! row of every job processed since that snapshot was taken, and the queue slows down in
+//! proportion to the work it has done. When the horizon moves they are marked dead and
+//! skipped, but still read: between two vacuums a busy queue's claims each step over the
+//! entries of every job claimed since the last one (a webhook burst of 40,000 spent a fifth
+//! of the dispatcher's SQL time there).
 //!
 //! So once this database's horizon has stood still for `queue_ext.claim_window_after` while
-//! transactions went on past it, a backend claims from a window: per queue and priority it
-//! keeps a floor in claim order (run_at, id), the older of the oldest waiting job and the
-//! probe's time less a margin, found once every PROBE_EVERY by a probe that does walk the
-//! index, and it claims only jobs at or above the floor. A job that becomes runnable below
-//! its floor (run_at set in the past, a producer transaction longer than the margin, a
-//! dependent released, a claim rolled back) is found by the next probe: it may wait up to
-//! PROBE_EVERY longer. When the horizon moves again the entries are still there until vacuum
-//! removes them (each claim from the start would step over all of them), so the windows stay
-//! until the table's dead rows are down to LINGER_DEAD_ROWS. The state is this backend's own:
-//! nothing is shared, and a wrong floor can delay a job, never hand it out twice (the claim
-//! still locks each row).
+//! transactions went on past it, or the table has more than MANY_DEAD_ROWS dead rows, a
+//! backend claims from a window: per queue and priority it keeps a floor in claim order
+//! (run_at, id), the older of the oldest waiting job and the probe's time less a margin,
+//! found once every PROBE_EVERY by a probe that does walk the index, and it claims only jobs
+//! at or above the floor. A job that becomes runnable below its floor (run_at set in the
+//! past, a producer transaction longer than the margin, a dependent released, a claim rolled
+//! back) is found by the next probe: it may wait up to PROBE_EVERY longer. The windows end
+//! when the horizon moves and vacuum has brought the dead rows under MANY_DEAD_ROWS. The
+//! state is this backend's own: nothing is shared, and a wrong floor can delay a job, never
+//! hand it out twice (the claim still locks each row).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -33,8 +35,9 @@ use crate::gucs;
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// How often a backend looks at the horizon (it takes the ProcArray lock).
 const HORIZON_EVERY: Duration = Duration::from_millis(250);
-/// Dead rows of job_queue below which a claim from the start is cheap again.
-const LINGER_DEAD_ROWS: i64 = 10_000;
+/// Dead rows of job_queue above which claims use windows, held horizon or not: a claim from
+/// the start steps over an index entry per dead row of a claimed job.
+const MANY_DEAD_ROWS: i64 = 10_000;
 
 /// A queue's floors: one (run_at, id) per priority, highest first (critical ... low).
 struct Window {
@@ -48,7 +51,8 @@ struct State {
     horizon_checked_at: Option<Instant>,
     /// The horizon last seen, and since when it has been that.
     horizon: Option<(u32, Instant)>,
-    held: bool,
+    /// Whether claims use windows now.
+    windowed: bool,
     windows: HashMap<String, Window>,
 }
 
@@ -59,7 +63,7 @@ impl State {
             gucs::claim_window_after().and_then(|after| Some((horizon()?, after)))
         else {
             self.horizon = None;
-            self.held = false;
+            self.windowed = false;
             self.windows.clear();
             return;
         };
@@ -69,8 +73,8 @@ impl State {
         };
         self.horizon = Some((oldest, since));
         let stuck = oldest != next && now.duration_since(since) >= after;
-        self.held = stuck || (self.held && dead_rows(relid) > LINGER_DEAD_ROWS);
-        if !self.held {
+        self.windowed = stuck || dead_rows(relid) > MANY_DEAD_ROWS;
+        if !self.windowed {
             self.windows.clear();
         }
     }
@@ -93,7 +97,7 @@ fn _claim_window(queue_name: &str) -> Option<Vec<Option<TimestampWithTimeZone>>>
         {
             state.look_at_horizon(now);
         }
-        if !state.held {
+        if !state.windowed {
             return None;
         }
         match state.windows.get(queue_name) {
@@ -117,7 +121,7 @@ fn _claim_window_set(
     ids: Vec<Option<pgrx::Uuid>>,
 ) {
     STATE.with_borrow_mut(|state| {
-        if state.held {
+        if state.windowed {
             let window = Window {
                 run_ats,
                 ids,

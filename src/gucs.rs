@@ -146,10 +146,11 @@ pub fn init() {
         c"How long the xmin horizon may stand still before claims start from a floor.",
         c"While an old snapshot (an idle transaction, a long query, a replication slot) keeps \
           vacuum from removing the claim index's entries of claimed jobs, every claim would \
-          visit all of them. Once the horizon has not moved for this long, a claim starts \
-          from a floor found every 2 seconds instead; a job made runnable below the floor \
-          (a dependent released, run_at in the past) can then wait up to 2 seconds longer. \
-          0 turns it off.",
+          visit all of them. Once the horizon has not moved for this long, or while the \
+          table has more than 10,000 dead rows, a claim starts from a floor found every 2 \
+          seconds instead; a job made runnable below the floor (run_at in the past, a \
+          dependent released, a claim rolled back) can then wait up to 2 seconds longer. 0 \
+          turns it off.",
         &CLAIM_WINDOW_AFTER_MS,
         0,
         i32::MAX,

@@ -248,3 +248,54 @@ def test_the_windows_stay_until_vacuum_has_removed_what_the_snapshot_kept(cluste
             wait_for(from_the_start, 5, 0.1, what="claims from the start again")
     finally:
         conn.execute("ALTER TABLE queue_ext.job_queue RESET (autovacuum_enabled)")
+
+
+def test_a_busy_queue_claims_from_windows_between_vacuums(cluster, conn):
+    """No snapshot held: once job_queue has more than 10,000 dead rows (the jobs claimed and
+    completed since the last vacuum), claims use windows all the same, since each claim from
+    the start would step over an index entry per claimed job. Every job is still claimed once,
+    one made runnable below the floors included, and VACUUM ends the windows."""
+    queue = new_queue(conn)
+    conn.execute("ALTER TABLE queue_ext.job_queue SET (autovacuum_enabled = off)")
+
+    def flush_stats(c):
+        c.execute("SELECT pg_stat_force_next_flush()")
+        c.execute("SELECT 1")
+
+    try:
+        with cluster.connect() as worker:
+            conn.execute("VACUUM queue_ext.job_queue")
+            enqueue(conn, queue, 500)
+            assert drain(worker, queue) == 500
+            flush_stats(worker)
+            time.sleep(0.3)  # the next look at the horizon and the dead rows
+            assert not windowed(worker, queue), "1,000 dead rows: claims from the start"
+            enqueue(conn, queue, 6000)
+            assert drain(worker, queue) == 6000  # 13,000 dead rows: an update and a delete each
+            flush_stats(worker)
+            wait_for(lambda: windowed(worker, queue), 5, 0.1, what="claims to use windows")
+            ids = set(enqueue(conn, queue, 200))
+            # Below every floor: found by the next probe, within 2 seconds.
+            long_ago = conn.execute("SELECT timestamptz '2000-01-01 00:00:00+00'").fetchone()[0]
+            ids |= set(enqueue(conn, queue, 3, run_at=long_ago))
+            done = []
+            deadline = time.monotonic() + 10
+            while len(done) < len(ids) and time.monotonic() < deadline:
+                with worker.transaction():
+                    rows = worker.execute("SELECT job_id, lease_token FROM queue_ext.get_next_jobs(%s, 50)",
+                                          [queue]).fetchall()
+                    if rows:
+                        worker.execute("SELECT queue_ext.complete_jobs(%s::uuid[], %s::uuid[])",
+                                       [[r[0] for r in rows], [r[1] for r in rows]])
+                done += [r[0] for r in rows]
+                if not rows:
+                    time.sleep(0.2)
+            assert sorted(map(str, done)) == sorted(map(str, ids)), "every job claimed exactly once"
+            conn.execute("VACUUM queue_ext.job_queue")
+
+            def from_the_start():
+                worker.execute("SELECT txid_current()")
+                return not windowed(worker, queue)
+            wait_for(from_the_start, 5, 0.1, what="claims from the start again")
+    finally:
+        conn.execute("ALTER TABLE queue_ext.job_queue RESET (autovacuum_enabled)")
