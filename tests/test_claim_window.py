@@ -102,6 +102,25 @@ def claim_index_entries_read(c, queue) -> int:
     return after - before
 
 
+@contextlib.contextmanager
+def autovacuum_off(conn):
+    """Autovacuum would end the windows at a moment of its choosing; here VACUUM does."""
+    conn.execute("ALTER TABLE queue_ext.job_queue SET (autovacuum_enabled = off)")
+    try:
+        yield
+    finally:
+        conn.execute("ALTER TABLE queue_ext.job_queue RESET (autovacuum_enabled)")
+
+
+def vacuum_ends_the_windows(conn, worker, queue):
+    conn.execute("VACUUM queue_ext.job_queue")
+
+    def from_the_start():
+        worker.execute("SELECT txid_current()")
+        return not windowed(worker, queue)
+    wait_for(from_the_start, 5, 0.1, what="claims from the start again")
+
+
 def test_a_windowed_claim_reads_a_window_where_a_claim_from_the_start_reads_every_claimed_job(cluster, conn):
     queue = new_queue(conn)
     with held_horizon(cluster):
@@ -221,9 +240,7 @@ def test_expired_leases_are_returned_while_claims_use_windows(cluster, conn):
 
 def test_the_windows_stay_until_vacuum_has_removed_what_the_snapshot_kept(cluster, conn):
     queue = new_queue(conn)
-    # Autovacuum would end the windows at a moment of its choosing; here VACUUM does.
-    conn.execute("ALTER TABLE queue_ext.job_queue SET (autovacuum_enabled = off)")
-    try:
+    with autovacuum_off(conn):
         with cluster.connect() as worker:
             with held_horizon(cluster):
                 enqueue(conn, queue, 6000)
@@ -240,14 +257,7 @@ def test_the_windows_stay_until_vacuum_has_removed_what_the_snapshot_kept(cluste
             time.sleep(0.6)
             worker.execute("SELECT txid_current()")
             assert windowed(worker, queue), "a claim from the start would still step over every dead entry"
-            conn.execute("VACUUM queue_ext.job_queue")
-
-            def from_the_start():
-                worker.execute("SELECT txid_current()")
-                return not windowed(worker, queue)
-            wait_for(from_the_start, 5, 0.1, what="claims from the start again")
-    finally:
-        conn.execute("ALTER TABLE queue_ext.job_queue RESET (autovacuum_enabled)")
+            vacuum_ends_the_windows(conn, worker, queue)
 
 
 def test_a_busy_queue_claims_from_windows_between_vacuums(cluster, conn):
@@ -256,13 +266,12 @@ def test_a_busy_queue_claims_from_windows_between_vacuums(cluster, conn):
     the start would step over an index entry per claimed job. Every job is still claimed once,
     one made runnable below the floors included, and VACUUM ends the windows."""
     queue = new_queue(conn)
-    conn.execute("ALTER TABLE queue_ext.job_queue SET (autovacuum_enabled = off)")
 
     def flush_stats(c):
         c.execute("SELECT pg_stat_force_next_flush()")
         c.execute("SELECT 1")
 
-    try:
+    with autovacuum_off(conn):
         with cluster.connect() as worker:
             conn.execute("VACUUM queue_ext.job_queue")
             enqueue(conn, queue, 500)
@@ -291,11 +300,4 @@ def test_a_busy_queue_claims_from_windows_between_vacuums(cluster, conn):
                 if not rows:
                     time.sleep(0.2)
             assert sorted(map(str, done)) == sorted(map(str, ids)), "every job claimed exactly once"
-            conn.execute("VACUUM queue_ext.job_queue")
-
-            def from_the_start():
-                worker.execute("SELECT txid_current()")
-                return not windowed(worker, queue)
-            wait_for(from_the_start, 5, 0.1, what="claims from the start again")
-    finally:
-        conn.execute("ALTER TABLE queue_ext.job_queue RESET (autovacuum_enabled)")
+            vacuum_ends_the_windows(conn, worker, queue)

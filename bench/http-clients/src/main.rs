@@ -28,6 +28,17 @@ enum Client {
 
 const SIGNATURE: &str = "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=";
 
+/// A delivery's headers (the host and length aside).
+fn headers(id: &str) -> [(&'static str, String); 5] {
+    [
+        ("content-type", "application/json".into()),
+        ("user-agent", "queue_ext/bench".into()),
+        ("webhook-id", id.into()),
+        ("webhook-timestamp", "1764633600".into()),
+        ("webhook-signature", SIGNATURE.into()),
+    ]
+}
+
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
@@ -41,18 +52,11 @@ async fn request(client: Client, port: u16, i: usize) -> u16 {
     let timeout = Duration::from_secs(5);
     match client {
         Client::Reqwest(c) => {
-            let mut response = c
-                .post(format!("http://127.0.0.1:{port}/floor"))
-                .header("content-type", "application/json")
-                .header("user-agent", "queue_ext/bench")
-                .header("webhook-id", id)
-                .header("webhook-timestamp", "1764633600")
-                .header("webhook-signature", SIGNATURE)
-                .body(body)
-                .timeout(timeout)
-                .send()
-                .await
-                .unwrap();
+            let mut builder = c.post(format!("http://127.0.0.1:{port}/floor"));
+            for (name, value) in headers(&id) {
+                builder = builder.header(name, value);
+            }
+            let mut response = builder.body(body).timeout(timeout).send().await.unwrap();
             let status = response.status().as_u16();
             while response.chunk().await.unwrap().is_some() {}
             status
@@ -71,15 +75,11 @@ async fn request(client: Client, port: u16, i: usize) -> u16 {
                 }
             };
             sender.ready().await.unwrap();
-            let request = hyper::Request::post("/floor")
-                .header("host", format!("127.0.0.1:{port}"))
-                .header("content-type", "application/json")
-                .header("user-agent", "queue_ext/bench")
-                .header("webhook-id", id)
-                .header("webhook-timestamp", "1764633600")
-                .header("webhook-signature", SIGNATURE)
-                .body(Full::new(bytes::Bytes::from(body)))
-                .unwrap();
+            let mut builder = hyper::Request::post("/floor").header("host", format!("127.0.0.1:{port}"));
+            for (name, value) in headers(&id) {
+                builder = builder.header(name, value);
+            }
+            let request = builder.body(Full::new(bytes::Bytes::from(body))).unwrap();
             let response = tokio::time::timeout(timeout, sender.send_request(request)).await.unwrap().unwrap();
             let status = response.status().as_u16();
             response.into_body().collect().await.unwrap();
@@ -96,12 +96,11 @@ async fn request(client: Client, port: u16, i: usize) -> u16 {
                     stream
                 }
             };
-            let head = format!(
-                "POST /floor HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n\
-                 user-agent: queue_ext/bench\r\nwebhook-id: {id}\r\nwebhook-timestamp: 1764633600\r\n\
-                 webhook-signature: {SIGNATURE}\r\ncontent-length: {}\r\n\r\n{body}",
-                body.len()
-            );
+            let mut head = format!("POST /floor HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n");
+            for (name, value) in headers(&id) {
+                head += &format!("{name}: {value}\r\n");
+            }
+            head += &format!("content-length: {}\r\n\r\n{body}", body.len());
             let exchange = async {
                 stream.write_all(head.as_bytes()).await.unwrap();
                 let mut buf = Vec::with_capacity(1024);
