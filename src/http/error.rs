@@ -219,12 +219,7 @@ pub fn sensitive_strings(d: &Delivery, with_target: bool) -> Vec<String> {
                 secrets.push(url.username().to_string());
             }
             secrets.extend(url.password().map(str::to_string));
-            if !url.username().is_empty() || url.password().is_some() {
-                // What is sent for userinfo: `Authorization: Basic base64(user:pw)`.
-                let user = percent_decode(url.username());
-                let pass = url.password().map(percent_decode).unwrap_or_default();
-                secrets.push(STANDARD.encode(format!("{user}:{pass}")));
-            }
+            secrets.extend(basic_credentials(&url));
             if let Some(query) = url.query() {
                 secrets.push(query.to_string());
                 secrets.extend(
@@ -264,7 +259,18 @@ pub fn redact_all(text: &str, secrets: &[String]) -> String {
     text
 }
 
-pub fn percent_decode(s: &str) -> String {
+/// What the URL's userinfo is sent as, `base64(user:password)` after `Authorization: Basic `;
+/// None without userinfo.
+pub fn basic_credentials(url: &url::Url) -> Option<String> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let user = percent_decode(url.username());
+    let pass = url.password().map(percent_decode).unwrap_or_default();
+    Some(STANDARD.encode(format!("{user}:{pass}")))
+}
+
+fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -20,7 +20,6 @@ mod loopback;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine;
 use bytes::Bytes;
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, LOCATION,
@@ -414,19 +413,12 @@ impl HttpClient {
             }
         }
         // Credentials in the URL are sent as basic auth, unless an Authorization is configured.
-        if !headers.contains_key(AUTHORIZATION)
-            && (!url.username().is_empty() || url.password().is_some())
-        {
-            let user = error::percent_decode(url.username());
-            let pass = url
-                .password()
-                .map(error::percent_decode)
-                .unwrap_or_default();
-            let encoded =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-            if let Ok(mut value) = HeaderValue::from_str(&format!("Basic {encoded}")) {
-                value.set_sensitive(true);
-                headers.insert(AUTHORIZATION, value);
+        if !headers.contains_key(AUTHORIZATION) {
+            if let Some(encoded) = error::basic_credentials(url) {
+                if let Ok(mut value) = HeaderValue::from_str(&format!("Basic {encoded}")) {
+                    value.set_sensitive(true);
+                    headers.insert(AUTHORIZATION, value);
+                }
             }
         }
         let timestamp = SystemTime::now()
@@ -447,8 +439,8 @@ impl HttpClient {
                 headers.insert("webhook-signature", value);
             }
         }
-        // The host as the URL writes it, with the port unless it is the scheme's own (unless
-        // the queue configured a Host of its own: the connection still goes to the URL's).
+        // The host as the URL writes it, with the port when it is not the scheme's own. A Host
+        // the queue configured is kept; the connection still goes to the URL's host.
         if !headers.contains_key(HOST) {
             let host = match (url.host_str(), url.port()) {
                 (Some(host), Some(port)) => format!("{host}:{port}"),
