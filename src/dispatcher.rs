@@ -14,8 +14,9 @@
 //! again with the same webhook-id.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
@@ -38,6 +39,10 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// coalesce (each costs a commit record), while the first after a quiet spell goes at once.
 const ANNOUNCE_GAP: Duration = Duration::from_millis(5);
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// While the delivery log holds more expired rows than one batch removes, the next batch
+/// follows this soon: a busy queue adds far more than a batch a minute, and each batch delays
+/// the turn it runs in.
+const PURGE_AGAIN: Duration = Duration::from_millis(100);
 /// How long an outcome the database would not take is tried again, a transaction per turn,
 /// before its job is failed with the reason (delivery.rs, `Unstorable`).
 const RECORD_RETRY_FOR: Duration = Duration::from_secs(30);
@@ -147,6 +152,34 @@ enum StartError {
     EventFd(std::io::Error),
 }
 
+/// Threads of the dispatcher's HTTP runtime. One keeps a request's tasks (the delivery, its
+/// connection's) on the thread that woke for them; a second thread only moved them between
+/// threads, at a futex wake-up each time, and the main thread's SQL is the bound anyway.
+const HTTP_THREADS: usize = 1;
+
+/// How request tasks hand back their outcomes: over a channel, and through an eventfd that
+/// the main thread's wait watches, written once per drain rather than once per request.
+#[derive(Clone)]
+struct Reports {
+    done: Sender<Outcome>,
+    /// Nonblocking; stays open for the process's life.
+    eventfd: i32,
+    /// Set by the first outcome since the main thread last drained the channel.
+    signalled: Arc<AtomicBool>,
+}
+
+impl Reports {
+    fn report(&self, outcome: Outcome) {
+        // The receiver lives as long as the runtime, so send cannot fail while we run.
+        let _ = self.done.send(outcome);
+        if !self.signalled.swap(true, Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes to our own eventfd.
+            unsafe { libc::write(self.eventfd, (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
 /// Logs each kind of recurring warning at most once per `WARN_EVERY`.
 #[derive(Default)]
 struct Warnings {
@@ -205,10 +238,8 @@ struct Dispatcher {
     runtime: tokio::runtime::Runtime,
     client: HttpClient,
     http_settings: http::HttpSettings,
-    done_tx: Sender<Outcome>,
+    reports: Reports,
     done_rx: Receiver<Outcome>,
-    /// Written by request tasks when they finish; the wait watches it.
-    eventfd: i32,
     /// Requests in flight, by job id, kept so a shutdown can release them.
     in_flight: HashMap<String, Delivery>,
     /// Finished requests whose outcome the database would not take yet, with when it first
@@ -218,6 +249,8 @@ struct Dispatcher {
     recovered: bool,
     last_sweep: Instant,
     last_purge: Instant,
+    /// The last trim found expired rows: trim again after PURGE_AGAIN, not PURGE_EVERY.
+    purge_behind: bool,
     /// When the last claim turn began: the poll interval counts from there.
     last_claim: Instant,
     last_announce: Instant,
@@ -229,7 +262,7 @@ struct Dispatcher {
 
 impl Dispatcher {
     fn new(slot: Option<&'static Slot>) -> Result<Dispatcher, StartError> {
-        let runtime = http::new_runtime(2).map_err(StartError::Runtime)?;
+        let runtime = http::new_runtime(HTTP_THREADS).map_err(StartError::Runtime)?;
         let http_settings = delivery::http_settings();
         let client = HttpClient::new(&http_settings)?;
         // SAFETY: plain syscall; a nonblocking eventfd that request tasks bump.
@@ -258,15 +291,19 @@ impl Dispatcher {
             runtime,
             client,
             http_settings,
-            done_tx,
+            reports: Reports {
+                done: done_tx,
+                eventfd,
+                signalled: Arc::new(AtomicBool::new(false)),
+            },
             done_rx,
-            eventfd,
             in_flight: HashMap::new(),
             unrecorded: Vec::new(),
             busy: HashMap::new(),
             recovered: false,
             last_sweep: stale,
             last_purge: stale,
+            purge_behind: false,
             last_claim: Instant::now(),
             last_announce: stale,
             announce_plans: None,
@@ -497,13 +534,14 @@ impl Dispatcher {
         let full = room > 0 && claimed.len() >= room;
         let short = room > 0 && claimed.len() < room;
         let taken = claimed.len();
-        let mut unusable = Vec::new();
+        let (mut unusable, mut deliveries) = (Vec::new(), Vec::new());
         for c in claimed {
             match c {
-                Claimed::Send(d) => self.send(d),
+                Claimed::Send(d) => deliveries.push(d),
                 Claimed::Unusable(o) => unusable.push(o),
             }
         }
+        self.send_all(deliveries);
         if !unusable.is_empty() {
             // Its own description was unusable: trying again would find the same.
             let failures =
@@ -528,6 +566,8 @@ impl Dispatcher {
 
     /// Takes the finished requests off the in-flight books (their outcomes still to record).
     fn take_finished(&mut self) -> Vec<Outcome> {
+        // Before draining: an outcome sent after this point signals again.
+        self.reports.signalled.store(false, Ordering::SeqCst);
         let outcomes: Vec<Outcome> = self.done_rx.try_iter().collect();
         for o in &outcomes {
             self.in_flight.remove(&o.job_id);
@@ -567,25 +607,30 @@ impl Dispatcher {
         }
     }
 
-    fn send(&mut self, d: Delivery) {
-        *self.busy.entry(d.queue_name.clone()).or_default() += 1;
-        self.in_flight.insert(d.job_id.clone(), d.clone());
+    /// Starts the requests of one claim: a single task, which spawns one per request from
+    /// inside the runtime (no wake-up of the HTTP thread per request).
+    fn send_all(&mut self, deliveries: Vec<Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        for d in &deliveries {
+            *self.busy.entry(d.queue_name.clone()).or_default() += 1;
+            self.in_flight.insert(d.job_id.clone(), d.clone());
+        }
         let client = self.client.clone();
-        let done = self.done_tx.clone();
-        let eventfd = self.eventfd;
+        let reports = self.reports.clone();
         self.runtime.spawn(async move {
-            let outcome = client.deliver(d).await;
-            // The receiver lives as long as the runtime, so send cannot fail while we run.
-            let _ = done.send(outcome);
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes to our eventfd; it stays open for the process's life.
-            unsafe { libc::write(eventfd, (&one as *const u64).cast(), 8) };
+            for d in deliveries {
+                let (client, reports) = (client.clone(), reports.clone());
+                tokio::spawn(async move { reports.report(client.deliver(d).await) });
+            }
         });
     }
 
     /// Every second: check queue_ext is still installed, and return expired leases (of any
-    /// worker, so external workers that died are covered too); every minute: trim the
-    /// delivery log. False once queue_ext is gone from the database.
+    /// worker, so external workers that died are covered too); every minute, and a batch
+    /// per PURGE_AGAIN until nothing expired is left: trim the delivery log. False once
+    /// queue_ext is gone from the database.
     fn maintain(&mut self) -> bool {
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.last_sweep = Instant::now();
@@ -601,18 +646,28 @@ impl Dispatcher {
                     .warn("sweep", || format!("cleanup_stuck_jobs failed: {e}"));
             }
         }
-        if self.last_purge.elapsed() >= PURGE_EVERY {
+        let purge_gap = if self.purge_behind {
+            PURGE_AGAIN
+        } else {
+            PURGE_EVERY
+        };
+        if self.last_purge.elapsed() >= purge_gap {
             self.last_purge = Instant::now();
             let minutes = gucs::delivery_log_retention().as_secs_f64() / 60.0;
-            if let Err(e) = db::transaction(|| {
-                Spi::run_with_args(
+            let purged = db::transaction(|| {
+                Spi::get_one_with_args::<i32>(
                     "SELECT queue_ext._purge_deliveries(make_interval(mins => $1::int))",
                     &[(minutes as i32).into()],
                 )
-            }) {
-                self.warnings
-                    .warn("purge", || format!("trimming the delivery log failed: {e}"));
-            }
+            });
+            self.purge_behind = match purged {
+                Ok(n) => n.unwrap_or(0) > 0,
+                Err(e) => {
+                    self.warnings
+                        .warn("purge", || format!("trimming the delivery log failed: {e}"));
+                    false
+                }
+            };
         }
         true
     }
@@ -630,14 +685,20 @@ impl Dispatcher {
             let woke = pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
                 events as i32,
-                self.eventfd,
+                self.reports.eventfd,
                 timeout.as_micros().div_ceil(1000) as std::ffi::c_long,
                 pg_sys::PG_WAIT_EXTENSION,
             );
             pg_sys::ResetLatch(pg_sys::MyLatch);
             let mut counter: u64 = 0;
-            libc::read(self.eventfd, (&mut counter as *mut u64).cast(), 8);
-            woke
+            let read = libc::read(self.reports.eventfd, (&mut counter as *mut u64).cast(), 8);
+            // A wake-up the latch ended may not say the eventfd was readable too; reading it
+            // consumes that signal, so say it here, or the outcomes would wait for the poll.
+            if read == 8 && counter > 0 {
+                woke | pg_sys::WL_SOCKET_READABLE as i32
+            } else {
+                woke
+            }
         };
         pg_sys::check_for_interrupts!();
         woke
