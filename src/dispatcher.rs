@@ -3,7 +3,7 @@
 //!
 //! Its loop: wake (commit latch, a finished request, or the poll backstop) → record finished
 //! requests and claim as many due jobs as there is room for, in one short transaction →
-//! hand them to the HTTP runtime → sleep. Requests run on tokio threads that never touch
+//! hand them to the HTTP runtime → sleep. Requests run on a tokio thread that never touches
 //! Postgres; they report through a channel and an eventfd that the wait watches, so a slow
 //! endpoint only occupies its own slots and nothing waits for a batch.
 //!
@@ -32,12 +32,12 @@ use crate::wakeup::{self, Slot, SlotState, MAX_DISPATCHERS};
 
 /// Every dispatcher claims under this worker id; there is one per database.
 const WORKER_ID: &str = "queue_ext-dispatcher";
-/// How often expired leases are swept, the extension's presence checked, and the delivery
-/// log trimmed.
+/// How often expired leases are swept and the extension's presence checked.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// At most one announcement transaction per this long: under a stream of commits they
 /// coalesce (each costs a commit record), while the first after a quiet spell goes at once.
 const ANNOUNCE_GAP: Duration = Duration::from_millis(5);
+/// How often the delivery log is trimmed to `queue_ext.delivery_log_retention`.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// While the delivery log holds more expired rows than one batch removes, the next batch
 /// follows this soon: a busy queue adds far more than a batch a minute, and each batch delays
@@ -355,8 +355,9 @@ impl Dispatcher {
 
     /// Sleeps until something needs doing; true when that includes claiming or recording:
     /// webhook work committed, a request finished, the poll interval or a rate limit's next
-    /// token came. A wake-up that only has queues to announce returns false, so a busy
-    /// producer on a SQL worker's queue costs the dispatcher a NOTIFY, not a claim.
+    /// token came. A wake-up that only has queues to announce (or the delivery log's next
+    /// batch to trim) returns false, so a busy producer on a SQL worker's queue costs the
+    /// dispatcher a NOTIFY, not a claim.
     fn wait_for_work(&mut self) -> bool {
         let mut next = gucs::poll_interval().min(SWEEP_EVERY);
         if let Some(t) = self.next_token_in {
@@ -370,6 +371,10 @@ impl Dispatcher {
         if self.slot.is_some_and(wakeup::has_announcements) {
             let announce_at = self.last_announce + ANNOUNCE_GAP;
             timeout = timeout.min(announce_at.saturating_duration_since(Instant::now()));
+        }
+        if self.purge_behind {
+            let purge_at = self.last_purge + PURGE_AGAIN;
+            timeout = timeout.min(purge_at.saturating_duration_since(Instant::now()));
         }
         let woke = self.wait(timeout);
         let delivery = self
