@@ -123,8 +123,9 @@ END
 $$;
 
 -- Retention for finished jobs: deletes archived (completed or cancelled) jobs that finished
--- more than older_than ago, with their history. Run it from pg_cron.
-CREATE FUNCTION queue_ext.purge_jobs(older_than interval, queue_name text DEFAULT NULL)
+-- more than older_than ago, with their history, oldest first: at most max_rows of them (all
+-- when NULL). Run it from pg_cron; a busy installation runs purge_jobs_in_batches instead.
+CREATE FUNCTION queue_ext.purge_jobs(older_than interval, queue_name text DEFAULT NULL, max_rows integer DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -138,15 +139,48 @@ BEGIN
         RAISE EXCEPTION 'older_than must not be null' USING ERRCODE = '22004';
     END IF;
     PERFORM queue_ext._check_interval('older_than', purge_jobs.older_than, '0', '1000 years');
+    IF purge_jobs.max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be at least 1 (got %)', purge_jobs.max_rows USING ERRCODE = '22023';
+    END IF;
     WITH gone AS (
         DELETE FROM queue_ext.job_archive
-        WHERE finished_at < now() - purge_jobs.older_than
-          AND (purge_jobs.queue_name IS NULL OR queue_name = purge_jobs.queue_name)
+        WHERE id IN (SELECT a.id FROM queue_ext.job_archive AS a
+                     WHERE a.finished_at < now() - purge_jobs.older_than
+                       AND (purge_jobs.queue_name IS NULL OR a.queue_name = purge_jobs.queue_name)
+                     ORDER BY a.finished_at
+                     LIMIT purge_jobs.max_rows)  -- LIMIT NULL: all of them
         RETURNING id
     ), history AS (
         DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
     )
     SELECT count(*) INTO purged FROM gone;
     RETURN purged;
+END
+$$;
+
+-- purge_jobs in transactions of batch_size jobs, each committed before the next begins. One
+-- purge of a large backlog holds back the cleanup horizon for as long as it runs, and every
+-- claim meanwhile walks the dead rows vacuum may not remove; batches let vacuum follow. CALL
+-- it outside a transaction block (pg_cron does); purged says how many jobs went. Neither a
+-- SET clause nor SECURITY DEFINER: either would forbid the COMMIT. So every name is
+-- qualified, and the caller needs purge_jobs's privileges (admin).
+CREATE PROCEDURE queue_ext.purge_jobs_in_batches(older_than interval, queue_name text DEFAULT NULL,
+                                                 batch_size integer DEFAULT 10000, INOUT purged bigint DEFAULT 0)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF batch_size IS NULL OR batch_size OPERATOR(pg_catalog.<) 1 THEN
+        RAISE EXCEPTION 'batch_size must be at least 1 (got %)', coalesce(batch_size::pg_catalog.text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    purged := 0;
+    LOOP
+        n := queue_ext.purge_jobs(older_than, queue_name, batch_size);
+        purged := purged OPERATOR(pg_catalog.+) n;
+        COMMIT;
+        EXIT WHEN n OPERATOR(pg_catalog.<) batch_size;
+    END LOOP;
 END
 $$;

@@ -53,6 +53,8 @@ GRANT EXECUTE ON FUNCTION
 TO queue_ext_worker;
 
 -- (ALL FUNCTIONS above leaves procedures out.)
+REVOKE ALL ON PROCEDURE queue_ext.purge_jobs_in_batches(interval, text, integer, bigint) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE queue_ext.purge_jobs_in_batches(interval, text, integer, bigint) TO queue_ext_admin;
 REVOKE ALL ON PROCEDURE queue_ext.wait_for_jobs(text[], interval, boolean) FROM PUBLIC;
 GRANT EXECUTE ON PROCEDURE queue_ext.wait_for_jobs(text[], interval, boolean) TO queue_ext_worker;
 
@@ -69,7 +71,7 @@ GRANT EXECUTE ON FUNCTION
     queue_ext.cleanup_stuck_jobs(),
     queue_ext.retry_dead_job(uuid),
     queue_ext.purge_dead_letter(interval, text),
-    queue_ext.purge_jobs(interval, text),
+    queue_ext.purge_jobs(interval, text, integer),
     queue_ext.schedule_job(text, text, text, jsonb),
     queue_ext.unschedule_job(text),
     queue_ext.set_rate_limit(text, integer, interval, integer),

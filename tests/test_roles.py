@@ -86,6 +86,7 @@ FUNCTIONS = """
 | retry_dead_job         | -        | -      | x     | -    |
 | purge_dead_letter      | -        | -      | x     | -    |
 | purge_jobs             | -        | -      | x     | -    |
+| purge_jobs_in_batches  | -        | -      | x     | -    |
 | schedule_job           | -        | -      | x     | -    |
 | unschedule_job         | -        | -      | x     | -    |
 | set_rate_limit         | -        | -      | x     | -    |

@@ -148,3 +148,25 @@ fn purge_jobs_and_dead_letters_apply_retention() {
     assert_eq!(one::<i64>("SELECT queue_ext.purge_dead_letter(queue_name => 'q')"), 1);
     assert_error("SELECT queue_ext.purge_jobs(NULL)", "22004", "older_than must not be null");
 }
+
+#[pg_test]
+fn purge_jobs_with_max_rows_takes_the_oldest_first() {
+    run("SELECT queue_ext.create_queue('q')");
+    for _ in 0..4 {
+        let (id, _) = {
+            enqueue("q", "{}");
+            claim("q")
+        };
+        run(&format!("SELECT queue_ext.complete_job('{id}')"));
+    }
+    // Finished 10, 11 and 12 days ago; the fourth is young.
+    run("WITH o AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM queue_ext.job_archive)
+         UPDATE queue_ext.job_archive AS a SET finished_at = now() - (9 + o.n) * interval '1 day'
+         FROM o WHERE a.id = o.id AND o.n <= 3");
+    let oldest = one::<String>("SELECT id::text FROM queue_ext.job_archive ORDER BY finished_at LIMIT 1");
+    assert_eq!(one::<i64>("SELECT queue_ext.purge_jobs('7 days', max_rows => 1)"), 1);
+    assert_eq!(one::<i64>(&format!("SELECT count(*) FROM queue_ext.job_archive WHERE id = '{oldest}'")), 0);
+    assert_eq!(one::<i64>("SELECT queue_ext.purge_jobs('7 days', max_rows => 5)"), 2);
+    assert_eq!(one::<i64>("SELECT count(*) FROM queue_ext.job_archive"), 1);
+    assert_error("SELECT queue_ext.purge_jobs('7 days', max_rows => 0)", "22023", "max_rows must be at least 1");
+}
