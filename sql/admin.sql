@@ -142,22 +142,33 @@ BEGIN
     IF purge_jobs.max_rows < 1 THEN
         RAISE EXCEPTION 'max_rows must be at least 1 (got %)', purge_jobs.max_rows USING ERRCODE = '22023';
     END IF;
-    -- By the rows' addresses: a batch of 10,000 took 129 ms by id, 24 ms so (the whole of a
-    -- million in one statement: 3.8 s and 2.9 s). A row changed meanwhile has moved and is
-    -- left for the next purge.
-    WITH doomed AS MATERIALIZED (
-        SELECT a.ctid AS row_id FROM queue_ext.job_archive AS a
-        WHERE a.finished_at < now() - purge_jobs.older_than
-          AND (purge_jobs.queue_name IS NULL OR a.queue_name = purge_jobs.queue_name)
-        ORDER BY a.finished_at
-        LIMIT purge_jobs.max_rows  -- NULL: all of them
-    ), gone AS (
-        DELETE FROM queue_ext.job_archive AS j USING doomed WHERE j.ctid = doomed.row_id
-        RETURNING j.id
-    ), history AS (
-        DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
-    )
-    SELECT count(*) INTO purged FROM gone;
+    IF purge_jobs.max_rows IS NULL THEN
+        WITH gone AS (
+            DELETE FROM queue_ext.job_archive AS a
+            WHERE a.finished_at < now() - purge_jobs.older_than
+              AND (purge_jobs.queue_name IS NULL OR a.queue_name = purge_jobs.queue_name)
+            RETURNING a.id
+        ), history AS (
+            DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
+        )
+        SELECT count(*) INTO purged FROM gone;
+    ELSE
+        -- By the rows' addresses, a TID scan: a batch of 10,000 takes ~15 ms so, 129 ms by id.
+        -- (A join on ctid let the planner hash the whole table instead.) A row changed
+        -- meanwhile has moved and is left for the next purge.
+        WITH gone AS (
+            DELETE FROM queue_ext.job_archive AS j
+            WHERE j.ctid = ANY (ARRAY(SELECT a.ctid FROM queue_ext.job_archive AS a
+                                      WHERE a.finished_at < now() - purge_jobs.older_than
+                                        AND (purge_jobs.queue_name IS NULL OR a.queue_name = purge_jobs.queue_name)
+                                      ORDER BY a.finished_at
+                                      LIMIT purge_jobs.max_rows))
+            RETURNING j.id
+        ), history AS (
+            DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
+        )
+        SELECT count(*) INTO purged FROM gone;
+    END IF;
     RETURN purged;
 END
 $$;

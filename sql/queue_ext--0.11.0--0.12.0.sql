@@ -7,6 +7,8 @@
 --   * purge_jobs takes max_rows (oldest first), and the procedure purge_jobs_in_batches runs
 --     it in committed batches, so that retention of a large backlog does not hold back the
 --     cleanup horizon for its whole length.
+--   * purge_jobs and the dispatcher's trimming of the delivery log delete by the rows'
+--     addresses (ctid), not by id: a batch of 10,000 in about a fifth of the time.
 --
 -- Written once for this release and not changed afterwards; the tests check that a database
 -- upgraded with it matches a fresh 0.12.0 install object for object (pg_test/upgrade.sh).
@@ -117,22 +119,33 @@ BEGIN
     IF purge_jobs.max_rows < 1 THEN
         RAISE EXCEPTION 'max_rows must be at least 1 (got %)', purge_jobs.max_rows USING ERRCODE = '22023';
     END IF;
-    -- By the rows' addresses: a batch of 10,000 took 129 ms by id, 24 ms so (the whole of a
-    -- million in one statement: 3.8 s and 2.9 s). A row changed meanwhile has moved and is
-    -- left for the next purge.
-    WITH doomed AS MATERIALIZED (
-        SELECT a.ctid AS row_id FROM queue_ext.job_archive AS a
-        WHERE a.finished_at < now() - purge_jobs.older_than
-          AND (purge_jobs.queue_name IS NULL OR a.queue_name = purge_jobs.queue_name)
-        ORDER BY a.finished_at
-        LIMIT purge_jobs.max_rows  -- NULL: all of them
-    ), gone AS (
-        DELETE FROM queue_ext.job_archive AS j USING doomed WHERE j.ctid = doomed.row_id
-        RETURNING j.id
-    ), history AS (
-        DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
-    )
-    SELECT count(*) INTO purged FROM gone;
+    IF purge_jobs.max_rows IS NULL THEN
+        WITH gone AS (
+            DELETE FROM queue_ext.job_archive AS a
+            WHERE a.finished_at < now() - purge_jobs.older_than
+              AND (purge_jobs.queue_name IS NULL OR a.queue_name = purge_jobs.queue_name)
+            RETURNING a.id
+        ), history AS (
+            DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
+        )
+        SELECT count(*) INTO purged FROM gone;
+    ELSE
+        -- By the rows' addresses, a TID scan: a batch of 10,000 takes ~15 ms so, 129 ms by id.
+        -- (A join on ctid let the planner hash the whole table instead.) A row changed
+        -- meanwhile has moved and is left for the next purge.
+        WITH gone AS (
+            DELETE FROM queue_ext.job_archive AS j
+            WHERE j.ctid = ANY (ARRAY(SELECT a.ctid FROM queue_ext.job_archive AS a
+                                      WHERE a.finished_at < now() - purge_jobs.older_than
+                                        AND (purge_jobs.queue_name IS NULL OR a.queue_name = purge_jobs.queue_name)
+                                      ORDER BY a.finished_at
+                                      LIMIT purge_jobs.max_rows))
+            RETURNING j.id
+        ), history AS (
+            DELETE FROM queue_ext.job_status_log AS h USING gone WHERE h.job_id = gone.id
+        )
+        SELECT count(*) INTO purged FROM gone;
+    END IF;
     RETURN purged;
 END
 $$;
@@ -168,3 +181,19 @@ REVOKE ALL ON FUNCTION queue_ext.purge_jobs(interval, text, integer) FROM PUBLIC
 GRANT EXECUTE ON FUNCTION queue_ext.purge_jobs(interval, text, integer) TO queue_ext_admin;
 REVOKE ALL ON PROCEDURE queue_ext.purge_jobs_in_batches(interval, text, integer, bigint) FROM PUBLIC;
 GRANT EXECUTE ON PROCEDURE queue_ext.purge_jobs_in_batches(interval, text, integer, bigint) TO queue_ext_admin;
+
+-- Retention of the delivery log, batched so a big backlog never holds a long transaction.
+-- By the rows' addresses (a TID scan), as purge_jobs: a batch of 10,000 in ~17 ms, 85-105 by id.
+CREATE OR REPLACE FUNCTION queue_ext._purge_deliveries(older_than interval) RETURNS integer
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH gone AS (
+        DELETE FROM queue_ext.webhook_deliveries AS w
+        WHERE w.ctid = ANY (ARRAY(SELECT d.ctid FROM queue_ext.webhook_deliveries AS d
+                                  WHERE d.delivered_at < now() - older_than
+                                  ORDER BY d.delivered_at LIMIT 10000))
+        RETURNING 1
+    )
+    SELECT count(*)::integer FROM gone
+$$;
