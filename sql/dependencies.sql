@@ -15,6 +15,8 @@
 CREATE FUNCTION queue_ext._dependency_state(new_job uuid, depends_on uuid[],
                                             OUT state queue_ext.job_state, OUT blocked_by uuid)
 LANGUAGE plpgsql VOLATILE
+-- Plans kept across calls (statements over an array are otherwise planned on every call).
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     missing uuid;

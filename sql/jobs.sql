@@ -164,6 +164,9 @@ CREATE FUNCTION queue_ext.enqueue_jobs(
 ) RETURNS SETOF uuid
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+-- Plans kept across calls: left to choose, the plan cache planned its array statements
+-- afresh on every call (58 µs of each; 17% of a batch of 20).
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -622,10 +625,12 @@ $$;
 -- Stores the claim of a running job's current attempt, for a transition that ends it some
 -- other way than completion (job_status_log: the claim was not stored when it was made).
 -- Nothing when it is stored already (a queue with notify on) or the queue keeps no history.
--- The caller passes the job's row as it was while running.
+-- The caller passes the job's row as it was while running. (PL/pgSQL, whose plans are kept: as
+-- a SQL function its INSERT was planned on every call, 150 µs of each failure or cancel.)
 CREATE FUNCTION queue_ext._log_claim(j queue_ext.job_queue) RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 AS $$
+BEGIN
     INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id,
                                           enqueued_by, at)
     SELECT j.id, j.queue_name,
@@ -636,7 +641,8 @@ AS $$
     WHERE j.status = 'running'
       AND (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
       AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
-                      WHERE s.job_id = j.id AND s.attempt = j.attempt AND s.to_status = 'running')
+                      WHERE s.job_id = j.id AND s.attempt = j.attempt AND s.to_status = 'running');
+END
 $$;
 
 -- Stores the claim and completion rows of completed jobs (given as they were while running)

@@ -3,12 +3,17 @@
 --   * _dispatch_claim_rows claims at once from a queue with deliveries in flight, instead of
 --     probing its claim index first: the probe walked the same index entries as the claim
 --     after it, those of every job claimed since the last vacuum (12% fewer buffer reads per
---     delivered webhook, bench/dispatch_turns.py).
+--     delivered webhook, bench/dispatch_turns.py), and keeps one generic plan across turns
+--     (the plan cache had planned its claim from each queue afresh on every turn).
 --   * purge_jobs takes max_rows (oldest first), and the procedure purge_jobs_in_batches runs
 --     it in committed batches, so that retention of a large backlog does not hold back the
 --     cleanup horizon for its whole length.
 --   * purge_jobs and the dispatcher's trimming of the delivery log delete by the rows'
 --     addresses (ctid), not by id: a batch of 10,000 in about a fifth of the time.
+--   * _backoff, _log_claim and _may_see_job are PL/pgSQL instead of SQL functions, whose
+--     bodies PostgreSQL 15 planned on every call when it could not inline them (a third of a
+--     failed attempt's cost, and of a job_status call); enqueue_jobs and _dependency_state
+--     keep generic plans across calls.
 --
 -- Written once for this release and not changed afterwards; the tests check that a database
 -- upgraded with it matches a fresh 0.12.0 install object for object (pg_test/upgrade.sh).
@@ -31,6 +36,9 @@ RETURNS TABLE (job_id uuid, lease_token uuid, attempt integer, queue_name text, 
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
+-- A generic plan kept across turns: left to choose, the plan cache planned the claim from
+-- each queue afresh on every turn (30-70 µs a turn, bench/dispatch_floor.py).
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -197,3 +205,50 @@ AS $$
     )
     SELECT count(*)::integer FROM gone
 $$;
+
+-- Helpers whose plans are kept across calls (see the header).
+CREATE OR REPLACE FUNCTION queue_ext._backoff(base interval, cap interval, attempt integer) RETURNS interval
+LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+AS $$
+BEGIN
+    RETURN make_interval(secs => least(extract(epoch FROM base)::float8
+                                           * power(2::float8, least(greatest(attempt, 1) - 1, 1000)),
+                                       extract(epoch FROM cap)::float8)
+                                 * (0.5 + random() * 0.5));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._may_see_job(owner name) RETURNS boolean
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    me name := queue_ext._invoker();
+BEGIN
+    RETURN (owner IS NOT NULL AND owner = me)
+        OR pg_has_role(me, 'queue_ext_worker', 'MEMBER')
+        OR pg_has_role(me, 'queue_ext_admin', 'MEMBER')
+        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles AS r WHERE r.rolname = me), false);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION queue_ext._log_claim(j queue_ext.job_queue) RETURNS void
+LANGUAGE plpgsql VOLATILE
+AS $$
+BEGIN
+    INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id,
+                                          enqueued_by, at)
+    SELECT j.id, j.queue_name,
+           -- As job_status_history derives it (schema.sql).
+           coalesce((SELECT s.to_status FROM queue_ext.job_status_log AS s
+                     WHERE s.job_id = j.id ORDER BY s.id DESC LIMIT 1), 'queued'),
+           'running', j.attempt, j.worker_id, j.enqueued_by, coalesce(j.claimed_at, j.started_at, now())
+    WHERE j.status = 'running'
+      AND (SELECT q.keep_history FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name)
+      AND NOT EXISTS (SELECT 1 FROM queue_ext.job_status_log AS s
+                      WHERE s.job_id = j.id AND s.attempt = j.attempt AND s.to_status = 'running');
+END
+$$;
+
+ALTER FUNCTION queue_ext.enqueue_jobs(text, jsonb[], text, timestamptz, interval, integer, text, text)
+    SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION queue_ext._dependency_state(uuid, uuid[]) SET plan_cache_mode = force_generic_plan;

@@ -561,7 +561,11 @@ impl Dispatcher {
         // finished request wakes us then, so do not spin.
         self.next_token_in = if short {
             db::transaction(delivery::rate_limit_wait)
-                .unwrap_or(None)
+                .unwrap_or_else(|_| {
+                    // Asked and planned again next time (the SQL may have changed).
+                    delivery::forget_plans();
+                    None
+                })
                 .filter(|wait| taken > 0 || *wait >= Duration::from_millis(5))
         } else {
             None

@@ -198,3 +198,49 @@ def test_in_a_lock_cycle_with_ddl_the_dispatcher_gives_way(cluster):
             conn.execute("DROP TRIGGER slow_sweep ON queue_ext.job_queue")
             conn.execute("DROP FUNCTION public.slow_sweep()")
             conn.execute("DROP TABLE public.ddl_side")
+
+
+def test_functions_recreated_under_the_dispatcher_are_called_by_their_new_definitions(cluster):
+    # The dispatcher plans its claim, record and rate-limit statements once and keeps them.
+    # An update that drops and creates those functions again (new OIDs, as a script may) must
+    # not leave it calling the old ones, or failing on every turn: it goes on delivering, in
+    # the same process, with none lost or sent twice.
+    sink = Sink()
+    functions = ["_dispatch_claim_rows(text, integer, text[], integer[], text, interval)",
+                 "_dispatch_record_rows(uuid[], uuid[], text[], integer[], text[], text[], integer[], text[], "
+                 "float8[], jsonb[], text[], float8[])",
+                 "_rate_limit_wait()"]
+    with cluster.connect() as conn:
+        conn.execute("SELECT queue_ext.create_queue('recreated', webhook_url => %s)", [sink.url + "/recreated"])
+        pid = wait_for(lambda: dispatcher_pid(conn), 10, what="the dispatcher")
+
+        def deliver(n):
+            ids = [r[0] for r in conn.execute(
+                "SELECT queue_ext.enqueue_job('recreated', jsonb_build_object('n', n))::text "
+                "FROM generate_series(1, %s) AS n", [n]).fetchall()]
+            wait_for(lambda: conn.execute(
+                "SELECT count(*) FROM queue_ext.job_archive WHERE status = 'completed' AND id = ANY (%s::uuid[])",
+                [ids]).fetchone()[0] == n, 20, what=f"{n} deliveries")
+            return ids
+
+        first = deliver(5)
+        before = {f: conn.execute("SELECT %s::regprocedure::oid", [f"queue_ext.{f}"]).fetchone()[0]
+                  for f in functions}
+        with conn.transaction():
+            for f in functions:
+                definition = conn.execute("SELECT pg_get_functiondef(%s::regprocedure)",
+                                          [f"queue_ext.{f}"]).fetchone()[0]
+                conn.execute(f"ALTER EXTENSION queue_ext DROP FUNCTION queue_ext.{f}")
+                conn.execute(f"DROP FUNCTION queue_ext.{f}")
+                conn.execute(definition)
+                conn.execute(f"ALTER EXTENSION queue_ext ADD FUNCTION queue_ext.{f}")
+        after = {f: conn.execute("SELECT %s::regprocedure::oid", [f"queue_ext.{f}"]).fetchone()[0]
+                 for f in functions}
+        assert all(before[f] != after[f] for f in functions), "each function is a new object"
+        second = deliver(5)
+        assert dispatcher_pid(conn) == pid, "the same dispatcher process went on"
+        assert conn.execute("SELECT count(*) FROM queue_ext.job_dead_letter "
+                            "WHERE queue_name = 'recreated'").fetchone()[0] == 0
+    assert sorted(r.headers["webhook-id"] for r in sink.to("/recreated")) == sorted(
+        f"msg_{i}" for i in first + second)
+    sink.close()
