@@ -55,9 +55,12 @@ def finished(c):
                      [QUEUE, QUEUE]).fetchone()[0]
 
 
-def burst(c, jobs, sink_port, sink_pid):
-    if not c.execute("SELECT 1 FROM queue_ext.queues WHERE queue_name = %s", [QUEUE]).fetchone():
-        c.execute("SELECT queue_ext.create_queue(%s, webhook_url => %s)", [QUEUE, f"http://127.0.0.1:{sink_port}/hook"])
+def burst(c, jobs, sink_port, sink_pid, max_in_flight=None):
+    # A fresh queue each burst: aimed at this run's sink, with nothing left from an earlier one.
+    c.execute("SELECT queue_ext.drop_queue(q.queue_name, force => true) FROM queue_ext.queues AS q "
+              "WHERE q.queue_name = %s", [QUEUE])
+    c.execute("SELECT queue_ext.create_queue(%s, webhook_url => %s, webhook_max_in_flight => %s)",
+              [QUEUE, f"http://127.0.0.1:{sink_port}/hook", max_in_flight])
     c.execute("SELECT queue_ext.pause_queue(%s)", [QUEUE])
     for start in range(0, jobs, 1000):
         c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs(%s, array_fill('{\"a\": 1}'::jsonb, ARRAY[%s]))",
@@ -69,6 +72,7 @@ def burst(c, jobs, sink_port, sink_pid):
         raise SystemExit("no dispatcher runs for this database (queue_ext.database, shared_preload_libraries)")
     pid = pid[0]
     done_before = finished(c) or 0
+    turns_before = turns(c)
     before, sink_before, steal_before = threads(pid), sink_pid and process_ticks(sink_pid), steal_ticks()
     t0 = time.perf_counter()
     c.execute("SELECT queue_ext.resume_queue(%s)", [QUEUE])
@@ -76,13 +80,25 @@ def burst(c, jobs, sink_port, sink_pid):
         time.sleep(0.005)
     elapsed = time.perf_counter() - t0
     after, sink_after, steal_after = threads(pid), sink_pid and process_ticks(sink_pid), steal_ticks()
+    turns_after = turns(c)
     per = {k: [(after[k][i] - before[k][i]) / jobs for i in range(3)] for k in after}
     line = (f"{jobs / elapsed:8.0f} webhooks/s | HTTP thread {per['http'][0] * TICK_US:6.1f} µs, "
             f"{per['http'][1]:.2f} voluntary, {per['http'][2]:.2f} involuntary switches | SQL thread "
             f"{per['sql'][0] * TICK_US:6.1f} µs, {per['sql'][1]:.2f} voluntary, {per['sql'][2]:.2f} involuntary")
     if sink_pid:
         line += f" | sink {(sink_after - sink_before) * TICK_US / jobs:.1f} µs"
+    if turns_after is not None:
+        line += f" | {jobs / max(turns_after - turns_before, 1):.1f} webhooks a turn"
     print(line + f" | steal {(steal_after - steal_before) * TICK_US / jobs:.1f} µs")
+
+
+def turns(c):
+    """The dispatcher's turns so far that recorded outcomes, if pg_stat_statements is in this
+    database (None if not)."""
+    if not c.execute("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'").fetchone():
+        return None
+    return c.execute("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                     "WHERE query LIKE '%queue_ext._dispatch_record_rows(%'").fetchone()[0]
 
 
 def main():
@@ -93,10 +109,11 @@ def main():
     ap.add_argument("--sink-pid", type=int)
     ap.add_argument("--jobs", type=int, default=40_000)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--max-in-flight", type=int, help="the queue's webhook_max_in_flight (default: the default)")
     args = ap.parse_args()
     with psycopg.connect(f"host=127.0.0.1 port={args.port} user=postgres dbname={args.dbname}", autocommit=True) as c:
         for _ in range(args.rounds):
-            burst(c, args.jobs, args.sink_port, args.sink_pid)
+            burst(c, args.jobs, args.sink_port, args.sink_pid, args.max_in_flight)
 
 
 if __name__ == "__main__":
