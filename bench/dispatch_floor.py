@@ -26,10 +26,9 @@ import statistics
 
 import psycopg
 
-from dispatch_turns import database
+from dispatch_turns import QUEUE, database, fresh_queue
 from splitlib import cpu_seconds
 
-QUEUE = "turns"
 REPLY_HEADERS = '{"content-length": "0", "date": "Wed, 02 Dec 2026 16:00:00 GMT"}'
 
 SETUP = f"""
@@ -135,19 +134,11 @@ def fill(c, way, jobs):
     """A fresh batch of `jobs` runnable jobs for `way`, vacuumed, like the start of a burst."""
     if way == "floor":
         c.execute("TRUNCATE bench_floor.hot, bench_floor.archive, bench_floor.log")
-        c.execute("INSERT INTO bench_floor.hot (payload) SELECT '{\"a\": 1}'::jsonb FROM generate_series(1, %s)",
+        c.execute("INSERT INTO bench_floor.hot (payload) SELECT '{\"t0\": 1.5}'::jsonb FROM generate_series(1, %s)",
                   [jobs])
         c.execute("VACUUM ANALYZE bench_floor.hot")
     else:
-        c.execute("SELECT queue_ext.drop_queue(q.queue_name, force => true) FROM queue_ext.queues AS q "
-                  "WHERE q.queue_name = %s", [QUEUE])
-        c.execute("DELETE FROM queue_ext.job_archive WHERE queue_name = %s", [QUEUE])
-        c.execute("DELETE FROM queue_ext.webhook_deliveries WHERE queue_name = %s", [QUEUE])
-        c.execute("SELECT queue_ext.create_queue(%s, webhook_url => 'http://127.0.0.1:9/hook')", [QUEUE])
-        for start in range(0, jobs, 1000):
-            c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs(%s, array_fill('{\"a\": 1}'::jsonb, ARRAY[%s]))",
-                      [QUEUE, min(1000, jobs - start)])
-        c.execute("VACUUM ANALYZE queue_ext.job_queue")
+        fresh_queue(c, jobs)
     c.execute("CHECKPOINT")
 
 

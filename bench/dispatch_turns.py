@@ -37,18 +37,23 @@ def database(port):
     return dsn
 
 
+def fresh_queue(c, jobs):
+    """The webhook queue QUEUE afresh, with `jobs` runnable jobs, its history gone, vacuumed."""
+    c.execute("SELECT queue_ext.drop_queue(q.queue_name, force => true) FROM queue_ext.queues AS q "
+              "WHERE q.queue_name = %s", [QUEUE])
+    c.execute("DELETE FROM queue_ext.job_archive WHERE queue_name = %s", [QUEUE])
+    c.execute("DELETE FROM queue_ext.webhook_deliveries WHERE queue_name = %s", [QUEUE])
+    c.execute("SELECT queue_ext.create_queue(%s, webhook_url => 'http://127.0.0.1:9/hook')", [QUEUE])
+    for start in range(0, jobs, 1000):
+        c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs(%s, array_fill('{\"t0\": 1.5}'::jsonb, ARRAY[%s]))",
+                  [QUEUE, min(1000, jobs - start)])
+    c.execute("VACUUM ANALYZE queue_ext.job_queue")
+
+
 def one_round(dsn, batch, jobs):
     """Backend CPU and wall time per job for `jobs` jobs delivered in turns of `batch`."""
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("SELECT queue_ext.drop_queue(q.queue_name, force => true) FROM queue_ext.queues AS q "
-                  "WHERE q.queue_name = %s", [QUEUE])
-        c.execute("DELETE FROM queue_ext.job_archive WHERE queue_name = %s", [QUEUE])
-        c.execute("DELETE FROM queue_ext.webhook_deliveries WHERE queue_name = %s", [QUEUE])
-        c.execute("SELECT queue_ext.create_queue(%s, webhook_url => 'http://127.0.0.1:9/hook')", [QUEUE])
-        for start in range(0, jobs, 1000):
-            c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs(%s, array_fill('{\"t0\": 1.5}'::jsonb, ARRAY[%s]))",
-                      [QUEUE, min(1000, jobs - start)])
-        c.execute("VACUUM ANALYZE queue_ext.job_queue")
+        fresh_queue(c, jobs)
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("SET synchronous_commit = off")
         pid = c.info.backend_pid

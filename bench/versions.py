@@ -2,7 +2,7 @@
 costs per job, without the drift between runs minutes apart that the 4-client headline shows.
 
     python3 bench/versions.py --port PORT [--old 0.7.0] [--new 0.8.0] [--rounds 7]
-                              [--modes drain,single,enqueue,enqueue1]
+                              [--modes drain,single,enqueue,enqueue1,enqueue20,retry,status]
 
 The cluster must have the extension installed (scripts/install.sh installs every released
 version's script beside the current one) and run as the benchmark's does. One database per
@@ -22,6 +22,9 @@ MODES = {
     "single": (3000, "get_next_job + complete_job, each its own transaction"),
     "enqueue": (100000, "enqueue_jobs, batches of 1,000"),
     "enqueue1": (10000, "enqueue_job, each its own transaction"),
+    "enqueue20": (20000, "enqueue_jobs, batches of 20"),
+    "retry": (3000, "enqueue_job + get_next_job + fail_job (a retry), each its own transaction"),
+    "status": (5000, "job_status of one job, each its own transaction"),
 }
 
 
@@ -44,7 +47,11 @@ def database(port, version):
 def one_round(dsn, mode):
     jobs, _ = MODES[mode]
     with psycopg.connect(dsn, autocommit=True) as c:
-        if not mode.startswith("enqueue"):
+        # Failed jobs wait an hour here, so a round's claims take only its own new jobs.
+        c.execute("SELECT queue_ext.create_queue('versions_retry', backoff_base => '1 hour', if_not_exists => true)")
+        if mode == "status":
+            status_of = c.execute("SELECT queue_ext.enqueue_job('versions', '{\"n\": 1}')").fetchone()[0]
+        elif mode not in ("enqueue", "enqueue1", "enqueue20", "retry"):
             c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('versions', "
                       "array_fill('{\"n\": 1}'::jsonb, ARRAY[%s]))" % jobs)
         c.execute("VACUUM ANALYZE queue_ext.job_queue")
@@ -60,6 +67,19 @@ def one_round(dsn, mode):
         elif mode == "enqueue1":
             for _ in range(jobs):
                 c.execute("SELECT queue_ext.enqueue_job('versions', '{\"n\": 1}')", prepare=True)
+        elif mode == "enqueue20":
+            for _ in range(jobs // 20):
+                c.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('versions', "
+                          "array_fill('{\"n\": 1}'::jsonb, ARRAY[20]))", prepare=True)
+        elif mode == "retry":
+            for _ in range(jobs):
+                c.execute("SELECT queue_ext.enqueue_job('versions_retry', '{\"n\": 1}')", prepare=True)
+                job, token = c.execute("SELECT job_id, lease_token FROM queue_ext.get_next_job('versions_retry')",
+                                       prepare=True).fetchone()
+                c.execute("SELECT queue_ext.fail_job(%s, 'boom', %s)", [job, token], prepare=True)
+        elif mode == "status":
+            for _ in range(jobs):
+                c.execute("SELECT status FROM queue_ext.job_status(%s)", [status_of], prepare=True)
         elif mode == "drain":
             for _ in range(jobs // 100):
                 with c.transaction():
@@ -71,10 +91,11 @@ def one_round(dsn, mode):
                 c.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [job, token])
         cpu = (cpu_seconds(pid) - start) / jobs * 1e6
         wal = float(c.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", [lsn]).fetchone()[0]) / jobs
-        left = c.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = 'versions'").fetchone()[0]
-        if mode.startswith("enqueue"):
-            left -= jobs  # what was enqueued is removed, unmeasured, for the next round
-            c.execute("DELETE FROM queue_ext.job_queue WHERE queue_name = 'versions'")
+        left = c.execute("SELECT count(*) FROM queue_ext.job_queue "
+                         "WHERE queue_name IN ('versions', 'versions_retry')").fetchone()[0]
+        if mode.startswith("enqueue") or mode in ("retry", "status"):
+            left -= 1 if mode == "status" else jobs  # removed, unmeasured, for the next round
+            c.execute("DELETE FROM queue_ext.job_queue WHERE queue_name IN ('versions', 'versions_retry')")
     if left:
         raise SystemExit(f"{dsn}: {left} jobs left after the round")
     return cpu, wal
