@@ -31,6 +31,10 @@ def test_pg_cron_enqueues_and_runs_maintenance(cluster):
         # A job whose worker died (lease expired) and a finished job past retention.
         stuck = value(conn, "SELECT queue_ext.enqueue_job('maint', '{}')")
         conn.execute("SELECT job_id FROM queue_ext.get_next_job('maint', 'crashed-worker', lease => '1 second')")
+        # Expired already: pg_cron's first run may come within the lease's second (a minute
+        # boundary right after the cluster started), and the next one a minute later.
+        conn.execute("UPDATE queue_ext.job_queue SET lease_expires_at = now() - interval '1 minute' WHERE id = %s",
+                     [stuck])
         old = [value(conn, "SELECT queue_ext.enqueue_job('maint', '{}')") for _ in range(3)]
         conn.execute("SELECT queue_ext.complete_job(job_id) FROM queue_ext.get_next_jobs('maint', 3)")
         conn.execute("UPDATE queue_ext.job_archive SET finished_at = now() - interval '30 days' WHERE id = ANY(%s)", [old])
