@@ -61,18 +61,13 @@ fn protocol() -> Result<Protocol, pgrx::spi::Error> {
     Ok(found)
 }
 
-/// Forgets the protocol and the statements planned for it, so that the next claim or record
-/// asks the database again and plans afresh: after a claim or record failed (an ERROR unwinds
-/// to the caller's subtransaction, past this module), and at each `process_jobs` call.
-fn forget_protocol() {
+/// Forgets the protocol and every statement planned so far, so that the next claim, record
+/// or rate-limit question asks the database again and plans afresh: after one of them failed
+/// (an ERROR unwinds to the caller's subtransaction, past this module), and at each
+/// `process_jobs` call.
+pub fn forget_protocol() {
     PROTOCOL.store(0, Ordering::Relaxed);
     PLANS.with(|plans| plans.borrow_mut().take());
-}
-
-/// Forgets everything asked of the database and planned so far (see `forget_protocol`), after
-/// a statement of the dispatcher's failed.
-pub fn forget_plans() {
-    forget_protocol();
     RATE_LIMIT_PLAN.with(|plan| plan.borrow_mut().take());
 }
 

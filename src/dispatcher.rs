@@ -563,7 +563,7 @@ impl Dispatcher {
             db::transaction(delivery::rate_limit_wait)
                 .unwrap_or_else(|_| {
                     // Asked and planned again next time (the SQL may have changed).
-                    delivery::forget_plans();
+                    delivery::forget_protocol();
                     None
                 })
                 .filter(|wait| taken > 0 || *wait >= Duration::from_millis(5))
