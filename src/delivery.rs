@@ -31,33 +31,42 @@ pub fn http_settings() -> HttpSettings {
     }
 }
 
-/// How this database's SQL takes claims and outcomes: as typed rows and arrays (0.10.0 on),
-/// or as JSON documents (a database not yet updated with `ALTER EXTENSION queue_ext UPDATE`;
-/// the library is shared by every database of the cluster and may be newer than its SQL).
+/// How this database's SQL takes claims and outcomes: as typed rows and arrays, with claims
+/// ahead of free request slots (0.12.0 on) or without (0.10.0 and 0.11.0), or as JSON
+/// documents (a database not yet updated with `ALTER EXTENSION queue_ext UPDATE`; the
+/// library is shared by every database of the cluster and may be newer than its SQL).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Protocol {
+    RowsAhead,
     Rows,
     Json,
 }
 
-/// 0: not known yet, 1: rows, 2: JSON. A process serves one database, so one answer per
-/// process, asked again after any failed claim or record (the extension may have been
-/// updated, or dropped and created at another version, meanwhile).
+/// 0: not known yet, then 1 + the variant's index. A process serves one database, so one
+/// answer per process, asked again after any failed claim or record (the extension may have
+/// been updated, or dropped and created at another version, meanwhile).
 static PROTOCOL: AtomicU8 = AtomicU8::new(0);
 
+const PROTOCOLS: [Protocol; 3] = [Protocol::RowsAhead, Protocol::Rows, Protocol::Json];
+
 fn protocol() -> Result<Protocol, pgrx::spi::Error> {
-    match PROTOCOL.load(Ordering::Relaxed) {
-        1 => return Ok(Protocol::Rows),
-        2 => return Ok(Protocol::Json),
-        _ => {}
+    if let Some(known) = PROTOCOLS.get((PROTOCOL.load(Ordering::Relaxed) as usize).wrapping_sub(1))
+    {
+        return Ok(*known);
     }
-    let rows = Spi::get_one::<bool>(
-        "SELECT to_regprocedure('queue_ext._dispatch_record_rows(uuid[], uuid[], text[], integer[], text[], \
+    let (ahead, rows) = Spi::get_two::<bool, bool>(
+        "SELECT to_regprocedure('queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, \
+         interval, boolean)') IS NOT NULL, \
+         to_regprocedure('queue_ext._dispatch_record_rows(uuid[], uuid[], text[], integer[], text[], \
          text[], integer[], text[], float8[], jsonb[], text[], float8[])') IS NOT NULL",
-    )?
-    .unwrap_or(false);
-    let found = if rows { Protocol::Rows } else { Protocol::Json };
-    PROTOCOL.store(if rows { 1 } else { 2 }, Ordering::Relaxed);
+    )?;
+    let found = match (ahead, rows) {
+        (Some(true), _) => Protocol::RowsAhead,
+        (_, Some(true)) => Protocol::Rows,
+        _ => Protocol::Json,
+    };
+    let index = PROTOCOLS.iter().position(|p| *p == found).unwrap_or(0);
+    PROTOCOL.store(index as u8 + 1, Ordering::Relaxed);
     Ok(found)
 }
 
@@ -75,11 +84,16 @@ const CLAIM_ROWS: &str = "SELECT job_id, lease_token, attempt, queue_name, body,
      header_values, timeout_ms, secret, follow_redirects \
      FROM queue_ext._dispatch_claim_rows($1, $2, $3, $4, $5, make_interval(secs => $6::float8 / 1000))";
 
+const CLAIM_ROWS_AHEAD: &str = "SELECT job_id, lease_token, attempt, queue_name, body, url, method, header_names, \
+     header_values, timeout_ms, secret, follow_redirects, max_in_flight \
+     FROM queue_ext._dispatch_claim_rows($1, $2, $3, $4, $5, make_interval(secs => $6::float8 / 1000), $7)";
+
 const RECORD_ROWS: &str =
     "SELECT queue_ext._dispatch_record_rows($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
-/// The claim and record of [`Protocol::Rows`], planned once per process and kept
-/// (SPI_keepplan): planned on every turn, they cost the dispatcher ~90 µs a turn.
+/// The claim and record of [`Protocol::Rows`] and [`Protocol::RowsAhead`], planned once per
+/// process and kept (SPI_keepplan): planned on every turn, they cost the dispatcher ~90 µs a
+/// turn.
 struct RowsPlans {
     claim: OwnedPreparedStatement,
     record: OwnedPreparedStatement,
@@ -95,27 +109,28 @@ thread_local! {
 }
 
 impl RowsPlans {
-    fn get(client: &SpiClient<'_>) -> Result<Rc<RowsPlans>, pgrx::spi::Error> {
+    fn get(client: &SpiClient<'_>, protocol: Protocol) -> Result<Rc<RowsPlans>, pgrx::spi::Error> {
         if let Some(plans) = PLANS.with(|plans| plans.borrow().clone()) {
             return Ok(plans);
         }
         use pgrx::pg_sys::BuiltinOid::*;
         let oids =
             |list: &[PgBuiltInOids]| list.iter().map(|o| PgOid::BuiltIn(*o)).collect::<Vec<_>>();
+        let claim_args = [
+            TEXTOID,
+            INT4OID,
+            TEXTARRAYOID,
+            INT4ARRAYOID,
+            TEXTOID,
+            INT8OID,
+            BOOLOID,
+        ];
+        let claim = match protocol {
+            Protocol::RowsAhead => client.prepare_mut(CLAIM_ROWS_AHEAD, &oids(&claim_args))?,
+            _ => client.prepare_mut(CLAIM_ROWS, &oids(&claim_args[..6]))?,
+        };
         let plans = Rc::new(RowsPlans {
-            claim: client
-                .prepare_mut(
-                    CLAIM_ROWS,
-                    &oids(&[
-                        TEXTOID,
-                        INT4OID,
-                        TEXTARRAYOID,
-                        INT4ARRAYOID,
-                        TEXTOID,
-                        INT8OID,
-                    ]),
-                )?
-                .keep(),
+            claim: claim.keep(),
             record: client
                 .prepare_mut(
                     RECORD_ROWS,
@@ -141,48 +156,84 @@ impl RowsPlans {
     }
 }
 
+/// Whether a claim may take jobs ahead of free request slots: up to twice each queue's
+/// webhook_max_in_flight, the second half to wait for a request to the target to end
+/// (each such [`Delivery`] carries its queue's `max_in_flight`). The dispatcher does; a
+/// `process_jobs` call, which sends what it claims at once, does not.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Ahead {
+    Yes,
+    No,
+}
+
 /// Claims up to `capacity` deliveries (from `only_queue`, or every webhook queue) in the
-/// current transaction. `busy` is what the caller already has in flight per queue.
+/// current transaction. `busy` is what the caller already holds per queue (in flight or
+/// waiting for a slot).
 pub fn claim(
     worker_id: &str,
     capacity: usize,
     busy: &HashMap<String, u32>,
     only_queue: Option<&str>,
+    ahead: Ahead,
 ) -> Result<Vec<Claimed>, pgrx::spi::Error> {
     let capacity = capacity.min(i32::MAX as usize) as i32;
     let default_timeout_ms = gucs::http_timeout().as_millis() as i64;
-    match protocol()? {
-        Protocol::Rows => claim_rows(worker_id, capacity, busy, only_queue, default_timeout_ms),
+    let protocol = protocol()?;
+    match protocol {
+        Protocol::RowsAhead | Protocol::Rows => {
+            let request = ClaimRequest {
+                worker_id,
+                capacity,
+                busy,
+                only_queue,
+                default_timeout_ms,
+            };
+            claim_rows(&request, protocol, ahead)
+        }
         Protocol::Json => claim_json(worker_id, capacity, busy, only_queue, default_timeout_ms),
     }
 }
 
-fn claim_rows(
-    worker_id: &str,
+struct ClaimRequest<'a> {
+    worker_id: &'a str,
     capacity: i32,
-    busy: &HashMap<String, u32>,
-    only_queue: Option<&str>,
+    busy: &'a HashMap<String, u32>,
+    only_queue: Option<&'a str>,
     default_timeout_ms: i64,
+}
+
+fn claim_rows(
+    request: &ClaimRequest<'_>,
+    protocol: Protocol,
+    ahead: Ahead,
 ) -> Result<Vec<Claimed>, pgrx::spi::Error> {
+    let ClaimRequest {
+        worker_id,
+        capacity,
+        busy,
+        only_queue,
+        default_timeout_ms,
+    } = *request;
+    let ahead = protocol == Protocol::RowsAhead && ahead == Ahead::Yes;
     let (busy_queues, busy_counts): (Vec<String>, Vec<i32>) = busy
         .iter()
         .filter(|(_, n)| **n > 0)
         .map(|(q, n)| (q.clone(), (*n).min(i32::MAX as u32) as i32))
         .unzip();
     Spi::connect_mut(|client| {
-        let plans = RowsPlans::get(client)?;
-        let rows = client.update(
-            &plans.claim,
-            None,
-            &[
-                worker_id.into(),
-                capacity.into(),
-                busy_queues.into(),
-                busy_counts.into(),
-                only_queue.into(),
-                default_timeout_ms.into(),
-            ],
-        )?;
+        let plans = RowsPlans::get(client, protocol)?;
+        let mut args = vec![
+            worker_id.into(),
+            capacity.into(),
+            busy_queues.into(),
+            busy_counts.into(),
+            only_queue.into(),
+            default_timeout_ms.into(),
+        ];
+        if protocol == Protocol::RowsAhead {
+            args.push(ahead.into());
+        }
+        let rows = client.update(&plans.claim, None, &args)?;
         let mut claimed = Vec::with_capacity(rows.len());
         for row in rows {
             let id = |n| -> Result<String, pgrx::spi::Error> {
@@ -210,6 +261,11 @@ fn claim_rows(
                 timeout_ms: row.get::<i64>(10)?.unwrap_or(0),
                 secret: row.get::<String>(11)?,
                 follow_redirects: row.get::<bool>(12)?.unwrap_or(false),
+                max_in_flight: if ahead {
+                    row.get::<i32>(13)?.and_then(|n| u32::try_from(n).ok())
+                } else {
+                    None
+                },
             }));
         }
         Ok(claimed)
@@ -250,8 +306,9 @@ pub fn claim_isolated(
     worker_id: &str,
     capacity: usize,
     busy: &HashMap<String, u32>,
+    ahead: Ahead,
 ) -> (Vec<Claimed>, Vec<(String, db::DbError)>) {
-    let whole = match db::isolated(|| claim(worker_id, capacity, busy, None)) {
+    let whole = match db::isolated(|| claim(worker_id, capacity, busy, None, ahead)) {
         Ok(claimed) => return (claimed, Vec::new()),
         Err(e) => e,
     };
@@ -279,7 +336,7 @@ pub fn claim_isolated(
         if room == 0 {
             break;
         }
-        match db::isolated(|| claim(worker_id, room, busy, Some(&queue))) {
+        match db::isolated(|| claim(worker_id, room, busy, Some(&queue), ahead)) {
             Ok(mut c) => claimed.append(&mut c),
             Err(e) => failed.push((queue, e)),
         }
@@ -343,6 +400,7 @@ fn parse_claimed(item: serde_json::Value) -> Option<Claimed> {
                 timeout_ms: 0,
                 secret: None,
                 follow_redirects: false,
+                max_in_flight: None,
             };
             Some(Claimed::Unusable(Outcome::from_error(
                 &d,
@@ -359,7 +417,7 @@ pub fn record(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
         return Ok(0);
     }
     match protocol()? {
-        Protocol::Rows => record_rows(outcomes),
+        protocol @ (Protocol::RowsAhead | Protocol::Rows) => record_rows(outcomes, protocol),
         Protocol::Json => record_json(outcomes),
     }
 }
@@ -370,7 +428,7 @@ fn uuid_of(text: &str) -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*uuid::Uuid::parse_str(text).unwrap_or_default().as_bytes())
 }
 
-fn record_rows(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
+fn record_rows(outcomes: &[Outcome], protocol: Protocol) -> Result<i32, pgrx::spi::Error> {
     let n = outcomes.len();
     let mut job_ids = Vec::with_capacity(n);
     let mut lease_tokens = Vec::with_capacity(n);
@@ -413,7 +471,7 @@ fn record_rows(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
         retry_after.into(),
     ];
     Spi::connect_mut(|client| {
-        let plans = RowsPlans::get(client)?;
+        let plans = RowsPlans::get(client, protocol)?;
         Ok(client
             .update(&plans.record, None, &args)?
             .first()
@@ -636,6 +694,7 @@ fn process_jobs(
         max_jobs as usize,
         &HashMap::new(),
         Some(queue_name),
+        Ahead::No,
     )
     .unwrap_or_else(|e| ProcessJobsError::Spi(e).raise());
 

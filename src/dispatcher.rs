@@ -28,6 +28,7 @@ use crate::db::{self, DbError};
 use crate::delivery::{self, Claimed, Unstorable};
 use crate::gucs;
 use crate::http::{self, Delivery, HttpClient, Outcome};
+use crate::lanes::{self, Lanes};
 use crate::wakeup::{self, Slot, SlotState, MAX_DISPATCHERS};
 
 /// Every dispatcher claims under this worker id; there is one per database.
@@ -166,6 +167,18 @@ struct Reports {
     eventfd: i32,
     /// Set by the first outcome since the main thread last drained the channel.
     signalled: Arc<AtomicBool>,
+    /// Set at shutdown: a job still waiting for a request slot is not sent.
+    stopping: Arc<AtomicBool>,
+}
+
+impl lanes::Sender for Reports {
+    fn report(&self, outcome: Outcome) {
+        Reports::report(self, outcome)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
 }
 
 impl Reports {
@@ -240,8 +253,11 @@ struct Dispatcher {
     http_settings: http::HttpSettings,
     reports: Reports,
     done_rx: Receiver<Outcome>,
-    /// Requests in flight, by job id, kept so a shutdown can release them.
+    /// Deliveries held, by job id (in flight, or waiting for a request slot), kept so a
+    /// shutdown can release them.
     in_flight: HashMap<String, Delivery>,
+    /// The request slots of jobs claimed ahead, per queue and its max_in_flight at the claim.
+    lanes: HashMap<(String, u32), Arc<Lanes>>,
     /// Finished requests whose outcome the database would not take yet, with when it first
     /// refused: tried again each turn, until RECORD_RETRY_FOR has passed.
     unrecorded: Vec<(Outcome, Instant)>,
@@ -295,9 +311,11 @@ impl Dispatcher {
                 done: done_tx,
                 eventfd,
                 signalled: Arc::new(AtomicBool::new(false)),
+                stopping: Arc::new(AtomicBool::new(false)),
             },
             done_rx,
             in_flight: HashMap::new(),
+            lanes: HashMap::new(),
             unrecorded: Vec::new(),
             busy: HashMap::new(),
             recovered: false,
@@ -507,7 +525,12 @@ impl Dispatcher {
             if room == 0 || !self.recovered {
                 return Ok((Vec::new(), Vec::new()));
             }
-            Ok(delivery::claim_isolated(WORKER_ID, room, &busy))
+            Ok(delivery::claim_isolated(
+                WORKER_ID,
+                room,
+                &busy,
+                delivery::Ahead::Yes,
+            ))
         });
         for f in failures {
             self.warnings.warn("record", || f);
@@ -583,6 +606,9 @@ impl Dispatcher {
             if let Some(n) = self.busy.get_mut(&o.queue_name) {
                 *n = n.saturating_sub(1);
             }
+            if o.outcome == http::NOT_SENT {
+                continue;
+            }
             if let Some(slot) = self.slot {
                 let counter = match o.outcome {
                     "delivered" => &slot.delivered,
@@ -592,7 +618,14 @@ impl Dispatcher {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // Slots no waiting or running request holds any more: a later claim starts afresh
+        // (with the queue's max_in_flight of that time).
+        self.lanes.retain(|_, lanes| Arc::strong_count(lanes) > 1);
+        // Not sent (shutdown): the job keeps its lease, and the shutdown returns it.
         outcomes
+            .into_iter()
+            .filter(|o| o.outcome != http::NOT_SENT)
+            .collect()
     }
 
     /// Records finished requests on their own (at shutdown, when nothing more is claimed).
@@ -617,21 +650,36 @@ impl Dispatcher {
     }
 
     /// Starts the requests of one claim: a single task, which spawns one per request from
-    /// inside the runtime (no wake-up of the HTTP thread per request).
+    /// inside the runtime (no wake-up of the HTTP thread per request). A job claimed ahead
+    /// goes to its queue's lanes instead, which send it when one of its slots is free.
     fn send_all(&mut self, deliveries: Vec<Delivery>) {
         if deliveries.is_empty() {
             return;
         }
-        for d in &deliveries {
+        let claimed_at = Instant::now();
+        let mut jobs = Vec::with_capacity(deliveries.len());
+        for d in deliveries {
             *self.busy.entry(d.queue_name.clone()).or_default() += 1;
             self.in_flight.insert(d.job_id.clone(), d.clone());
+            let lanes = d.max_in_flight.map(|cap| {
+                self.lanes
+                    .entry((d.queue_name.clone(), cap))
+                    .or_insert_with(|| Lanes::new(cap))
+                    .clone()
+            });
+            jobs.push((d, lanes));
         }
         let client = self.client.clone();
         let reports = self.reports.clone();
         self.runtime.spawn(async move {
-            for d in deliveries {
-                let (client, reports) = (client.clone(), reports.clone());
-                tokio::spawn(async move { reports.report(client.deliver(d).await) });
+            for (d, lanes) in jobs {
+                match lanes {
+                    Some(lanes) => lanes.push(d, claimed_at, &client, &reports),
+                    None => {
+                        let (client, reports) = (client.clone(), reports.clone());
+                        tokio::spawn(async move { reports.report(client.deliver(d).await) });
+                    }
+                }
             }
         });
     }
@@ -716,6 +764,7 @@ impl Dispatcher {
     /// SIGTERM: claim nothing more, give requests in flight `queue_ext.shutdown_grace` to
     /// finish and record them, then return the rest to their queues.
     fn shut_down(&mut self) {
+        self.reports.stopping.store(true, Ordering::SeqCst);
         // A command that needs the database to itself (DROP DATABASE...) is waiting: go now.
         let grace = match self.slot {
             Some(slot) if slot.leave_now.load(Ordering::Acquire) => Duration::ZERO,

@@ -15,6 +15,7 @@ mod dispatcher;
 mod gucs;
 mod http;
 mod ids;
+mod lanes;
 mod launcher;
 mod status;
 mod waiting;

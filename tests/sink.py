@@ -34,6 +34,9 @@ class Sink:
         self.requests: list[Request] = []
         self.scripts: dict[str, deque] = defaultdict(deque)
         self.defaults: dict[str, Reply] = {}
+        # Requests being answered per path now, and the most there were at once.
+        self.active: dict[str, int] = defaultdict(int)
+        self.peak: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
         sink = self
 
@@ -47,6 +50,15 @@ class Sink:
                                                  {k.lower(): v for k, v in self.headers.items()}, body))
                     script = sink.scripts[self.path]
                     reply = script.popleft() if script else sink.defaults.get(self.path, Reply())
+                    sink.active[self.path] += 1
+                    sink.peak[self.path] = max(sink.peak[self.path], sink.active[self.path])
+                try:
+                    self.answer(reply)
+                finally:
+                    with sink.lock:
+                        sink.active[self.path] -= 1
+
+            def answer(self, reply):
                 if reply.delay:
                     time.sleep(reply.delay)
                 try:

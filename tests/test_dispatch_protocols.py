@@ -1,7 +1,7 @@
 """One library, two databases whose SQL is at different versions, served at the same time: a
-database not yet updated (the previous release) takes the dispatcher's claims and outcomes as
-JSON documents, one at this version as typed rows and arrays. Each dispatcher asks its own
-database which it has. Both deliver every job once, retries included, and store each response;
+database not yet updated takes the dispatcher's claims and outcomes as JSON documents (0.9.0)
+or as typed rows without claims ahead of free request slots (0.11.0), one at this version as
+typed rows with them. Each dispatcher asks its own database which it has. Both deliver every job once, retries included, and store each response;
 a database updated in the middle of a burst switches without losing or repeating a job and
 without a warning."""
 import re
@@ -23,8 +23,10 @@ RETRIED = 5
 
 
 # The last release whose dispatcher takes claims and outcomes as JSON (0.10.0 brought the
-# typed rows): the old protocol a newer library must still serve.
-PREVIOUS = "0.9.0"
+# typed rows), and the last whose claim cannot take jobs ahead of free request slots: the
+# old protocols a newer library must still serve.
+PREVIOUS = ["0.9.0", "0.11.0"]
+CLAIM_AHEAD = "queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval, boolean)"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,6 @@ def cluster():
                                               "queue_ext.poll_interval = '200ms'"])
     c.start(fresh=True)
     with c.connect() as conn:
-        conn.execute(f"CREATE DATABASE {OLD_DB}")
         conn.execute("CREATE EXTENSION queue_ext")
     yield c
     c.stop()
@@ -80,30 +81,35 @@ def check_each_once(conn, sink, path, ids, retried):
     assert log == ({"delivered": len(ids), "retry": retried} if retried else {"delivered": len(ids)})
 
 
-def test_old_and_new_databases_are_served_at_once_and_an_update_switches_mid_burst(cluster):
+@pytest.mark.parametrize("previous", PREVIOUS)
+def test_old_and_new_databases_are_served_at_once_and_an_update_switches_mid_burst(cluster, previous):
     sink = Sink()
     log_start = (cluster.dir / "server.log").stat().st_size
+    with cluster.connect() as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {OLD_DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {OLD_DB}")
+    hooks = "hooks_" + previous.replace(".", "_")
     old, new = connect(cluster, OLD_DB), cluster.connect()
     try:
-        old.execute(f"CREATE EXTENSION queue_ext VERSION '{PREVIOUS}'")
-        assert not has(old, "queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval)")
-        assert has(new, "queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval)")
+        old.execute(f"CREATE EXTENSION queue_ext VERSION '{previous}'")
+        assert not has(old, CLAIM_AHEAD)
+        assert has(new, CLAIM_AHEAD)
         assert not has(new, "queue_ext._dispatch_claim(text, integer, jsonb, text, interval)")
         for conn, path in ((old, "/old"), (new, "/new")):
-            conn.execute("SELECT queue_ext.create_queue('hooks', webhook_url => %s, webhook_max_in_flight => 50,"
-                         " backoff_base => '1 second')", [sink.url + path])
+            conn.execute("SELECT queue_ext.create_queue(%s, webhook_url => %s, webhook_max_in_flight => 50,"
+                         " backoff_base => '1 second')", [hooks, sink.url + path])
             # The first few requests fail with 503: their outcomes take the one-by-one path.
             for _ in range(RETRIED):
                 sink.script(path, Reply(status=503))
         ids = {}
         # Both databases' bursts at once.
-        threads = [threading.Thread(target=lambda c=c, k=k: ids.__setitem__(k, enqueue(c, "hooks", JOBS)))
+        threads = [threading.Thread(target=lambda c=c, k=k: ids.__setitem__(k, enqueue(c, hooks, JOBS)))
                    for c, k in ((connect(cluster, OLD_DB), "old"), (cluster.connect(), "new"))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        wait_for(lambda: archived(old, "hooks") == JOBS and archived(new, "hooks") == JOBS, 90,
+        wait_for(lambda: archived(old, hooks) == JOBS and archived(new, hooks) == JOBS, 90,
                  what="both databases' bursts delivered")
         check_each_once(old, sink, "/old", ids["old"], RETRIED)
         check_each_once(new, sink, "/new", ids["new"], RETRIED)
@@ -117,7 +123,7 @@ def test_old_and_new_databases_are_served_at_once_and_an_update_switches_mid_bur
         wait_for(lambda: len(sink.to("/across")) >= 20, 30, interval=0.005, what="the burst to be under way")
         old.execute("ALTER EXTENSION queue_ext UPDATE")
         assert old.execute("SELECT extversion FROM pg_extension WHERE extname = 'queue_ext'").fetchone()[0] == VERSION
-        assert has(old, "queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval)")
+        assert has(old, CLAIM_AHEAD)
         assert archived(old, "across") < JOBS, "the update came after the burst"
         wait_for(lambda: archived(old, "across") == JOBS, 90, what="the burst across the update delivered")
         check_each_once(old, sink, "/across", across, 0)

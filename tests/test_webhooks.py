@@ -213,6 +213,34 @@ def test_slow_endpoint_does_not_delay_other_queues(conn, sink):
     assert len(sink.to(slow_path)) <= 4, "the slow queue stays within its webhook_max_in_flight"
 
 
+def test_claims_ahead_wait_for_a_slot_and_their_leases_cover_the_wait(conn, sink):
+    # The dispatcher claims up to twice a queue's webhook_max_in_flight, but never has more
+    # than webhook_max_in_flight requests at the endpoint at once: the others wait for one to
+    # end, and their leases cover that wait, the request timeout and the margin.
+    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=3, webhook_timeout="5 seconds")
+    sink.default(path, Reply(200, delay=0.4))
+    jobs = [str(r[0]) for r in conn.execute(
+        "SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[12]))", [queue]).fetchall()]
+    held, lease = 0, 0.0
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        running, longest = conn.execute(
+            "SELECT count(*), coalesce(extract(epoch FROM max(lease_expires_at - now())), 0)::float8 "
+            "FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'", [queue]).fetchone()
+        held, lease = max(held, running), max(lease, longest)
+        if len(sink.to(path)) == len(jobs):
+            break
+        time.sleep(0.02)
+    for job in jobs:
+        wait_status(conn, job, {"completed"})
+    sent = [r.headers["webhook-id"] for r in sink.to(path)]
+    assert sorted(sent) == sorted(f"msg_{j}" for j in jobs), "each job sent once"
+    assert sink.peak[path] <= 3, f"{sink.peak[path]} requests at once, over webhook_max_in_flight"
+    assert 3 < held <= 6, f"{held} jobs held at once: claims ahead go up to twice webhook_max_in_flight"
+    assert 35 < lease <= 40, f"a lease of {lease:.1f} s: two request timeouts and the 30 s margin"
+    assert all(status(conn, j)[1] == 1 for j in jobs), "one attempt each"
+
+
 def test_ssrf_guard_refuses_metadata_and_private_addresses(conn):
     for url in ("http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/hook", "http://[::1]:1/x"):
         queue, _ = new_queue(conn, url.rsplit("/", 1)[0])

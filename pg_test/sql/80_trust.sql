@@ -102,8 +102,9 @@ SELECT queue_ext.remove_rate_limit('trust_rl');
 COMMIT;
 
 ---------------------------------------------------------------------------------------
--- 2. Callbacks are leased for longer than the request they make. A queue reporting to a
--- slow receiver (webhook_timeout 10 minutes) gets its callbacks leased past that, not for
+-- 2. Callbacks are leased for longer than the request they make, and the wait for a request
+-- slot before it (the dispatcher claims ahead of free slots). A queue reporting to a slow
+-- receiver (webhook_timeout 10 minutes) gets its callbacks leased past twice that, not for
 -- the dispatcher's default timeout (30 seconds here) plus the margin.
 SELECT queue_ext.create_queue('slow_receiver', callback_url => 'https://example.com/cb',
                               webhook_timeout => '10 minutes', webhook_secret => 'whsec_c2VjcmV0');
@@ -111,10 +112,10 @@ BEGIN;
 SELECT queue_ext.enqueue_job('slow_receiver', '{}') AS slow \gset
 SELECT queue_ext.complete_job(job_id, '{"ok": true}') FROM queue_ext.get_next_job('slow_receiver');
 CREATE TEMP TABLE claim AS
-SELECT * FROM queue_ext._dispatch_claim_rows('regress', 10, '{}', '{}', 'queue_ext.callbacks', '30 seconds');
+SELECT * FROM queue_ext._dispatch_claim_rows('regress', 10, '{}', '{}', 'queue_ext.callbacks', '30 seconds', true);
 SELECT c.url, c.timeout_ms, c.method, c.secret IS NOT NULL AS signed,
-       j.lease_expires_at - now() > make_interval(secs => c.timeout_ms::float8 / 1000) AS lease_outlives_request,
-       j.lease_expires_at - now() <= make_interval(secs => c.timeout_ms::float8 / 1000 + 30) AS by_the_margin
+       j.lease_expires_at - now() > make_interval(secs => 2 * c.timeout_ms::float8 / 1000) AS lease_outlives_request,
+       j.lease_expires_at - now() <= make_interval(secs => 2 * c.timeout_ms::float8 / 1000 + 30) AS by_the_margin
 FROM claim AS c
 JOIN queue_ext.job_queue AS j ON j.id = c.job_id
 WHERE c.body::jsonb ->> 'queue' = 'slow_receiver';

@@ -72,6 +72,10 @@ pub enum DeliveryError {
         status: StatusCode,
         cause: BodyFailure,
     },
+    /// Claimed ahead of a free request slot, the job waited so long for one that its lease
+    /// would not cover the request: it is not sent, and tried again later.
+    #[error("not sent: waited {0} ms for a request slot (the queue's webhook_max_in_flight)")]
+    SlotWait(u64),
     /// The dispatcher could not use what the claim described (see [`DeliveryError::unusable`]).
     #[error("unusable webhook settings: {0}")]
     Unusable(String),
@@ -101,7 +105,7 @@ impl DeliveryError {
     pub fn verdict(&self) -> (&'static str, String) {
         use DeliveryError::*;
         let kind = match self {
-            Timeout(_) | ConnectTimeout | Connect(_) | Transport(_) => "retry",
+            Timeout(_) | ConnectTimeout | Connect(_) | Transport(_) | SlotWait(_) => "retry",
             Status(s) => status_kind(*s),
             // The status is the receiver's answer: a 2xx acknowledged the webhook, so a body
             // that breaks afterwards does not make it sent again; a final 4xx stays final.
@@ -310,6 +314,7 @@ mod unit {
             timeout_ms: 300,
             secret: Some("whsec_c2VjcmV0LXNlY3JldA==".into()),
             follow_redirects: false,
+            max_in_flight: None,
         }
     }
 
@@ -319,6 +324,11 @@ mod unit {
         let s = |c: u16| StatusCode::from_u16(c).unwrap();
         for (e, kind, message) in [
             (Timeout(300), "retry", "timed out after 300 ms"),
+            (
+                SlotWait(51_000),
+                "retry",
+                "not sent: waited 51000 ms for a request slot (the queue's webhook_max_in_flight)",
+            ),
             (Status(s(503)), "retry", "HTTP 503 Service Unavailable"),
             (Status(s(429)), "retry", "HTTP 429 Too Many Requests"),
             (Status(s(400)), "failed", "HTTP 400 Bad Request"),

@@ -261,6 +261,7 @@ fn delivery(url: &str, timeout_ms: i64, follow_redirects: bool) -> Delivery {
         timeout_ms,
         secret: Some("whsec_c2VjcmV0LXNlY3JldA==".into()),
         follow_redirects,
+        max_in_flight: None,
     }
 }
 

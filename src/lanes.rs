@@ -1,0 +1,99 @@
+//! The dispatcher's request slots for jobs claimed ahead of them. A queue sends at most its
+//! `webhook_max_in_flight` requests at once, while the dispatcher may hold twice that many of
+//! its jobs (larger claims cost less SQL per job). Each slot is a lane: one task that sends
+//! the queue's waiting deliveries one after another, in claim order, until none is left. A
+//! lane per slot rather than a task per request waiting on a semaphore: a finished request
+//! goes straight on to the next, with no wake-up in between.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::http::{Delivery, DeliveryError, HttpClient, Outcome};
+
+/// A job claimed ahead waits at most one request timeout for a slot (the claim holds at most
+/// twice the queue's max_in_flight, and slots go in claim order); its lease covers two
+/// timeouts and 30 s. One that has waited its timeout and this much more is not sent, so that
+/// no request can outlast its lease.
+const SLOT_WAIT_MARGIN: Duration = Duration::from_secs(20);
+
+/// What a lane needs to send and report: the client, and where outcomes go.
+pub trait Sender: Clone + Send + Sync + 'static {
+    fn report(&self, outcome: Outcome);
+    /// Set at shutdown: a delivery still waiting is not sent.
+    fn stopping(&self) -> bool;
+}
+
+/// One queue's waiting deliveries (at one max_in_flight) and its lanes.
+pub struct Lanes {
+    slots: usize,
+    state: Mutex<State>,
+}
+
+struct State {
+    waiting: VecDeque<(Delivery, Instant)>,
+    /// Lanes running; a lane leaves under the same lock that finds `waiting` empty.
+    running: usize,
+}
+
+impl Lanes {
+    pub fn new(slots: u32) -> Arc<Lanes> {
+        Arc::new(Lanes {
+            slots: (slots as usize).max(1),
+            state: Mutex::new(State {
+                waiting: VecDeque::new(),
+                running: 0,
+            }),
+        })
+    }
+
+    /// Queues `d` (claimed at `claimed_at`) and starts a lane if a slot is free. Called on the
+    /// HTTP runtime.
+    pub fn push<S: Sender>(
+        self: &Arc<Self>,
+        d: Delivery,
+        claimed_at: Instant,
+        client: &HttpClient,
+        to: &S,
+    ) {
+        let start = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.waiting.push_back((d, claimed_at));
+            let start = state.running < self.slots;
+            if start {
+                state.running += 1;
+            }
+            start
+        };
+        if start {
+            let (lanes, client, to) = (self.clone(), client.clone(), to.clone());
+            tokio::spawn(async move { lanes.run(client, to).await });
+        }
+    }
+
+    fn next(&self) -> Option<(Delivery, Instant)> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let next = state.waiting.pop_front();
+        if next.is_none() {
+            state.running -= 1;
+        }
+        next
+    }
+
+    async fn run<S: Sender>(self: Arc<Self>, client: HttpClient, to: S) {
+        while let Some((d, claimed_at)) = self.next() {
+            let outcome = if to.stopping() {
+                Outcome::not_sent(&d)
+            } else {
+                let waited = claimed_at.elapsed();
+                if waited > Duration::from_millis(d.effective_timeout_ms()) + SLOT_WAIT_MARGIN {
+                    let late = DeliveryError::SlotWait(waited.as_millis() as u64);
+                    Outcome::from_error(&d, &late, Instant::now())
+                } else {
+                    client.deliver(d).await
+                }
+            };
+            to.report(outcome);
+        }
+    }
+}
