@@ -1010,6 +1010,39 @@ BEGIN
 END
 $$;
 
+-- Puts jobs the dispatcher claimed but never sent back in their queues as if unclaimed: a
+-- dispatcher that stops with jobs still waiting for a request slot (it claims ahead of free
+-- slots) sends them nowhere, so their attempt does not count. Only jobs still running under
+-- the given lease tokens; returns how many went back.
+CREATE FUNCTION queue_ext._return_unsent(job_ids uuid[], lease_tokens uuid[]) RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH unsent AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'queued', attempt = j.attempt - 1, lease_token = NULL, lease_expires_at = NULL,
+            started_at = CASE WHEN j.attempt > 1 THEN j.started_at END
+        FROM unnest(job_ids, lease_tokens) AS u(id, token)
+        WHERE j.id = u.id AND j.lease_token = u.token AND j.status = 'running'
+        RETURNING j.*
+    ), logged AS (
+        -- Their claim was published (get_next_jobs logs it for queues that notify): so is this.
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error,
+                                              enqueued_by)
+        SELECT s.id, s.queue_name, 'running', 'queued', s.attempt + 1, s.worker_id, 'not sent: the dispatcher stopped',
+               s.enqueued_by
+        FROM unsent AS s
+        JOIN queue_ext.queues AS q ON q.queue_name = s.queue_name
+        WHERE q.keep_history AND q.notify
+    )
+    SELECT count(*) INTO n FROM unsent;
+    RETURN n;
+END
+$$;
+
 -- Returns running jobs whose lease has expired to the queue (the attempt counts, with the
 -- error "lease expired"). Safe to run concurrently and from pg_cron; the dispatcher also
 -- runs it every few seconds. Returns how many jobs it handled.

@@ -8,7 +8,9 @@
 --   * _dispatch_claim_rows takes `ahead` and returns each queue's max_in_flight: the
 --     dispatcher claims up to twice a queue's max_in_flight and holds the second half until a
 --     request to the target ends (larger turns, each job's SQL cheaper, with no more requests
---     at once to the endpoint); those leases cover two request timeouts.
+--     at once to the endpoint); those leases cover two request timeouts. _return_unsent puts
+--     the jobs still waiting when the dispatcher stops back in their queues, their attempt
+--     not counted.
 --   * purge_jobs takes max_rows (oldest first), and the procedure purge_jobs_in_batches runs
 --     it in committed batches, so that retention of a large backlog does not hold back the
 --     cleanup horizon for its whole length.
@@ -122,6 +124,41 @@ $$;
 
 REVOKE ALL ON FUNCTION queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval, boolean)
     FROM PUBLIC;
+
+-- Puts jobs the dispatcher claimed but never sent back in their queues as if unclaimed: a
+-- dispatcher that stops with jobs still waiting for a request slot (it claims ahead of free
+-- slots) sends them nowhere, so their attempt does not count. Only jobs still running under
+-- the given lease tokens; returns how many went back.
+CREATE FUNCTION queue_ext._return_unsent(job_ids uuid[], lease_tokens uuid[]) RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH unsent AS (
+        UPDATE queue_ext.job_queue AS j
+        SET status = 'queued', attempt = j.attempt - 1, lease_token = NULL, lease_expires_at = NULL,
+            started_at = CASE WHEN j.attempt > 1 THEN j.started_at END
+        FROM unnest(job_ids, lease_tokens) AS u(id, token)
+        WHERE j.id = u.id AND j.lease_token = u.token AND j.status = 'running'
+        RETURNING j.*
+    ), logged AS (
+        -- Their claim was published (get_next_jobs logs it for queues that notify): so is this.
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error,
+                                              enqueued_by)
+        SELECT s.id, s.queue_name, 'running', 'queued', s.attempt + 1, s.worker_id, 'not sent: the dispatcher stopped',
+               s.enqueued_by
+        FROM unsent AS s
+        JOIN queue_ext.queues AS q ON q.queue_name = s.queue_name
+        WHERE q.keep_history AND q.notify
+    )
+    SELECT count(*) INTO n FROM unsent;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION queue_ext._return_unsent(uuid[], uuid[]) FROM PUBLIC;
 
 DROP FUNCTION queue_ext.purge_jobs(interval, text);
 

@@ -422,6 +422,18 @@ pub fn record(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
     }
 }
 
+/// Puts jobs claimed but never sent back in their queues, their attempt not counted (the
+/// dispatcher is stopping with them still waiting for a request slot). Returns how many went.
+pub fn return_unsent(deliveries: &[Delivery]) -> Result<i32, pgrx::spi::Error> {
+    let ids: Vec<pgrx::Uuid> = deliveries.iter().map(|d| uuid_of(&d.job_id)).collect();
+    let tokens: Vec<pgrx::Uuid> = deliveries.iter().map(|d| uuid_of(&d.lease_token)).collect();
+    Ok(Spi::get_one_with_args::<i32>(
+        "SELECT queue_ext._return_unsent($1, $2)",
+        &[ids.into(), tokens.into()],
+    )?
+    .unwrap_or(0))
+}
+
 /// A job id or lease token as the uuid it is (they come from the claim, so always valid;
 /// the nil uuid, which matches no job, if not).
 fn uuid_of(text: &str) -> pgrx::Uuid {

@@ -167,17 +167,11 @@ struct Reports {
     eventfd: i32,
     /// Set by the first outcome since the main thread last drained the channel.
     signalled: Arc<AtomicBool>,
-    /// Set at shutdown: a job still waiting for a request slot is not sent.
-    stopping: Arc<AtomicBool>,
 }
 
-impl lanes::Sender for Reports {
+impl lanes::Report for Reports {
     fn report(&self, outcome: Outcome) {
         Reports::report(self, outcome)
-    }
-
-    fn stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
     }
 }
 
@@ -311,7 +305,6 @@ impl Dispatcher {
                 done: done_tx,
                 eventfd,
                 signalled: Arc::new(AtomicBool::new(false)),
-                stopping: Arc::new(AtomicBool::new(false)),
             },
             done_rx,
             in_flight: HashMap::new(),
@@ -606,9 +599,6 @@ impl Dispatcher {
             if let Some(n) = self.busy.get_mut(&o.queue_name) {
                 *n = n.saturating_sub(1);
             }
-            if o.outcome == http::NOT_SENT {
-                continue;
-            }
             if let Some(slot) = self.slot {
                 let counter = match o.outcome {
                     "delivered" => &slot.delivered,
@@ -621,11 +611,7 @@ impl Dispatcher {
         // Slots no waiting or running request holds any more: a later claim starts afresh
         // (with the queue's max_in_flight of that time).
         self.lanes.retain(|_, lanes| Arc::strong_count(lanes) > 1);
-        // Not sent (shutdown): the job keeps its lease, and the shutdown returns it.
         outcomes
-            .into_iter()
-            .filter(|o| o.outcome != http::NOT_SENT)
-            .collect()
     }
 
     /// Records finished requests on their own (at shutdown, when nothing more is claimed).
@@ -761,10 +747,39 @@ impl Dispatcher {
         woke
     }
 
-    /// SIGTERM: claim nothing more, give requests in flight `queue_ext.shutdown_grace` to
-    /// finish and record them, then return the rest to their queues.
+    /// Jobs claimed ahead and still waiting for a request slot go back to their queues as if
+    /// never claimed: nothing was sent, so the attempt does not count. If that fails they stay
+    /// held, and the end of the shutdown returns them with the rest.
+    fn return_unsent(&mut self) {
+        let unsent: Vec<Delivery> = self
+            .lanes
+            .values()
+            .flat_map(|lanes| lanes.abandon_waiting())
+            .collect();
+        if unsent.is_empty() {
+            return;
+        }
+        match db::transaction(|| delivery::return_unsent(&unsent)) {
+            Ok(n) => {
+                for d in &unsent {
+                    self.in_flight.remove(&d.job_id);
+                    if let Some(n) = self.busy.get_mut(&d.queue_name) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                log!("queue_ext dispatcher: returned {n} deliveries waiting for a request slot, unsent");
+            }
+            Err(e) => pgrx::warning!(
+                "queue_ext dispatcher: returning unsent deliveries failed ({e}); they are released with the rest"
+            ),
+        }
+    }
+
+    /// SIGTERM: claim nothing more, return the jobs waiting for a request slot to their
+    /// queues unsent, give requests in flight `queue_ext.shutdown_grace` to finish and record
+    /// them, then return the rest to their queues.
     fn shut_down(&mut self) {
-        self.reports.stopping.store(true, Ordering::SeqCst);
+        self.return_unsent();
         // A command that needs the database to itself (DROP DATABASE...) is waiting: go now.
         let grace = match self.slot {
             Some(slot) if slot.leave_now.load(Ordering::Acquire) => Duration::ZERO,

@@ -17,11 +17,9 @@ use crate::http::{Delivery, DeliveryError, HttpClient, Outcome};
 /// no request can outlast its lease.
 const SLOT_WAIT_MARGIN: Duration = Duration::from_secs(20);
 
-/// What a lane needs to send and report: the client, and where outcomes go.
-pub trait Sender: Clone + Send + Sync + 'static {
+/// Where a lane's outcomes go.
+pub trait Report: Clone + Send + Sync + 'static {
     fn report(&self, outcome: Outcome);
-    /// Set at shutdown: a delivery still waiting is not sent.
-    fn stopping(&self) -> bool;
 }
 
 /// One queue's waiting deliveries (at one max_in_flight) and its lanes.
@@ -47,17 +45,22 @@ impl Lanes {
         })
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Nothing under the lock can panic half-way; a poisoned lock still holds a whole state.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Queues `d` (claimed at `claimed_at`) and starts a lane if a slot is free. Called on the
     /// HTTP runtime.
-    pub fn push<S: Sender>(
+    pub fn push<R: Report>(
         self: &Arc<Self>,
         d: Delivery,
         claimed_at: Instant,
         client: &HttpClient,
-        to: &S,
+        to: &R,
     ) {
         let start = {
-            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.state();
             state.waiting.push_back((d, claimed_at));
             let start = state.running < self.slots;
             if start {
@@ -71,8 +74,14 @@ impl Lanes {
         }
     }
 
+    /// Takes every delivery still waiting, so that none of them starts (the dispatcher is
+    /// stopping and returns them to their queues unsent).
+    pub fn abandon_waiting(&self) -> Vec<Delivery> {
+        self.state().waiting.drain(..).map(|(d, _)| d).collect()
+    }
+
     fn next(&self) -> Option<(Delivery, Instant)> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state();
         let next = state.waiting.pop_front();
         if next.is_none() {
             state.running -= 1;
@@ -80,19 +89,16 @@ impl Lanes {
         next
     }
 
-    async fn run<S: Sender>(self: Arc<Self>, client: HttpClient, to: S) {
+    async fn run<R: Report>(self: Arc<Self>, client: HttpClient, to: R) {
         while let Some((d, claimed_at)) = self.next() {
-            let outcome = if to.stopping() {
-                Outcome::not_sent(&d)
-            } else {
-                let waited = claimed_at.elapsed();
+            let waited = claimed_at.elapsed();
+            let outcome =
                 if waited > Duration::from_millis(d.effective_timeout_ms()) + SLOT_WAIT_MARGIN {
                     let late = DeliveryError::SlotWait(waited.as_millis() as u64);
                     Outcome::from_error(&d, &late, Instant::now())
                 } else {
                     client.deliver(d).await
-                }
-            };
+                };
             to.report(outcome);
         }
     }

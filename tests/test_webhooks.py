@@ -5,10 +5,13 @@ import hashlib
 import hmac
 import itertools
 import os
+import re
 import signal
 import ssl
 import subprocess
 import time
+import uuid
+from collections import Counter
 from pathlib import Path
 
 import psycopg
@@ -239,6 +242,53 @@ def test_claims_ahead_wait_for_a_slot_and_their_leases_cover_the_wait(conn, sink
     assert 3 < held <= 6, f"{held} jobs held at once: claims ahead go up to twice webhook_max_in_flight"
     assert 35 < lease <= 40, f"a lease of {lease:.1f} s: two request timeouts and the 30 s margin"
     assert all(status(conn, j)[1] == 1 for j in jobs), "one attempt each"
+
+
+def test_a_stopping_dispatcher_returns_the_jobs_waiting_for_a_slot_unsent(cluster, conn, sink):
+    # One request slot: the first job's request outlasts the shutdown grace (3 s here), the
+    # second job waits for the slot when the dispatcher is told to stop. The request in flight
+    # is released as always: its attempt counts and the next dispatcher sends it again, with
+    # the same webhook-id. The waiting job was sent nowhere: it goes back as it was, its
+    # attempt not counted, and is sent once.
+    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="10 seconds")
+    sink.script(path, Reply(200, delay=4.0))
+    sink.default(path, Reply(200, delay=0.1))
+    first, waiting, last = [str(r[0]) for r in conn.execute(
+        "SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[3]))", [queue]).fetchall()]
+    wait_for(lambda: len(sink.to(path)) == 1, 10, what="the first request")
+    running = conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'",
+                           [queue]).fetchone()[0]
+    assert running == 2, f"{running} jobs held: one sent, one waiting for the slot"
+    old = dispatcher_pid(conn)
+    assert conn.execute("SELECT pg_terminate_backend(%s)", [old]).fetchone()[0]
+    wait_for(lambda: dispatcher_pid(conn) not in (None, old), 30, what="the next dispatcher")
+    for job in (first, waiting, last):
+        wait_status(conn, job, {"completed"}, timeout=30)
+    sent = Counter(r.headers["webhook-id"].removeprefix("msg_") for r in sink.to(path))
+    assert sent == {first: 2, waiting: 1, last: 1}, sent
+    assert status(conn, first)[1:3] == (2, "dispatcher stopped during delivery"), status(conn, first)
+    assert status(conn, waiting)[1:3] == (1, None), "the waiting job's attempt is not counted"
+    assert re.search(r"returned \d+ deliveries waiting for a request slot, unsent", cluster.log_tail(400))
+
+
+def test_return_unsent_gives_back_only_jobs_still_under_their_lease(conn, sink):
+    # In one transaction, so that the dispatcher cannot claim the jobs first.
+    queue, _ = new_queue(conn, sink.url)
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[2]))", [queue])
+        claimed = conn.execute(
+            "SELECT job_id, lease_token FROM queue_ext._dispatch_claim_rows('t', 10, '{}', '{}', %s, "
+            "'30 seconds', true) ORDER BY job_id", [queue]).fetchall()
+        assert len(claimed) == 2
+        (kept, kept_token), (other, _) = claimed
+        returned = conn.execute("SELECT queue_ext._return_unsent(%s, %s)",
+                                [[kept, other], [kept_token, uuid.uuid4()]]).fetchone()[0]
+        assert returned == 1, "a token that is not the job's lease returns nothing"
+        rows = dict((r[0], r[1:]) for r in conn.execute(
+            "SELECT id, status::text, attempt, lease_token IS NULL, started_at IS NULL FROM queue_ext.job_queue "
+            "WHERE queue_name = %s", [queue]))
+        assert rows[kept] == ("queued", 0, True, True), rows[kept]
+        assert rows[other] == ("running", 1, False, False), rows[other]
 
 
 def test_ssrf_guard_refuses_metadata_and_private_addresses(conn):

@@ -84,9 +84,6 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-/// The outcome of a job that was never sent, which no SQL function takes.
-pub const NOT_SENT: &str = "not sent";
-
 /// What happened, as `queue_ext._dispatch_record_rows` takes it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -96,7 +93,7 @@ pub struct Outcome {
     pub attempt: i32,
     /// The target, redacted ([`redact_url`]): workers can read the delivery log.
     pub url: String,
-    /// delivered | retry | failed, or [`NOT_SENT`] (never recorded)
+    /// delivered | retry | failed
     pub outcome: &'static str,
     pub status_code: Option<u16>,
     pub error: Option<String>,
@@ -127,12 +124,6 @@ impl Outcome {
             response_body: None,
             retry_after_ms: None,
         }
-    }
-
-    /// A job the dispatcher held but did not send (it was stopping): nothing to record, the
-    /// job keeps its lease until the shutdown returns it to its queue.
-    pub fn not_sent(d: &Delivery) -> Outcome {
-        Outcome::new(d, NOT_SENT, None, Instant::now())
     }
 
     /// The outcome of an attempt that ended with `e`, through its one mapping.
