@@ -118,7 +118,7 @@ BEGIN
             SELECT array_agg(c.job_id), array_agg(c.lease_token), array_agg(c.attempt), array_agg(c.url)
             INTO ids, tokens, attempts, urls
             FROM queue_ext._dispatch_claim_rows('queue_ext-dispatcher', batch, ARRAY['{QUEUE}'], ARRAY[1], NULL,
-                                                 interval '30 seconds', true) AS c;
+                                                 interval '30 seconds', ARRAY['{QUEUE}']) AS c;
         EXCEPTION WHEN raise_exception THEN
             RAISE;
         END;

@@ -76,8 +76,8 @@ def one_round(dsn, batch, jobs):
                 # As under load: requests of this queue in flight, so it is claimed from at once.
                 previous = c.execute(
                     "SELECT job_id, lease_token, attempt, url FROM queue_ext._dispatch_claim_rows("
-                    "'queue_ext-dispatcher', %s, ARRAY[%s], ARRAY[1], NULL, interval '30 seconds', true)",
-                    [batch, QUEUE], prepare=True).fetchall()
+                    "'queue_ext-dispatcher', %s, ARRAY[%s], ARRAY[1], NULL, interval '30 seconds', ARRAY[%s])",
+                    [batch, QUEUE, QUEUE], prepare=True).fetchall()
             if not previous:
                 break
         cpu = (cpu_seconds(pid) - start) / recorded * 1e6

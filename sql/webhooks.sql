@@ -169,20 +169,20 @@ $$;
 -- The dispatcher's claim: up to `capacity` jobs from webhook queues (one queue when
 -- only_queue is given), each queue capped by its max_in_flight minus what the dispatcher
 -- already holds there (busy_counts[i] for busy_queues[i]). One row per delivery, with its
--- target and the queue's max_in_flight. With `ahead`, a queue's cap on claims is twice its
--- max_in_flight: the dispatcher sends at most max_in_flight requests to the target at once
--- and the rest wait in claim order for one of them to end, so a job waits at most one
--- request timeout before its own request starts (one claim takes more jobs per turn, which
--- costs less per job, without more requests at once to the endpoint). The lease covers the
--- wait, the request timeout and a margin, so that a request still in flight is never
--- reclaimed and sent a second time. Callbacks are sent with the timeout of the queue they
+-- target and the queue's max_in_flight. For the queues in ahead_queues (the dispatcher names
+-- those whose endpoint answers fast), the cap on claims is twice max_in_flight: the
+-- dispatcher sends at most max_in_flight requests to the target at once and the rest wait in
+-- claim order for one of them to end, so a job waits at most one request timeout before its
+-- own request starts (one claim takes more jobs per turn, which costs less per job, without
+-- more requests at once to the endpoint). The lease covers the wait, the request timeout and
+-- a margin, so that a request still in flight is never reclaimed and sent a second time. Callbacks are sent with the timeout of the queue they
 -- report on (its webhook_timeout, or the default), and one claim takes a batch of them:
 -- their lease covers the longest of those timeouts. Typed columns, not JSON: the dispatcher
 -- reads them as they are (building and parsing a JSON document per delivery was a fifth of
 -- its SQL thread's time).
 CREATE FUNCTION queue_ext._dispatch_claim_rows(worker_id text, capacity integer, busy_queues text[],
                                                busy_counts integer[], only_queue text, default_timeout interval,
-                                               ahead boolean)
+                                               ahead_queues text[])
 RETURNS TABLE (job_id uuid, lease_token uuid, attempt integer, queue_name text, body text, url text,
                method text, header_names text[], header_values text[], timeout_ms bigint, secret text,
                follow_redirects boolean, max_in_flight integer)
@@ -200,7 +200,7 @@ DECLARE
     n integer;
     held integer;  -- the dispatcher's deliveries of the queue, in flight or waiting to start
     cap integer;
-    waits integer := CASE WHEN ahead THEN 2 ELSE 1 END;  -- request timeouts a lease covers
+    waits integer;  -- request timeouts a lease covers
     callback_lease interval;
 BEGIN
     FOR t IN
@@ -219,6 +219,7 @@ BEGIN
         EXIT WHEN room <= 0;
         held := coalesce(busy_counts[array_position(busy_queues, t.name)], 0);
         cap := coalesce(t.limit_in_flight, 1000);
+        waits := CASE WHEN t.name = ANY (ahead_queues) THEN 2 ELSE 1 END;
         n := least(room, waits * cap - held);
         CONTINUE WHEN n <= 0;
         -- An idle queue with nothing to send costs a probe of its claim index, not a claim.

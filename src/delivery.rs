@@ -56,7 +56,7 @@ fn protocol() -> Result<Protocol, pgrx::spi::Error> {
     }
     let (ahead, rows) = Spi::get_two::<bool, bool>(
         "SELECT to_regprocedure('queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, \
-         interval, boolean)') IS NOT NULL, \
+         interval, text[])') IS NOT NULL, \
          to_regprocedure('queue_ext._dispatch_record_rows(uuid[], uuid[], text[], integer[], text[], \
          text[], integer[], text[], float8[], jsonb[], text[], float8[])') IS NOT NULL",
     )?;
@@ -123,7 +123,7 @@ impl RowsPlans {
             INT4ARRAYOID,
             TEXTOID,
             INT8OID,
-            BOOLOID,
+            TEXTARRAYOID,
         ];
         let claim = match protocol {
             Protocol::RowsAhead => client.prepare_mut(CLAIM_ROWS_AHEAD, &oids(&claim_args))?,
@@ -156,25 +156,19 @@ impl RowsPlans {
     }
 }
 
-/// Whether a claim may take jobs ahead of free request slots: up to twice each queue's
-/// webhook_max_in_flight, the second half to wait for a request to the target to end
-/// (each such [`Delivery`] carries its queue's `max_in_flight`). The dispatcher does; a
-/// `process_jobs` call, which sends what it claims at once, does not.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Ahead {
-    Yes,
-    No,
-}
-
 /// Claims up to `capacity` deliveries (from `only_queue`, or every webhook queue) in the
 /// current transaction. `busy` is what the caller already holds per queue (in flight or
-/// waiting for a slot).
+/// waiting for a request slot). From the queues in `ahead`, up to twice their
+/// webhook_max_in_flight, the second half to wait for a request to the target to end: every
+/// [`Delivery`] then carries its queue's `max_in_flight`, which its sender keeps to. (The
+/// dispatcher claims ahead from queues whose endpoint answers fast; a `process_jobs` call,
+/// which sends what it claims at once, never does.)
 pub fn claim(
     worker_id: &str,
     capacity: usize,
     busy: &HashMap<String, u32>,
     only_queue: Option<&str>,
-    ahead: Ahead,
+    ahead: &[String],
 ) -> Result<Vec<Claimed>, pgrx::spi::Error> {
     let capacity = capacity.min(i32::MAX as usize) as i32;
     let default_timeout_ms = gucs::http_timeout().as_millis() as i64;
@@ -205,7 +199,7 @@ struct ClaimRequest<'a> {
 fn claim_rows(
     request: &ClaimRequest<'_>,
     protocol: Protocol,
-    ahead: Ahead,
+    ahead: &[String],
 ) -> Result<Vec<Claimed>, pgrx::spi::Error> {
     let ClaimRequest {
         worker_id,
@@ -214,7 +208,7 @@ fn claim_rows(
         only_queue,
         default_timeout_ms,
     } = *request;
-    let ahead = protocol == Protocol::RowsAhead && ahead == Ahead::Yes;
+    let slots = protocol == Protocol::RowsAhead;
     let (busy_queues, busy_counts): (Vec<String>, Vec<i32>) = busy
         .iter()
         .filter(|(_, n)| **n > 0)
@@ -230,8 +224,8 @@ fn claim_rows(
             only_queue.into(),
             default_timeout_ms.into(),
         ];
-        if protocol == Protocol::RowsAhead {
-            args.push(ahead.into());
+        if slots {
+            args.push(ahead.to_vec().into());
         }
         let rows = client.update(&plans.claim, None, &args)?;
         let mut claimed = Vec::with_capacity(rows.len());
@@ -261,7 +255,7 @@ fn claim_rows(
                 timeout_ms: row.get::<i64>(10)?.unwrap_or(0),
                 secret: row.get::<String>(11)?,
                 follow_redirects: row.get::<bool>(12)?.unwrap_or(false),
-                max_in_flight: if ahead {
+                max_in_flight: if slots {
                     row.get::<i32>(13)?.and_then(|n| u32::try_from(n).ok())
                 } else {
                     None
@@ -306,7 +300,7 @@ pub fn claim_isolated(
     worker_id: &str,
     capacity: usize,
     busy: &HashMap<String, u32>,
-    ahead: Ahead,
+    ahead: &[String],
 ) -> (Vec<Claimed>, Vec<(String, db::DbError)>) {
     let whole = match db::isolated(|| claim(worker_id, capacity, busy, None, ahead)) {
         Ok(claimed) => return (claimed, Vec::new()),
@@ -706,7 +700,7 @@ fn process_jobs(
         max_jobs as usize,
         &HashMap::new(),
         Some(queue_name),
-        Ahead::No,
+        &[],
     )
     .unwrap_or_else(|e| ProcessJobsError::Spi(e).raise());
 

@@ -52,6 +52,17 @@ const RECORD_RETRY_FOR: Duration = Duration::from_secs(30);
 /// cancelled: the dispatcher's transactions are retried on its next turn, the operator's
 /// statement is not, so the dispatcher checks first and gives way.
 const DEADLOCK_TIMEOUT: &str = "10ms";
+/// A queue whose requests take less than this on average (its endpoint's answers, or its
+/// failures) is claimed ahead of its free request slots (lanes.rs): up to twice its
+/// webhook_max_in_flight, the second half waiting in the dispatcher for a slot. Its jobs
+/// then wait about one such request; a slow or failing endpoint's queue is claimed only into
+/// free slots, so that pausing it or cancelling its jobs finds them still in the queue.
+const AHEAD_BELOW: f64 = 200.0;
+/// The weight of each new request's duration in a queue's running average.
+const AVERAGE_WEIGHT: f64 = 0.2;
+/// A queue's average is forgotten once it has had no request for this long: it starts again
+/// without claims ahead, until its requests say how fast its endpoint answers now.
+const AVERAGE_FOR: Duration = Duration::from_secs(10);
 /// A recurring warning is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -256,6 +267,9 @@ struct Dispatcher {
     /// refused: tried again each turn, until RECORD_RETRY_FOR has passed.
     unrecorded: Vec<(Outcome, Instant)>,
     busy: HashMap<String, u32>,
+    /// Each queue's average request duration (ms, AVERAGE_WEIGHT per request), and when its
+    /// last request ended.
+    request_ms: HashMap<String, (f64, Instant)>,
     recovered: bool,
     last_sweep: Instant,
     last_purge: Instant,
@@ -311,6 +325,7 @@ impl Dispatcher {
             lanes: HashMap::new(),
             unrecorded: Vec::new(),
             busy: HashMap::new(),
+            request_ms: HashMap::new(),
             recovered: false,
             last_sweep: stale,
             last_purge: stale,
@@ -505,6 +520,12 @@ impl Dispatcher {
         let outcomes: Vec<Outcome> = again.into_iter().map(|(o, _)| o).chain(fresh).collect();
         let last: Vec<Outcome> = last.into_iter().map(|(o, _)| o).collect();
         let busy = self.busy.clone();
+        let ahead: Vec<String> = self
+            .request_ms
+            .iter()
+            .filter(|(_, (ms, _))| *ms < AHEAD_BELOW)
+            .map(|(queue, _)| queue.clone())
+            .collect();
         let mut failures = Vec::new();
         let mut kept = Vec::new();
         let turn = db::transaction(|| {
@@ -518,12 +539,7 @@ impl Dispatcher {
             if room == 0 || !self.recovered {
                 return Ok((Vec::new(), Vec::new()));
             }
-            Ok(delivery::claim_isolated(
-                WORKER_ID,
-                room,
-                &busy,
-                delivery::Ahead::Yes,
-            ))
+            Ok(delivery::claim_isolated(WORKER_ID, room, &busy, &ahead))
         });
         for f in failures {
             self.warnings.warn("record", || f);
@@ -594,11 +610,18 @@ impl Dispatcher {
         // Before draining: an outcome sent after this point signals again.
         self.reports.signalled.store(false, Ordering::SeqCst);
         let outcomes: Vec<Outcome> = self.done_rx.try_iter().collect();
+        let now = Instant::now();
         for o in &outcomes {
             self.in_flight.remove(&o.job_id);
             if let Some(n) = self.busy.get_mut(&o.queue_name) {
                 *n = n.saturating_sub(1);
             }
+            let (average, last) = self
+                .request_ms
+                .entry(o.queue_name.clone())
+                .or_insert((o.duration_ms, now));
+            *average += AVERAGE_WEIGHT * (o.duration_ms - *average);
+            *last = now;
             if let Some(slot) = self.slot {
                 let counter = match o.outcome {
                     "delivered" => &slot.delivered,
@@ -611,6 +634,8 @@ impl Dispatcher {
         // Slots no waiting or running request holds any more: a later claim starts afresh
         // (with the queue's max_in_flight of that time).
         self.lanes.retain(|_, lanes| Arc::strong_count(lanes) > 1);
+        self.request_ms
+            .retain(|_, (_, last)| now.duration_since(*last) < AVERAGE_FOR);
         outcomes
     }
 

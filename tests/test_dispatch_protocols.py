@@ -26,7 +26,7 @@ RETRIED = 5
 # typed rows), and the last whose claim cannot take jobs ahead of free request slots: the
 # old protocols a newer library must still serve.
 PREVIOUS = ["0.9.0", "0.11.0"]
-CLAIM_AHEAD = "queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval, boolean)"
+CLAIM_AHEAD = "queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval, text[])"
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,7 @@ def test_functions_recreated_under_the_dispatcher_are_called_by_their_new_defini
     # not leave it calling the old ones, or failing on every turn: it goes on delivering, in
     # the same process, with none lost or sent twice.
     sink = Sink()
-    functions = ["_dispatch_claim_rows(text, integer, text[], integer[], text, interval, boolean)",
+    functions = ["_dispatch_claim_rows(text, integer, text[], integer[], text, interval, text[])",
                  "_dispatch_record_rows(uuid[], uuid[], text[], integer[], text[], text[], integer[], text[], "
                  "float8[], jsonb[], text[], float8[])",
                  "_rate_limit_wait()"]

@@ -112,7 +112,8 @@ BEGIN;
 SELECT queue_ext.enqueue_job('slow_receiver', '{}') AS slow \gset
 SELECT queue_ext.complete_job(job_id, '{"ok": true}') FROM queue_ext.get_next_job('slow_receiver');
 CREATE TEMP TABLE claim AS
-SELECT * FROM queue_ext._dispatch_claim_rows('regress', 10, '{}', '{}', 'queue_ext.callbacks', '30 seconds', true);
+SELECT * FROM queue_ext._dispatch_claim_rows('regress', 10, '{}', '{}', 'queue_ext.callbacks', '30 seconds',
+                                              ARRAY['queue_ext.callbacks']);
 SELECT c.url, c.timeout_ms, c.method, c.secret IS NOT NULL AS signed,
        j.lease_expires_at - now() > make_interval(secs => 2 * c.timeout_ms::float8 / 1000) AS lease_outlives_request,
        j.lease_expires_at - now() <= make_interval(secs => 2 * c.timeout_ms::float8 / 1000 + 30) AS by_the_margin
