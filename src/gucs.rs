@@ -56,8 +56,8 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"queue_ext.max_in_flight",
-        c"Most webhook requests one dispatcher has in flight at once.",
-        c"Each webhook queue is further capped by its own webhook_max_in_flight.",
+        c"Most webhook deliveries one dispatcher holds at once, in flight or waiting for a request slot.",
+        c"Each webhook queue also sends at most its own webhook_max_in_flight requests at once.",
         &MAX_IN_FLIGHT,
         1,
         100_000,
