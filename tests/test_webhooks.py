@@ -105,6 +105,12 @@ def enqueue(conn, queue, payload="{}", **opts):
     return conn.execute(f"SELECT queue_ext.enqueue_job(%s, %s::jsonb{named})", [queue, payload, *opts.values()]).fetchone()[0]
 
 
+def enqueue_many(conn, queue, n):
+    """n jobs in one transaction (one claim can take them all), their ids in claim order."""
+    return [str(r[0]) for r in conn.execute(
+        "SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[%s]))", [queue, n]).fetchall()]
+
+
 def status(conn, job_id):
     return conn.execute("SELECT status::text, attempt, last_error, result FROM queue_ext.job_status(%s)", [job_id]).fetchone()
 
@@ -242,8 +248,7 @@ def test_claims_ahead_wait_for_a_slot_and_their_leases_cover_the_wait(conn, sink
     # the margin.
     queue, path = new_queue(conn, sink.url, webhook_max_in_flight=3, webhook_timeout="5 seconds")
     sink.default(path, Reply(200, delay=0.05))
-    jobs = [str(r[0]) for r in conn.execute(
-        "SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[60]))", [queue]).fetchall()]
+    jobs = enqueue_many(conn, queue, 60)
     held, lease = held_while_delivering(conn, sink, queue, path, jobs)
     assert sink.peak[path] <= 3, f"{sink.peak[path]} requests at once, over webhook_max_in_flight"
     assert 3 < held <= 6, f"{held} jobs held at once: claims ahead go up to twice webhook_max_in_flight"
@@ -256,8 +261,7 @@ def test_a_slow_endpoint_is_claimed_only_into_free_slots(conn, sink):
     # cancelling a job still finds them.
     queue, path = new_queue(conn, sink.url, webhook_max_in_flight=2, webhook_timeout="5 seconds")
     sink.default(path, Reply(200, delay=0.3))
-    jobs = [str(r[0]) for r in conn.execute(
-        "SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[8]))", [queue]).fetchall()]
+    jobs = enqueue_many(conn, queue, 8)
     held, lease = held_while_delivering(conn, sink, queue, path, jobs)
     assert held <= 2, f"{held} jobs held at once from a slow endpoint's queue"
     assert lease <= 35, f"a lease of {lease:.1f} s: one request timeout and the 30 s margin"
@@ -272,12 +276,10 @@ def test_a_stopping_dispatcher_returns_the_jobs_waiting_for_a_slot_unsent(cluste
     queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="10 seconds")
     sink.default(path, Reply(200, delay=0.01))
     # A few fast answers first: the dispatcher claims ahead only from a fast endpoint's queue.
-    for job in [str(r[0]) for r in conn.execute(
-            "SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[5]))", [queue]).fetchall()]:
+    for job in enqueue_many(conn, queue, 5):
         wait_status(conn, job, {"completed"})
     sink.script(path, Reply(200, delay=4.0))
-    first, waiting, last = [str(r[0]) for r in conn.execute(
-        "SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[3]))", [queue]).fetchall()]
+    first, waiting, last = enqueue_many(conn, queue, 3)
     wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
     running = conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'",
                            [queue]).fetchone()[0]
