@@ -128,14 +128,19 @@ REVOKE ALL ON FUNCTION queue_ext._dispatch_claim_rows(text, integer, text[], int
 
 -- Puts jobs the dispatcher claimed but never sent back in their queues as if unclaimed: a
 -- dispatcher that stops with jobs still waiting for a request slot (it claims ahead of free
--- slots) sends them nowhere, so their attempt does not count. Only jobs still running under
--- the given lease tokens; returns how many went back.
+-- slots) sends them nowhere, so their attempt does not count. A job whose cancellation was
+-- asked for while it waited is cancelled instead, as cancel_job cancels a job that has not
+-- started. Only jobs still running under the given lease tokens; returns how many went back
+-- or were cancelled. (A rate-limit token the claim took stays spent.)
 CREATE FUNCTION queue_ext._return_unsent(job_ids uuid[], lease_tokens uuid[]) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n integer;
+    cancelled uuid[];
+    reasons text[];
+    touched text[];
 BEGIN
     WITH unsent AS (
         UPDATE queue_ext.job_queue AS j
@@ -154,7 +159,14 @@ BEGIN
         JOIN queue_ext.queues AS q ON q.queue_name = s.queue_name
         WHERE q.keep_history AND q.notify
     )
-    SELECT count(*) INTO n FROM unsent;
+    SELECT count(*),
+           array_agg(s.id) FILTER (WHERE s.cancel_requested IS NOT NULL),
+           array_agg(s.cancel_requested) FILTER (WHERE s.cancel_requested IS NOT NULL),
+           array_agg(DISTINCT s.queue_name)
+    INTO n, cancelled, reasons, touched
+    FROM unsent AS s;
+    PERFORM queue_ext.cancel_job(c.id, c.reason) FROM unnest(cancelled, reasons) AS c(id, reason);
+    PERFORM queue_ext._announce(t.queue_name) FROM unnest(touched) AS t(queue_name);
     RETURN n;
 END
 $$;

@@ -95,6 +95,7 @@ const RECORD_ROWS: &str =
 /// process and kept (SPI_keepplan): planned on every turn, they cost the dispatcher ~90 µs a
 /// turn.
 struct RowsPlans {
+    protocol: Protocol,
     claim: OwnedPreparedStatement,
     record: OwnedPreparedStatement,
 }
@@ -111,7 +112,9 @@ thread_local! {
 impl RowsPlans {
     fn get(client: &SpiClient<'_>, protocol: Protocol) -> Result<Rc<RowsPlans>, pgrx::spi::Error> {
         if let Some(plans) = PLANS.with(|plans| plans.borrow().clone()) {
-            return Ok(plans);
+            if plans.protocol == protocol {
+                return Ok(plans);
+            }
         }
         use pgrx::pg_sys::BuiltinOid::*;
         let oids =
@@ -130,6 +133,7 @@ impl RowsPlans {
             _ => client.prepare_mut(CLAIM_ROWS, &oids(&claim_args[..6]))?,
         };
         let plans = Rc::new(RowsPlans {
+            protocol,
             claim: claim.keep(),
             record: client
                 .prepare_mut(

@@ -261,8 +261,8 @@ struct Dispatcher {
     /// Deliveries held, by job id (in flight, or waiting for a request slot), kept so a
     /// shutdown can release them.
     in_flight: HashMap<String, Delivery>,
-    /// The request slots of jobs claimed ahead, per queue and its max_in_flight at the claim.
-    lanes: HashMap<(String, u32), Arc<Lanes>>,
+    /// Each busy queue's request slots.
+    lanes: HashMap<String, Arc<Lanes>>,
     /// Finished requests whose outcome the database would not take yet, with when it first
     /// refused: tried again each turn, until RECORD_RETRY_FOR has passed.
     unrecorded: Vec<(Outcome, Instant)>,
@@ -528,6 +528,8 @@ impl Dispatcher {
             .collect();
         let mut failures = Vec::new();
         let mut kept = Vec::new();
+        // Before the transaction, whose now() starts the leases of what it claims.
+        let claimed_at = Instant::now();
         let turn = db::transaction(|| {
             if !gucs::dispatcher_synchronous_commit() {
                 Spi::run("SET LOCAL synchronous_commit = off")?;
@@ -578,7 +580,7 @@ impl Dispatcher {
                 Claimed::Unusable(o) => unusable.push(o),
             }
         }
-        self.send_all(deliveries);
+        self.send_all(deliveries, claimed_at);
         if !unusable.is_empty() {
             // Its own description was unusable: trying again would find the same.
             let failures =
@@ -616,11 +618,18 @@ impl Dispatcher {
             if let Some(n) = self.busy.get_mut(&o.queue_name) {
                 *n = n.saturating_sub(1);
             }
+            // A request that failed counts as slow: a failing endpoint's queue is claimed
+            // only into free slots.
+            let ms = if o.outcome == "delivered" {
+                o.duration_ms
+            } else {
+                o.duration_ms.max(AHEAD_BELOW)
+            };
             let (average, last) = self
                 .request_ms
                 .entry(o.queue_name.clone())
-                .or_insert((o.duration_ms, now));
-            *average += AVERAGE_WEIGHT * (o.duration_ms - *average);
+                .or_insert((ms, now));
+            *average += AVERAGE_WEIGHT * (ms - *average);
             *last = now;
             if let Some(slot) = self.slot {
                 let counter = match o.outcome {
@@ -663,19 +672,18 @@ impl Dispatcher {
     /// Starts the requests of one claim: a single task, which spawns one per request from
     /// inside the runtime (no wake-up of the HTTP thread per request). A job claimed ahead
     /// goes to its queue's lanes instead, which send it when one of its slots is free.
-    fn send_all(&mut self, deliveries: Vec<Delivery>) {
+    fn send_all(&mut self, deliveries: Vec<Delivery>, claimed_at: Instant) {
         if deliveries.is_empty() {
             return;
         }
-        let claimed_at = Instant::now();
         let mut jobs = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             *self.busy.entry(d.queue_name.clone()).or_default() += 1;
             self.in_flight.insert(d.job_id.clone(), d.clone());
-            let lanes = d.max_in_flight.map(|cap| {
+            let lanes = d.max_in_flight.map(|_| {
                 self.lanes
-                    .entry((d.queue_name.clone(), cap))
-                    .or_insert_with(|| Lanes::new(cap))
+                    .entry(d.queue_name.clone())
+                    .or_insert_with(Lanes::new)
                     .clone()
             });
             jobs.push((d, lanes));

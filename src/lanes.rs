@@ -1,9 +1,9 @@
-//! The dispatcher's request slots for jobs claimed ahead of them. A queue sends at most its
-//! `webhook_max_in_flight` requests at once, while the dispatcher may hold twice that many of
-//! its jobs (larger claims cost less SQL per job). Each slot is a lane: one task that sends
-//! the queue's waiting deliveries one after another, in claim order, until none is left. A
-//! lane per slot rather than a task per request waiting on a semaphore: a finished request
-//! goes straight on to the next, with no wake-up in between.
+//! The dispatcher's request slots per queue. A queue sends at most its `webhook_max_in_flight`
+//! requests at once, while the dispatcher may hold twice that many of its jobs when its
+//! endpoint answers fast (larger claims cost less SQL per job). Each slot is a lane: one task
+//! that sends the queue's waiting deliveries one after another, in claim order, until none is
+//! left. A lane per slot rather than a task per request waiting on a semaphore: a finished
+//! request goes straight on to the next, with no wake-up in between.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -13,8 +13,8 @@ use crate::http::{Delivery, DeliveryError, HttpClient, Outcome};
 
 /// A job claimed ahead waits at most one request timeout for a slot (the claim holds at most
 /// twice the queue's max_in_flight, and slots go in claim order); its lease covers two
-/// timeouts and 30 s. One that has waited its timeout and this much more is not sent, so that
-/// no request can outlast its lease.
+/// timeouts and 30 s from before the claim. One that has waited its timeout and this much
+/// more is not sent, so that no request can outlast its lease.
 const SLOT_WAIT_MARGIN: Duration = Duration::from_secs(20);
 
 /// Where a lane's outcomes go.
@@ -22,24 +22,34 @@ pub trait Report: Clone + Send + Sync + 'static {
     fn report(&self, outcome: Outcome);
 }
 
-/// One queue's waiting deliveries (at one max_in_flight) and its lanes.
+/// A delivery waiting for a slot: when its claim began, and the HTTP client of that moment
+/// (a reload of the HTTP settings applies to every delivery claimed after it).
+struct Waiting {
+    delivery: Delivery,
+    claimed_at: Instant,
+    client: HttpClient,
+}
+
+/// One queue's waiting deliveries and its lanes.
 pub struct Lanes {
-    slots: usize,
     state: Mutex<State>,
 }
 
 struct State {
-    waiting: VecDeque<(Delivery, Instant)>,
-    /// Lanes running; a lane leaves under the same lock that finds `waiting` empty.
+    waiting: VecDeque<Waiting>,
+    /// The queue's max_in_flight as of its latest claim.
+    slots: usize,
+    /// Lanes running; a lane leaves under the same lock that finds `waiting` empty, or finds
+    /// more lanes running than `slots` (the queue's max_in_flight was lowered).
     running: usize,
 }
 
 impl Lanes {
-    pub fn new(slots: u32) -> Arc<Lanes> {
+    pub fn new() -> Arc<Lanes> {
         Arc::new(Lanes {
-            slots: (slots as usize).max(1),
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
+                slots: 1,
                 running: 0,
             }),
         })
@@ -50,8 +60,8 @@ impl Lanes {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues `d` (claimed at `claimed_at`) and starts a lane if a slot is free. Called on the
-    /// HTTP runtime.
+    /// Queues `d`, whose claim began at `claimed_at`, under the queue's max_in_flight as that
+    /// claim read it, and starts a lane if a slot is free. Called on the HTTP runtime.
     pub fn push<R: Report>(
         self: &Arc<Self>,
         d: Delivery,
@@ -61,43 +71,53 @@ impl Lanes {
     ) {
         let start = {
             let mut state = self.state();
-            state.waiting.push_back((d, claimed_at));
-            let start = state.running < self.slots;
+            state.slots = d.max_in_flight.unwrap_or(1).max(1) as usize;
+            state.waiting.push_back(Waiting {
+                delivery: d,
+                claimed_at,
+                client: client.clone(),
+            });
+            let start = state.running < state.slots;
             if start {
                 state.running += 1;
             }
             start
         };
         if start {
-            let (lanes, client, to) = (self.clone(), client.clone(), to.clone());
-            tokio::spawn(async move { lanes.run(client, to).await });
+            let (lanes, to) = (self.clone(), to.clone());
+            tokio::spawn(async move { lanes.run(to).await });
         }
     }
 
     /// Takes every delivery still waiting, so that none of them starts (the dispatcher is
     /// stopping and returns them to their queues unsent).
     pub fn abandon_waiting(&self) -> Vec<Delivery> {
-        self.state().waiting.drain(..).map(|(d, _)| d).collect()
+        self.state().waiting.drain(..).map(|w| w.delivery).collect()
     }
 
-    fn next(&self) -> Option<(Delivery, Instant)> {
+    fn next(&self) -> Option<Waiting> {
         let mut state = self.state();
-        let next = state.waiting.pop_front();
+        let next = if state.running > state.slots {
+            None
+        } else {
+            state.waiting.pop_front()
+        };
         if next.is_none() {
             state.running -= 1;
         }
         next
     }
 
-    async fn run<R: Report>(self: Arc<Self>, client: HttpClient, to: R) {
-        while let Some((d, claimed_at)) = self.next() {
-            let waited = claimed_at.elapsed();
+    async fn run<R: Report>(self: Arc<Self>, to: R) {
+        while let Some(w) = self.next() {
+            let d = w.delivery;
+            let waited = w.claimed_at.elapsed();
             let outcome =
                 if waited > Duration::from_millis(d.effective_timeout_ms()) + SLOT_WAIT_MARGIN {
                     let late = DeliveryError::SlotWait(waited.as_millis() as u64);
-                    Outcome::from_error(&d, &late, Instant::now())
+                    Outcome::from_error(&d, &late, w.claimed_at)
                 } else {
-                    client.deliver(d).await
+                    w.client.deliver(d).await
                 };
             to.report(outcome);
         }

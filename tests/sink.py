@@ -52,15 +52,12 @@ class Sink:
                     reply = script.popleft() if script else sink.defaults.get(self.path, Reply())
                     sink.active[self.path] += 1
                     sink.peak[self.path] = max(sink.peak[self.path], sink.active[self.path])
-                try:
-                    self.answer(reply)
-                finally:
-                    with sink.lock:
-                        sink.active[self.path] -= 1
-
-            def answer(self, reply):
                 if reply.delay:
                     time.sleep(reply.delay)
+                # Answered from here on: the client may send its next request as soon as it
+                # reads the reply, before this thread could count this one as done.
+                with sink.lock:
+                    sink.active[self.path] -= 1
                 try:
                     self.send_response(reply.status)
                     for k, v in reply.headers.items():

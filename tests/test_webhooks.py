@@ -273,12 +273,12 @@ def test_a_stopping_dispatcher_returns_the_jobs_waiting_for_a_slot_unsent(cluste
     # is released as always: its attempt counts and the next dispatcher sends it again, with
     # the same webhook-id. The waiting job was sent nowhere: it goes back as it was, its
     # attempt not counted, and is sent once.
-    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="10 seconds")
+    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="20 seconds")
     sink.default(path, Reply(200, delay=0.01))
     # A few fast answers first: the dispatcher claims ahead only from a fast endpoint's queue.
     for job in enqueue_many(conn, queue, 5):
         wait_status(conn, job, {"completed"})
-    sink.script(path, Reply(200, delay=4.0))
+    sink.script(path, Reply(200, delay=8.0))
     first, waiting, last = enqueue_many(conn, queue, 3)
     wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
     running = conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'",
@@ -297,23 +297,32 @@ def test_a_stopping_dispatcher_returns_the_jobs_waiting_for_a_slot_unsent(cluste
 
 
 def test_return_unsent_gives_back_only_jobs_still_under_their_lease(conn, sink):
-    # In one transaction, so that the dispatcher cannot claim the jobs first.
-    queue, _ = new_queue(conn, sink.url)
+    # In one transaction, so that the dispatcher cannot claim the jobs first. The queue
+    # publishes its jobs' changes, so the claim and its undoing are both in the log.
+    queue, _ = new_queue(conn, sink.url, notify_events=True)
     with conn.transaction(force_rollback=True):
-        conn.execute("SELECT queue_ext.enqueue_jobs(%s, array_fill('{}'::jsonb, ARRAY[2]))", [queue])
+        enqueue_many(conn, queue, 3)
         claimed = conn.execute(
             "SELECT job_id, lease_token FROM queue_ext._dispatch_claim_rows('t', 10, '{}', '{}', %s, "
             "'30 seconds', ARRAY[%s]) ORDER BY job_id", [queue, queue]).fetchall()
-        assert len(claimed) == 2
-        (kept, kept_token), (other, _) = claimed
+        assert len(claimed) == 3
+        (kept, kept_token), (other, _), (cancelled, cancelled_token) = claimed
+        # Cancelled while it waited for a slot: the job is running, so the cancel is only asked.
+        assert conn.execute("SELECT queue_ext.cancel_job(%s, 'not wanted')", [cancelled]).fetchone()[0] == "running"
         returned = conn.execute("SELECT queue_ext._return_unsent(%s, %s)",
-                                [[kept, other], [kept_token, uuid.uuid4()]]).fetchone()[0]
-        assert returned == 1, "a token that is not the job's lease returns nothing"
+                                [[kept, other, cancelled], [kept_token, uuid.uuid4(), cancelled_token]]).fetchone()[0]
+        assert returned == 2, "a token that is not the job's lease returns nothing"
         rows = dict((r[0], r[1:]) for r in conn.execute(
             "SELECT id, status::text, attempt, lease_token IS NULL, started_at IS NULL FROM queue_ext.job_queue "
             "WHERE queue_name = %s", [queue]))
         assert rows[kept] == ("queued", 0, True, True), rows[kept]
         assert rows[other] == ("running", 1, False, False), rows[other]
+        assert cancelled not in rows
+        log = conn.execute("SELECT from_status::text, to_status::text, attempt, error FROM queue_ext.job_status_log "
+                           "WHERE job_id = %s ORDER BY id", [kept]).fetchall()
+        assert log[-2:] == [("queued", "running", 1, None), ("running", "queued", 1, "not sent: the dispatcher stopped")], log
+        assert conn.execute("SELECT status::text, attempt, last_error FROM queue_ext.job_archive WHERE id = %s",
+                            [cancelled]).fetchone() == ("cancelled", 0, "not wanted")
 
 
 def test_ssrf_guard_refuses_metadata_and_private_addresses(conn):
