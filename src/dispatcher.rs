@@ -670,8 +670,9 @@ impl Dispatcher {
     }
 
     /// Starts the requests of one claim: a single task, which spawns one per request from
-    /// inside the runtime (no wake-up of the HTTP thread per request). A job claimed ahead
-    /// goes to its queue's lanes instead, which send it when one of its slots is free.
+    /// inside the runtime (no wake-up of the HTTP thread per request). A delivery that
+    /// carries its queue's max_in_flight (any claim from a database at 0.12.0 on) goes to the
+    /// queue's lanes instead, which send it when one of its slots is free.
     fn send_all(&mut self, deliveries: Vec<Delivery>, claimed_at: Instant) {
         if deliveries.is_empty() {
             return;
@@ -793,14 +794,14 @@ impl Dispatcher {
             return;
         }
         match db::transaction(|| delivery::return_unsent(&unsent)) {
-            Ok(n) => {
+            Ok(returned) => {
                 for d in &unsent {
                     self.in_flight.remove(&d.job_id);
                     if let Some(n) = self.busy.get_mut(&d.queue_name) {
                         *n = n.saturating_sub(1);
                     }
                 }
-                log!("queue_ext dispatcher: returned {n} deliveries waiting for a request slot, unsent");
+                log!("queue_ext dispatcher: returned {returned} deliveries waiting for a request slot, unsent");
             }
             Err(e) => pgrx::warning!(
                 "queue_ext dispatcher: returning unsent deliveries failed ({e}); they are released with the rest"
