@@ -70,7 +70,8 @@ END
 $$;
 
 -- Cancels a job. Waiting, queued or retrying: it never runs (its dependents are cancelled
--- too). Running: it is marked, and its worker learns it from heartbeat/update_progress
+-- too); so is a webhook job still waiting in the dispatcher for a request slot. Running: it
+-- is marked, and its worker learns it from heartbeat/update_progress
 -- (false) or complete_job/fail_job (which then record it as cancelled). Producers may only
 -- cancel their own jobs: for anyone else's they get the answer a job that does not exist
 -- gets (_may_see_job), learning neither that it exists nor its state. Returns the job's
@@ -92,6 +93,9 @@ BEGIN
     END IF;
     IF j.status = 'running' THEN
         UPDATE queue_ext.job_queue SET cancel_requested = why WHERE id = j.id;
+        -- A webhook job the dispatcher holds unsent (waiting for a request slot) is cancelled
+        -- before its request starts.
+        PERFORM queue_ext._recheck_unsent_at_commit();
         IF (SELECT q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
             PERFORM queue_ext._notify(j.id, j.queue_name, 'cancelling', j.attempt, j.progress);
         END IF;

@@ -1010,13 +1010,14 @@ BEGIN
 END
 $$;
 
--- Puts jobs the dispatcher claimed but never sent back in their queues as if unclaimed: a
--- dispatcher that stops with jobs still waiting for a request slot (it claims ahead of free
--- slots) sends them nowhere, so their attempt does not count. A job whose cancellation was
--- asked for while it waited is cancelled instead, as cancel_job cancels a job that has not
--- started. Only jobs still running under the given lease tokens; returns how many went back
--- or were cancelled. (A rate-limit token the claim took stays spent.)
-CREATE FUNCTION queue_ext._return_unsent(job_ids uuid[], lease_tokens uuid[]) RETURNS integer
+-- Puts jobs the dispatcher claimed but never sent back in their queues as if unclaimed: it
+-- claims ahead of free request slots, and a job still waiting for one when its queue is
+-- paused, or when the dispatcher stops, is sent nowhere, so its attempt does not count.
+-- `reason` goes in their history. A job whose cancellation was asked for while it waited is
+-- cancelled instead, as cancel_job cancels a job that has not started. Only jobs still
+-- running under the given lease tokens; returns how many went back or were cancelled. (A
+-- rate-limit token the claim took stays spent.)
+CREATE FUNCTION queue_ext._return_unsent(job_ids uuid[], lease_tokens uuid[], reason text) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -1037,8 +1038,8 @@ BEGIN
         -- Their claim was published (get_next_jobs logs it for queues that notify): so is this.
         INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error,
                                               enqueued_by)
-        SELECT s.id, s.queue_name, 'running', 'queued', s.attempt + 1, s.worker_id, 'not sent: the dispatcher stopped',
-               s.enqueued_by
+        SELECT s.id, s.queue_name, 'running', 'queued', s.attempt + 1, s.worker_id,
+               CASE WHEN s.cancel_requested IS NULL THEN reason ELSE 'not sent: cancelled' END, s.enqueued_by
         FROM unsent AS s
         JOIN queue_ext.queues AS q ON q.queue_name = s.queue_name
         WHERE q.keep_history AND q.notify

@@ -9,8 +9,10 @@
 --     dispatcher claims up to twice the max_in_flight of a queue whose endpoint answers fast,
 --     and holds the second half until a request to the target ends (larger turns, each job's SQL cheaper, with no more requests
 --     at once to the endpoint); those leases cover two request timeouts. _return_unsent puts
---     the jobs still waiting when the dispatcher stops back in their queues, their attempt
---     not counted.
+--     the jobs still waiting when the dispatcher stops, or when their queue is paused, back
+--     in their queues, their attempt not counted; pause_queue and cancel_job tell the
+--     dispatcher at commit (_recheck_unsent_at_commit), and a job cancelled while it waits
+--     is cancelled before its request starts.
 --   * purge_jobs takes max_rows (oldest first), and the procedure purge_jobs_in_batches runs
 --     it in committed batches, so that retention of a large backlog does not hold back the
 --     cleanup horizon for its whole length.
@@ -126,13 +128,14 @@ $$;
 REVOKE ALL ON FUNCTION queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval, text[])
     FROM PUBLIC;
 
--- Puts jobs the dispatcher claimed but never sent back in their queues as if unclaimed: a
--- dispatcher that stops with jobs still waiting for a request slot (it claims ahead of free
--- slots) sends them nowhere, so their attempt does not count. A job whose cancellation was
--- asked for while it waited is cancelled instead, as cancel_job cancels a job that has not
--- started. Only jobs still running under the given lease tokens; returns how many went back
--- or were cancelled. (A rate-limit token the claim took stays spent.)
-CREATE FUNCTION queue_ext._return_unsent(job_ids uuid[], lease_tokens uuid[]) RETURNS integer
+-- Puts jobs the dispatcher claimed but never sent back in their queues as if unclaimed: it
+-- claims ahead of free request slots, and a job still waiting for one when its queue is
+-- paused, or when the dispatcher stops, is sent nowhere, so its attempt does not count.
+-- `reason` goes in their history. A job whose cancellation was asked for while it waited is
+-- cancelled instead, as cancel_job cancels a job that has not started. Only jobs still
+-- running under the given lease tokens; returns how many went back or were cancelled. (A
+-- rate-limit token the claim took stays spent.)
+CREATE FUNCTION queue_ext._return_unsent(job_ids uuid[], lease_tokens uuid[], reason text) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -153,8 +156,8 @@ BEGIN
         -- Their claim was published (get_next_jobs logs it for queues that notify): so is this.
         INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error,
                                               enqueued_by)
-        SELECT s.id, s.queue_name, 'running', 'queued', s.attempt + 1, s.worker_id, 'not sent: the dispatcher stopped',
-               s.enqueued_by
+        SELECT s.id, s.queue_name, 'running', 'queued', s.attempt + 1, s.worker_id,
+               CASE WHEN s.cancel_requested IS NULL THEN reason ELSE 'not sent: cancelled' END, s.enqueued_by
         FROM unsent AS s
         JOIN queue_ext.queues AS q ON q.queue_name = s.queue_name
         WHERE q.keep_history AND q.notify
@@ -171,7 +174,77 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION queue_ext._return_unsent(uuid[], uuid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION queue_ext._return_unsent(uuid[], uuid[], text) FROM PUBLIC;
+
+-- pause_queue and cancel_job have the dispatcher look again at the jobs it holds unsent, once
+-- they commit: a paused queue's jobs go back to it, a cancelled job is cancelled, before
+-- their requests start.
+CREATE FUNCTION queue_ext."_recheck_unsent_at_commit"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_recheck_unsent_at_commit_wrapper';
+REVOKE ALL ON FUNCTION queue_ext._recheck_unsent_at_commit() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION queue_ext.pause_queue(queue_name text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM queue_ext._queue(pause_queue.queue_name);
+    PERFORM queue_ext._refuse_internal(pause_queue.queue_name, 'pause');
+    UPDATE queue_ext.queues SET paused = true, updated_at = now() WHERE queue_name = pause_queue.queue_name;
+    -- Jobs the dispatcher claimed ahead and still holds unsent go back to the queue.
+    PERFORM queue_ext._recheck_unsent_at_commit();
+END
+$$;
+
+-- Cancels a job. Waiting, queued or retrying: it never runs (its dependents are cancelled
+-- too); so is a webhook job still waiting in the dispatcher for a request slot. Running: it
+-- is marked, and its worker learns it from heartbeat/update_progress
+-- (false) or complete_job/fail_job (which then record it as cancelled). Producers may only
+-- cancel their own jobs: for anyone else's they get the answer a job that does not exist
+-- gets (_may_see_job), learning neither that it exists nor its state. Returns the job's
+-- state after the call.
+CREATE OR REPLACE FUNCTION queue_ext.cancel_job(job_id uuid, reason text DEFAULT 'cancelled')
+RETURNS queue_ext.job_state
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    j queue_ext.job_queue;
+    who text := queue_ext._invoker();
+    why text := coalesce(cancel_job.reason, 'cancelled');
+BEGIN
+    SELECT * INTO j FROM queue_ext.job_queue AS t WHERE t.id = cancel_job.job_id FOR UPDATE;
+    IF NOT FOUND OR (j.enqueued_by <> who AND NOT queue_ext._may_see_job(j.enqueued_by)) THEN
+        PERFORM queue_ext._raise_not_running(cancel_job.job_id, NULL, 'cancel');
+    END IF;
+    IF j.status = 'running' THEN
+        UPDATE queue_ext.job_queue SET cancel_requested = why WHERE id = j.id;
+        -- A webhook job the dispatcher holds unsent (waiting for a request slot) is cancelled
+        -- before its request starts.
+        PERFORM queue_ext._recheck_unsent_at_commit();
+        IF (SELECT q.notify FROM queue_ext.queues AS q WHERE q.queue_name = j.queue_name) THEN
+            PERFORM queue_ext._notify(j.id, j.queue_name, 'cancelling', j.attempt, j.progress);
+        END IF;
+        RETURN 'running';
+    END IF;
+    DELETE FROM queue_ext.job_queue WHERE id = j.id;
+    DELETE FROM queue_ext.job_dependencies WHERE job_id = j.id;
+    INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+        worker_id, last_error, errors, progress, progress_details, enqueued_by, created_at, run_at, started_at,
+        rate_limit_key, concurrency_key)
+    VALUES (j.id, j.queue_name, j.payload, j.priority, 'cancelled', j.attempt, j.max_attempts,
+        j.worker_id, why, j.errors, j.progress, j.progress_details, j.enqueued_by, j.created_at, j.run_at, j.started_at,
+        j.rate_limit_key, j.concurrency_key);
+    INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+    VALUES (j.id, j.queue_name, j.status, 'cancelled', j.attempt, j.worker_id, why, j.enqueued_by);
+    PERFORM queue_ext._cancel_dependents(j.id, format('dependency %s was cancelled', j.id));
+    RETURN 'cancelled';
+END
+$$;
 
 DROP FUNCTION queue_ext.purge_jobs(interval, text);
 

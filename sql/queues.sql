@@ -140,6 +140,8 @@ BEGIN
     PERFORM queue_ext._queue(pause_queue.queue_name);
     PERFORM queue_ext._refuse_internal(pause_queue.queue_name, 'pause');
     UPDATE queue_ext.queues SET paused = true, updated_at = now() WHERE queue_name = pause_queue.queue_name;
+    -- Jobs the dispatcher claimed ahead and still holds unsent go back to the queue.
+    PERFORM queue_ext._recheck_unsent_at_commit();
 END
 $$;
 

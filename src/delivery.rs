@@ -420,16 +420,37 @@ pub fn record(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
     }
 }
 
-/// Puts jobs claimed but never sent back in their queues, their attempt not counted (the
-/// dispatcher is stopping with them still waiting for a request slot). Returns how many went.
-pub fn return_unsent(deliveries: &[Delivery]) -> Result<i32, pgrx::spi::Error> {
+/// Puts jobs claimed but never sent back in their queues, their attempt not counted, and
+/// cancels those whose cancellation was asked for; `reason` goes in the others' history.
+/// Returns how many went.
+pub fn return_unsent(deliveries: &[Delivery], reason: &str) -> Result<i32, pgrx::spi::Error> {
     let ids: Vec<pgrx::Uuid> = deliveries.iter().map(|d| uuid_of(&d.job_id)).collect();
     let tokens: Vec<pgrx::Uuid> = deliveries.iter().map(|d| uuid_of(&d.lease_token)).collect();
     Ok(Spi::get_one_with_args::<i32>(
-        "SELECT queue_ext._return_unsent($1, $2)",
-        &[ids.into(), tokens.into()],
+        "SELECT queue_ext._return_unsent($1, $2, $3)",
+        &[ids.into(), tokens.into(), reason.into()],
     )?
     .unwrap_or(0))
+}
+
+/// Of `waiting` (jobs held unsent), the ids of those to take back before their request
+/// starts: their queue is paused, or their cancellation was asked for.
+pub fn unsent_to_withdraw(
+    waiting: &[Delivery],
+) -> Result<std::collections::HashSet<String>, pgrx::spi::Error> {
+    let ids: Vec<pgrx::Uuid> = waiting.iter().map(|d| uuid_of(&d.job_id)).collect();
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT j.id::text FROM queue_ext.job_queue AS j \
+                 JOIN queue_ext.queues AS q ON q.queue_name = j.queue_name \
+                 WHERE j.id = ANY($1) AND (q.paused OR j.cancel_requested IS NOT NULL)",
+                None,
+                &[ids.into()],
+            )?
+            .filter_map(|row| row.get::<String>(1).transpose())
+            .collect()
+    })
 }
 
 /// A job id or lease token as the uuid it is (they come from the claim, so always valid;

@@ -56,7 +56,7 @@ const DEADLOCK_TIMEOUT: &str = "10ms";
 /// failures) is claimed ahead of its free request slots (lanes.rs): up to twice its
 /// webhook_max_in_flight, the second half waiting in the dispatcher for a slot. Its jobs
 /// then wait about one such request; a slow or failing endpoint's queue is claimed only into
-/// free slots, so that pausing it or cancelling its jobs finds them still in the queue.
+/// free slots, so that its jobs wait in the queue, not in the dispatcher under a lease.
 const AHEAD_BELOW: f64 = 200.0;
 /// The weight of each new request's duration in a queue's running average.
 const AVERAGE_WEIGHT: f64 = 0.2;
@@ -359,6 +359,7 @@ impl Dispatcher {
                 self.recover();
             }
             self.announce();
+            self.withdraw_unsent();
             let more_work = claim_due && {
                 self.last_claim = Instant::now();
                 self.record_and_claim()
@@ -669,39 +670,108 @@ impl Dispatcher {
         }
     }
 
-    /// Starts the requests of one claim: a single task, which spawns one per request from
-    /// inside the runtime (no wake-up of the HTTP thread per request). A delivery that
-    /// carries its queue's max_in_flight (any claim from a database at 0.12.0 on) goes to the
-    /// queue's lanes instead, which send it when one of its slots is free.
+    /// Starts the requests of one claim. A delivery that carries its queue's max_in_flight
+    /// (any claim from a database at 0.12.0 on) goes to the queue's lanes, which send it when
+    /// one of its slots is free; it is queued there before this returns, so that a recheck
+    /// (`withdraw_unsent`) finds it. The others go to a single task, which spawns one per
+    /// request from inside the runtime (no wake-up of the HTTP thread per request).
     fn send_all(&mut self, deliveries: Vec<Delivery>, claimed_at: Instant) {
-        if deliveries.is_empty() {
-            return;
-        }
-        let mut jobs = Vec::with_capacity(deliveries.len());
+        let mut direct = Vec::new();
         for d in deliveries {
             *self.busy.entry(d.queue_name.clone()).or_default() += 1;
             self.in_flight.insert(d.job_id.clone(), d.clone());
-            let lanes = d.max_in_flight.map(|_| {
-                self.lanes
+            if d.max_in_flight.is_some() {
+                let lanes = self
+                    .lanes
                     .entry(d.queue_name.clone())
-                    .or_insert_with(Lanes::new)
-                    .clone()
-            });
-            jobs.push((d, lanes));
+                    .or_insert_with(Lanes::new);
+                lanes.push(
+                    d,
+                    claimed_at,
+                    &self.client,
+                    &self.reports,
+                    self.runtime.handle(),
+                );
+            } else {
+                direct.push(d);
+            }
+        }
+        if direct.is_empty() {
+            return;
         }
         let client = self.client.clone();
         let reports = self.reports.clone();
         self.runtime.spawn(async move {
-            for (d, lanes) in jobs {
-                match lanes {
-                    Some(lanes) => lanes.push(d, claimed_at, &client, &reports),
-                    None => {
-                        let (client, reports) = (client.clone(), reports.clone());
-                        tokio::spawn(async move { reports.report(client.deliver(d).await) });
-                    }
-                }
+            for d in direct {
+                let (client, reports) = (client.clone(), reports.clone());
+                tokio::spawn(async move { reports.report(client.deliver(d).await) });
             }
         });
+    }
+
+    /// A commit paused a queue or asked for a running job's cancellation: of the jobs waiting
+    /// for a request slot, those of paused queues go back to their queues and those whose
+    /// cancellation was asked for are cancelled, before any request of theirs starts, their
+    /// attempt not counted. A request already started is left to finish, as for any worker.
+    fn withdraw_unsent(&mut self) {
+        let Some(slot) = self.slot else { return };
+        if !slot.recheck_unsent.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let waiting: Vec<Delivery> = self.lanes.values().flat_map(|l| l.waiting()).collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let wanted = match db::transaction(|| delivery::unsent_to_withdraw(&waiting)) {
+            Ok(ids) if ids.is_empty() => return,
+            Ok(ids) => ids,
+            Err(e) => {
+                // Asked again on the next turn.
+                slot.recheck_unsent.store(true, Ordering::Release);
+                self.warnings.warn("withdraw", || {
+                    format!("checking the jobs waiting for a request slot failed: {e}")
+                });
+                return;
+            }
+        };
+        // Only what is still waiting now: a request that started meanwhile is in flight.
+        let withdrawn: Vec<(Arc<Lanes>, lanes::Withdrawn)> = self
+            .lanes
+            .values()
+            .map(|l| (l.clone(), l.withdraw(&wanted)))
+            .filter(|(_, w)| !w.is_empty())
+            .collect();
+        let deliveries: Vec<Delivery> = withdrawn
+            .iter()
+            .flat_map(|(_, w)| w.deliveries().cloned())
+            .collect();
+        if deliveries.is_empty() {
+            return;
+        }
+        let returned = db::transaction(|| {
+            delivery::return_unsent(&deliveries, "not sent: its queue was paused")
+        });
+        match returned {
+            Ok(_) => self.forget_held(&deliveries),
+            Err(e) => {
+                for (l, w) in withdrawn {
+                    l.restore(w, &self.reports, self.runtime.handle());
+                }
+                self.warnings.warn("withdraw", || {
+                    format!("returning jobs withdrawn from their request slots failed, so they are sent: {e}")
+                });
+            }
+        }
+    }
+
+    /// Takes deliveries that went back to their queues unsent off the books.
+    fn forget_held(&mut self, deliveries: &[Delivery]) {
+        for d in deliveries {
+            self.in_flight.remove(&d.job_id);
+            if let Some(n) = self.busy.get_mut(&d.queue_name) {
+                *n = n.saturating_sub(1);
+            }
+        }
     }
 
     /// Every second: check queue_ext is still installed, and return expired leases (of any
@@ -793,14 +863,11 @@ impl Dispatcher {
         if unsent.is_empty() {
             return;
         }
-        match db::transaction(|| delivery::return_unsent(&unsent)) {
+        match db::transaction(|| {
+            delivery::return_unsent(&unsent, "not sent: the dispatcher stopped")
+        }) {
             Ok(returned) => {
-                for d in &unsent {
-                    self.in_flight.remove(&d.job_id);
-                    if let Some(n) = self.busy.get_mut(&d.queue_name) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
+                self.forget_held(&unsent);
                 log!("queue_ext dispatcher: returned {returned} deliveries waiting for a request slot, unsent");
             }
             Err(e) => pgrx::warning!(

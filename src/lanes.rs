@@ -5,7 +5,7 @@
 //! left. A lane per slot rather than a task per request waiting on a semaphore: a finished
 //! request goes straight on to the next, with no wake-up in between.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,19 @@ struct Waiting {
     delivery: Delivery,
     claimed_at: Instant,
     client: HttpClient,
+}
+
+/// Deliveries taken out of line before their request started.
+pub struct Withdrawn(Vec<Waiting>);
+
+impl Withdrawn {
+    pub fn deliveries(&self) -> impl Iterator<Item = &Delivery> {
+        self.0.iter().map(|w| &w.delivery)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// One queue's waiting deliveries and its lanes.
@@ -61,32 +74,87 @@ impl Lanes {
     }
 
     /// Queues `d`, whose claim began at `claimed_at`, under the queue's max_in_flight as that
-    /// claim read it, and starts a lane if a slot is free. Called on the HTTP runtime.
+    /// claim read it, and starts a lane on `runtime` if a slot is free. Called by the
+    /// dispatcher as it hands over a claim, so that a delivery is in its lanes (where a
+    /// recheck finds it) from then on.
     pub fn push<R: Report>(
         self: &Arc<Self>,
         d: Delivery,
         claimed_at: Instant,
         client: &HttpClient,
         to: &R,
+        runtime: &tokio::runtime::Handle,
     ) {
-        let start = {
-            let mut state = self.state();
-            state.slots = d.max_in_flight.unwrap_or(1).max(1) as usize;
-            state.waiting.push_back(Waiting {
+        let slots = d.max_in_flight.unwrap_or(1).max(1) as usize;
+        self.queue(
+            vec![Waiting {
                 delivery: d,
                 claimed_at,
                 client: client.clone(),
-            });
-            let start = state.running < state.slots;
-            if start {
-                state.running += 1;
+            }],
+            Some(slots),
+            to,
+            runtime,
+        );
+    }
+
+    /// Appends `waiting` and starts as many lanes as they need and the slots allow.
+    fn queue<R: Report>(
+        self: &Arc<Self>,
+        waiting: Vec<Waiting>,
+        slots: Option<usize>,
+        to: &R,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        let start = {
+            let mut state = self.state();
+            if let Some(slots) = slots {
+                state.slots = slots;
             }
+            state.waiting.extend(waiting);
+            let start = state
+                .slots
+                .min(state.waiting.len() + state.running)
+                .saturating_sub(state.running);
+            state.running += start;
             start
         };
-        if start {
+        for _ in 0..start {
             let (lanes, to) = (self.clone(), to.clone());
-            tokio::spawn(async move { lanes.run(to).await });
+            runtime.spawn(async move { lanes.run(to).await });
         }
+    }
+
+    /// The deliveries still waiting for a slot.
+    pub fn waiting(&self) -> Vec<Delivery> {
+        self.state()
+            .waiting
+            .iter()
+            .map(|w| w.delivery.clone())
+            .collect()
+    }
+
+    /// Takes the deliveries of `job_ids` that are still waiting, so that none of them
+    /// starts (their queue was paused or the job cancelled meanwhile).
+    pub fn withdraw(&self, job_ids: &HashSet<String>) -> Withdrawn {
+        let mut state = self.state();
+        let (taken, kept): (VecDeque<Waiting>, VecDeque<Waiting>) =
+            std::mem::take(&mut state.waiting)
+                .into_iter()
+                .partition(|w| job_ids.contains(&w.delivery.job_id));
+        state.waiting = kept;
+        Withdrawn(taken.into())
+    }
+
+    /// Puts withdrawn deliveries back in line (returning them to their queues failed): they
+    /// are sent as if never withdrawn.
+    pub fn restore<R: Report>(
+        self: &Arc<Self>,
+        withdrawn: Withdrawn,
+        to: &R,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        self.queue(withdrawn.0, None, to, runtime);
     }
 
     /// Takes every delivery still waiting, so that none of them starts (the dispatcher is

@@ -117,6 +117,9 @@ pub struct Slot {
     pub deliver_pending: AtomicBool,
     /// Queues with newly runnable jobs to announce, by bucket (`announce_bucket`).
     pub announce: [AtomicU64; ANNOUNCE_WORDS],
+    /// A commit paused a queue or asked for a running job's cancellation: the dispatcher
+    /// looks again at the jobs it holds unsent (waiting for a request slot).
+    pub recheck_unsent: AtomicBool,
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub failed: AtomicU64,
@@ -170,12 +173,15 @@ impl Default for Shared {
 // SAFETY: only atomics inside; no pointers into one process's memory.
 unsafe impl PGRXSharedMemory for Shared {}
 
-static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"queue_ext_shared_v4") };
+static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"queue_ext_shared_v5") };
 
 /// True in the postmaster and its children when we were preloaded and own shared memory.
 static SHMEM_READY: AtomicBool = AtomicBool::new(false);
 /// This backend's transaction enqueued webhook work: wake the dispatcher at commit.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
+/// This backend's transaction paused a queue or asked for a running job's cancellation: have
+/// the dispatcher recheck what it holds unsent at commit.
+static RECHECK_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// This backend's transaction installed queue_ext: wake the launcher at commit.
 static WAKE_LAUNCHER_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// Queues this backend's transaction made runnable, by bucket: announced at commit.
@@ -218,10 +224,11 @@ unsafe extern "C-unwind" fn on_xact_event(
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
             let announce = take_local_announcements();
             let deliver = WAKE_AT_COMMIT.swap(false, Ordering::Relaxed);
-            if deliver || announce.iter().any(|w| *w != 0) {
+            let recheck = RECHECK_AT_COMMIT.swap(false, Ordering::Relaxed);
+            if deliver || recheck || announce.iter().any(|w| *w != 0) {
                 // SAFETY: reading this backend's database id.
                 let db = unsafe { pg_sys::MyDatabaseId };
-                post_to_dispatchers(db, deliver, &announce);
+                post_to_dispatchers(db, deliver, recheck, &announce);
                 wake_waiters(db, &announce);
             }
             if WAKE_LAUNCHER_AT_COMMIT.swap(false, Ordering::Relaxed) {
@@ -232,6 +239,7 @@ unsafe extern "C-unwind" fn on_xact_event(
         | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
         | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
+            RECHECK_AT_COMMIT.store(false, Ordering::Relaxed);
             WAKE_LAUNCHER_AT_COMMIT.store(false, Ordering::Relaxed);
             take_local_announcements();
         }
@@ -272,9 +280,9 @@ fn take_local_announcements() -> AnnounceBits {
     std::array::from_fn(|i| ANNOUNCE_AT_COMMIT[i].swap(0, Ordering::Relaxed))
 }
 
-/// Tells every live dispatcher serving `db` what a commit made (webhook work to deliver,
-/// queues to announce) and wakes it.
-fn post_to_dispatchers(db: pg_sys::Oid, deliver: bool, bits: &AnnounceBits) {
+/// Tells every live dispatcher serving `db` what a commit made (webhook work to deliver, jobs
+/// held unsent to recheck, queues to announce) and wakes it.
+fn post_to_dispatchers(db: pg_sys::Oid, deliver: bool, recheck: bool, bits: &AnnounceBits) {
     let Some(slots) = slots() else { return };
     for slot in slots {
         if slot.pid.load(Ordering::Acquire) != 0
@@ -285,6 +293,7 @@ fn post_to_dispatchers(db: pg_sys::Oid, deliver: bool, bits: &AnnounceBits) {
             // (it takes before it acts). Under a stream of commits that spares it a wake-up
             // per commit.
             let mut news = deliver && !slot.deliver_pending.swap(true, Ordering::AcqRel);
+            news |= recheck && !slot.recheck_unsent.swap(true, Ordering::AcqRel);
             for (word, b) in slot.announce.iter().zip(bits) {
                 if *b != 0 && word.fetch_or(*b, Ordering::AcqRel) & *b != *b {
                     news = true;
@@ -402,6 +411,17 @@ pub fn wake_launcher() {
 fn _wake_dispatcher_at_commit() {
     if SHMEM_READY.load(Ordering::Relaxed) {
         WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Asks this database's dispatcher, once the current transaction commits, to look again at
+/// the jobs it holds unsent (claimed ahead, waiting for a request slot): pause_queue and
+/// cancel_job call it, so that such a job goes back to its queue, or is cancelled, before
+/// its request starts.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _recheck_unsent_at_commit() {
+    if SHMEM_READY.load(Ordering::Relaxed) {
+        RECHECK_AT_COMMIT.store(true, Ordering::Relaxed);
     }
 }
 

@@ -296,6 +296,43 @@ def test_a_stopping_dispatcher_returns_the_jobs_waiting_for_a_slot_unsent(cluste
     assert re.search(r"returned \d+ deliveries waiting for a request slot, unsent", cluster.log_tail(400))
 
 
+def test_pausing_or_cancelling_takes_back_a_job_waiting_for_a_slot_before_it_is_sent(conn, sink):
+    # One request slot, held by a slow request; the dispatcher holds the next job, claimed
+    # ahead, waiting for the slot. cancel_job cancels that job before its request starts, and
+    # pause_queue puts the one after it back in the queue: neither is sent, neither attempt
+    # counts, and the request in flight finishes as any worker's would.
+    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="20 seconds",
+                            notify_events=True)
+    sink.default(path, Reply(200, delay=0.01))
+    for job in enqueue_many(conn, queue, 5):
+        wait_status(conn, job, {"completed"})
+    sink.script(path, Reply(200, delay=8.0))
+    first, second, third = enqueue_many(conn, queue, 3)
+    wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
+    running = lambda: {r[0] for r in conn.execute(
+        "SELECT id::text FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'", [queue])}
+    assert running() == {first, second}, "one job sent, the next waiting for the slot"
+
+    assert conn.execute("SELECT queue_ext.cancel_job(%s, 'not wanted')", [second]).fetchone()[0] == "running"
+    assert wait_status(conn, second, {"cancelled"}, timeout=3)[1:3] == (0, "not wanted")
+    wait_for(lambda: running() == {first, third}, 3, what="the third job claimed ahead")
+    conn.execute("SELECT queue_ext.pause_queue(%s)", [queue])
+    assert wait_status(conn, third, {"queued"}, timeout=3)[1] == 0, "returned unsent, its attempt not counted"
+    assert running() == {first}, "the request in flight goes on"
+    assert len(sink.to(path)) == 6, "nothing else was sent"
+
+    wait_status(conn, first, {"completed"}, timeout=15)
+    time.sleep(0.5)
+    assert len(sink.to(path)) == 6, "nothing is sent from a paused queue"
+    conn.execute("SELECT queue_ext.resume_queue(%s)", [queue])
+    assert wait_status(conn, third, {"completed"})[1] == 1
+    sent = Counter(r.headers["webhook-id"].removeprefix("msg_") for r in sink.to(path)[5:])
+    assert sent == {first: 1, third: 1}, sent
+    log = conn.execute("SELECT from_status::text, to_status::text, error FROM queue_ext.job_status_log "
+                       "WHERE job_id = %s ORDER BY id", [third]).fetchall()
+    assert ("running", "queued", "not sent: its queue was paused") in log, log
+
+
 def test_return_unsent_gives_back_only_jobs_still_under_their_lease(conn, sink):
     # In one transaction, so that the dispatcher cannot claim the jobs first. The queue
     # publishes its jobs' changes, so the claim and its undoing are both in the log.
@@ -309,7 +346,7 @@ def test_return_unsent_gives_back_only_jobs_still_under_their_lease(conn, sink):
         (kept, kept_token), (other, _), (cancelled, cancelled_token) = claimed
         # Cancelled while it waited for a slot: the job is running, so the cancel is only asked.
         assert conn.execute("SELECT queue_ext.cancel_job(%s, 'not wanted')", [cancelled]).fetchone()[0] == "running"
-        returned = conn.execute("SELECT queue_ext._return_unsent(%s, %s)",
+        returned = conn.execute("SELECT queue_ext._return_unsent(%s, %s, 'not sent: the dispatcher stopped')",
                                 [[kept, other, cancelled], [kept_token, uuid.uuid4(), cancelled_token]]).fetchone()[0]
         assert returned == 2, "a token that is not the job's lease returns nothing"
         rows = dict((r[0], r[1:]) for r in conn.execute(
