@@ -133,8 +133,8 @@ REVOKE ALL ON FUNCTION queue_ext._dispatch_claim_rows(text, integer, text[], int
 -- paused, or when the dispatcher stops, is sent nowhere, so its attempt does not count.
 -- `reason` goes in their history. A job whose cancellation was asked for while it waited is
 -- cancelled instead, as cancel_job cancels a job that has not started. Only jobs still
--- running under the given lease tokens; returns how many went back or were cancelled. (A
--- rate-limit token the claim took stays spent.)
+-- running under the given lease tokens; returns how many went back or were cancelled. A
+-- rate-limit token the claim took is given back.
 CREATE FUNCTION queue_ext._return_unsent(job_ids uuid[], lease_tokens uuid[], reason text) RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -161,6 +161,14 @@ BEGIN
         FROM unsent AS s
         JOIN queue_ext.queues AS q ON q.queue_name = s.queue_name
         WHERE q.keep_history AND q.notify
+    ), refunded AS (
+        -- The claim took a rate-limit token for a request that was never made: give it back,
+        -- so that the key's rate counts only requests sent.
+        UPDATE queue_ext.rate_limits AS r
+        SET tokens = least(r.burst + 0.999, queue_ext._tokens(r) + u.n), refilled_at = greatest(r.refilled_at, now())
+        FROM (SELECT s.rate_limit_key, count(*) AS n FROM unsent AS s
+              WHERE s.rate_limit_key IS NOT NULL GROUP BY s.rate_limit_key) AS u
+        WHERE r.key = u.rate_limit_key
     )
     SELECT count(*),
            array_agg(s.id) FILTER (WHERE s.cancel_requested IS NOT NULL),

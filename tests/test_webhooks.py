@@ -362,6 +362,27 @@ def test_return_unsent_gives_back_only_jobs_still_under_their_lease(conn, sink):
                             [cancelled]).fetchone() == ("cancelled", 0, "not wanted")
 
 
+def test_return_unsent_gives_back_the_rate_limit_token(conn, sink):
+    # One token an hour: the job returned unsent made no request, so its token comes back and
+    # the next claim can take the job at once; a token that was not given back would hold it
+    # for an hour.
+    queue, _ = new_queue(conn, sink.url)
+    key = f"unsent{next(_names)}"
+    conn.execute("SELECT queue_ext.set_rate_limit(%s, 1, '1 hour')", [key])
+    claim = ("SELECT job_id, lease_token FROM queue_ext._dispatch_claim_rows('t', 10, '{}', '{}', %s, "
+             "'30 seconds', ARRAY[%s])")
+    tokens = lambda: conn.execute("SELECT floor(queue_ext._tokens(r)) FROM queue_ext.rate_limits AS r WHERE key = %s",
+                                  [key]).fetchone()[0]
+    with conn.transaction(force_rollback=True):
+        job = enqueue(conn, queue, rate_limit_key=key)
+        (claimed, token), = conn.execute(claim, [queue, queue]).fetchall()
+        assert claimed == job and tokens() == 0
+        assert conn.execute("SELECT queue_ext._return_unsent(ARRAY[%s], ARRAY[%s], 'test')", [job, token]).fetchone()[0] == 1
+        assert tokens() == 1
+        assert [r[0] for r in conn.execute(claim, [queue, queue])] == [job], "claimed again at once"
+        assert tokens() == 0
+
+
 def test_ssrf_guard_refuses_metadata_and_private_addresses(conn):
     for url in ("http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/hook", "http://[::1]:1/x"):
         queue, _ = new_queue(conn, url.rsplit("/", 1)[0])
