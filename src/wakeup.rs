@@ -228,8 +228,11 @@ unsafe extern "C-unwind" fn on_xact_event(
             if deliver || recheck || announce.iter().any(|w| *w != 0) {
                 // SAFETY: reading this backend's database id.
                 let db = unsafe { pg_sys::MyDatabaseId };
-                post_to_dispatchers(db, deliver, recheck, &announce);
+                // Waiters first: a backend in wait_for_jobs claims as soon as it runs, while the
+                // dispatcher only relays the news (a NOTIFY); on a busy machine the first
+                // woken is the first to run.
                 wake_waiters(db, &announce);
+                post_to_dispatchers(db, deliver, recheck, &announce);
             }
             if WAKE_LAUNCHER_AT_COMMIT.swap(false, Ordering::Relaxed) {
                 wake_launcher();
