@@ -4,7 +4,9 @@
 -- than max_jobs per `per`. A token bucket per key, refilled continuously, holding at most
 -- `burst` whole tokens; each claim spends one token per job inside the claim statement, so
 -- the limit holds however many workers claim: in any window of length `per` at most
--- max_jobs + burst jobs start, and over time exactly max_jobs per `per`. Rate-limited jobs have their own claim index and
+-- max_jobs + burst jobs start, and over time exactly max_jobs per `per`. (A webhook job the
+-- dispatcher claimed but returns unsent, its request never started, gets its token back:
+-- _return_unsent.) Rate-limited jobs have their own claim index and
 -- claims visit only keys that have a token: a key out of tokens costs the claim nothing.
 --
 -- Concurrency limits (set_concurrency_limit): at most max_running jobs with the same

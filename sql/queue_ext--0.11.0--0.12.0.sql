@@ -184,14 +184,59 @@ $$;
 
 REVOKE ALL ON FUNCTION queue_ext._return_unsent(uuid[], uuid[], text) FROM PUBLIC;
 
--- pause_queue and cancel_job have the dispatcher look again at the jobs it holds unsent, once
--- they commit: a paused queue's jobs go back to it, a cancelled job is cancelled, before
--- their requests start.
+-- pause_queue, cancel_job and drop_queue have the dispatcher look again at the jobs it holds
+-- unsent, once they commit: a paused queue's jobs go back to it, a cancelled job is
+-- cancelled, a dropped queue's jobs are not sent.
 CREATE FUNCTION queue_ext."_recheck_unsent_at_commit"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_recheck_unsent_at_commit_wrapper';
 REVOKE ALL ON FUNCTION queue_ext._recheck_unsent_at_commit() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION queue_ext.drop_queue(queue_name text, force boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    live bigint;
+    dropped uuid[];
+BEGIN
+    PERFORM queue_ext._queue(drop_queue.queue_name);
+    PERFORM queue_ext._refuse_internal(drop_queue.queue_name, 'drop');
+    -- Lock the queue row so concurrent enqueues that check it wait for us.
+    PERFORM 1 FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name FOR UPDATE;
+    SELECT count(*) INTO live FROM queue_ext.job_queue WHERE queue_name = drop_queue.queue_name;
+    IF live > 0 AND NOT drop_queue.force THEN
+        RAISE EXCEPTION 'queue "%" still has % live jobs', drop_queue.queue_name, live
+            USING ERRCODE = '55006', HINT = 'Drain it first, or call drop_queue(queue_name, force => true) to cancel them.';
+    END IF;
+    PERFORM queue_ext._log_claim(j) FROM queue_ext.job_queue AS j
+    WHERE j.queue_name = drop_queue.queue_name AND j.status = 'running';
+    WITH gone AS (
+        DELETE FROM queue_ext.job_queue WHERE queue_name = drop_queue.queue_name RETURNING *
+    ), archived AS (
+        INSERT INTO queue_ext.job_archive (id, queue_name, payload, priority, status, attempt, max_attempts,
+            worker_id, last_error, errors, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key)
+        SELECT id, queue_name, payload, priority, 'cancelled', attempt, max_attempts,
+            worker_id, 'queue dropped', errors, enqueued_by, created_at, run_at, started_at, rate_limit_key, concurrency_key
+        FROM gone
+    ), history AS (
+        INSERT INTO queue_ext.job_status_log (job_id, queue_name, from_status, to_status, attempt, worker_id, error, enqueued_by)
+        SELECT id, queue_name, status, 'cancelled', attempt, worker_id, 'queue dropped', enqueued_by FROM gone
+    )
+    SELECT array_agg(id) INTO dropped FROM gone;
+    -- Edges from the dropped jobs go with them; edges to them cancel their dependents.
+    DELETE FROM queue_ext.job_dependencies AS e WHERE e.job_id = ANY (dropped);
+    PERFORM queue_ext._cancel_dependents(d, format('dependency %s was cancelled', d))
+    FROM unnest(dropped) AS d
+    WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);
+    DELETE FROM queue_ext.webhook_targets WHERE queue_name = drop_queue.queue_name;
+    DELETE FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name;
+    -- Jobs the dispatcher claimed ahead and still holds unsent are not sent.
+    PERFORM queue_ext._recheck_unsent_at_commit();
+END
+$$;
 
 CREATE OR REPLACE FUNCTION queue_ext.pause_queue(queue_name text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

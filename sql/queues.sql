@@ -203,6 +203,8 @@ BEGIN
     WHERE EXISTS (SELECT 1 FROM queue_ext.job_dependencies AS e WHERE e.depends_on = d);
     DELETE FROM queue_ext.webhook_targets WHERE queue_name = drop_queue.queue_name;
     DELETE FROM queue_ext.queues WHERE queue_name = drop_queue.queue_name;
+    -- Jobs the dispatcher claimed ahead and still holds unsent are not sent.
+    PERFORM queue_ext._recheck_unsent_at_commit();
 END
 $$;
 

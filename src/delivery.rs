@@ -433,20 +433,24 @@ pub fn return_unsent(deliveries: &[Delivery], reason: &str) -> Result<i32, pgrx:
     .unwrap_or(0))
 }
 
-/// Of `waiting` (jobs held unsent), the ids of those to take back before their request
-/// starts: their queue is paused, or their cancellation was asked for.
+/// Of `waiting` (job ids and lease tokens of jobs held unsent), the ids of those not to send: their queue is paused,
+/// their cancellation was asked for, or they are no longer ours to send (the queue was
+/// dropped with them, or the lease is gone).
 pub fn unsent_to_withdraw(
-    waiting: &[Delivery],
+    waiting: &[(String, String)],
 ) -> Result<std::collections::HashSet<String>, pgrx::spi::Error> {
-    let ids: Vec<pgrx::Uuid> = waiting.iter().map(|d| uuid_of(&d.job_id)).collect();
+    let ids: Vec<pgrx::Uuid> = waiting.iter().map(|(id, _)| uuid_of(id)).collect();
+    let tokens: Vec<pgrx::Uuid> = waiting.iter().map(|(_, token)| uuid_of(token)).collect();
     Spi::connect(|client| {
         client
             .select(
-                "SELECT j.id::text FROM queue_ext.job_queue AS j \
-                 JOIN queue_ext.queues AS q ON q.queue_name = j.queue_name \
-                 WHERE j.id = ANY($1) AND (q.paused OR j.cancel_requested IS NOT NULL)",
+                "SELECT u.id::text FROM unnest($1::uuid[], $2::uuid[]) AS u(id, token) \
+                 WHERE NOT EXISTS (SELECT FROM queue_ext.job_queue AS j \
+                                   JOIN queue_ext.queues AS q ON q.queue_name = j.queue_name \
+                                   WHERE j.id = u.id AND j.lease_token = u.token AND j.status = 'running' \
+                                     AND NOT q.paused AND j.cancel_requested IS NULL)",
                 None,
-                &[ids.into()],
+                &[ids.into(), tokens.into()],
             )?
             .filter_map(|row| row.get::<String>(1).transpose())
             .collect()

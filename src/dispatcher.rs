@@ -28,7 +28,7 @@ use crate::db::{self, DbError};
 use crate::delivery::{self, Claimed, Unstorable};
 use crate::gucs;
 use crate::http::{self, Delivery, HttpClient, Outcome};
-use crate::lanes::{self, Lanes};
+use crate::lanes::{self, Gate, Lanes};
 use crate::wakeup::{self, Slot, SlotState, MAX_DISPATCHERS};
 
 /// Every dispatcher claims under this worker id; there is one per database.
@@ -63,6 +63,11 @@ const AVERAGE_WEIGHT: f64 = 0.2;
 /// A queue's average is forgotten once it has had no request for this long: it starts again
 /// without claims ahead, until its requests say how fast its endpoint answers now.
 const AVERAGE_FOR: Duration = Duration::from_secs(10);
+/// While deliveries wait for a request slot they are rechecked at least this often, even
+/// with no commit asking for it.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long the lanes stay held while a requested recheck keeps failing.
+const RECHECK_HOLD: Duration = Duration::from_secs(5);
 /// A recurring warning is logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
@@ -263,6 +268,14 @@ struct Dispatcher {
     in_flight: HashMap<String, Delivery>,
     /// Each busy queue's request slots.
     lanes: HashMap<String, Arc<Lanes>>,
+    /// Holds every lane back while a recheck of the waiting deliveries is due.
+    gate: Arc<Gate>,
+    /// When the waiting deliveries were last rechecked, and since when rechecking has failed.
+    last_recheck: Instant,
+    recheck_failing_since: Option<Instant>,
+    /// Deliveries taken out of their lanes by a recheck whose return to their queues has not
+    /// gone through yet: tried again each turn, never sent.
+    withdrawn: Vec<Delivery>,
     /// Finished requests whose outcome the database would not take yet, with when it first
     /// refused: tried again each turn, until RECORD_RETRY_FOR has passed.
     unrecorded: Vec<(Outcome, Instant)>,
@@ -323,6 +336,10 @@ impl Dispatcher {
             done_rx,
             in_flight: HashMap::new(),
             lanes: HashMap::new(),
+            gate: Gate::new(slot.map(|slot| &slot.recheck_requested)),
+            last_recheck: Instant::now(),
+            recheck_failing_since: None,
+            withdrawn: Vec::new(),
             unrecorded: Vec::new(),
             busy: HashMap::new(),
             request_ms: HashMap::new(),
@@ -684,7 +701,7 @@ impl Dispatcher {
                 let lanes = self
                     .lanes
                     .entry(d.queue_name.clone())
-                    .or_insert_with(Lanes::new);
+                    .or_insert_with(|| Lanes::new(self.gate.clone()));
                 lanes.push(
                     d,
                     claimed_at,
@@ -709,56 +726,62 @@ impl Dispatcher {
         });
     }
 
-    /// A commit paused a queue or asked for a running job's cancellation: of the jobs waiting
-    /// for a request slot, those of paused queues go back to their queues and those whose
-    /// cancellation was asked for are cancelled, before any request of theirs starts, their
-    /// attempt not counted. A request already started is left to finish, as for any worker.
+    /// Rechecks the deliveries waiting for a request slot when a commit asked for it (it paused
+    /// or dropped a queue, or asked for a running job's cancellation; the lanes hold back
+    /// until this is done), and every RECHECK_EVERY anyway while any wait (a prepared
+    /// transaction's COMMIT PREPARED sends no word). Those of paused queues go back to their
+    /// queues and those whose cancellation was asked for are cancelled, their attempt not
+    /// counted; those no longer this dispatcher's to send (a dropped queue's) are let go.
+    /// Requests already started go on, as any worker's would.
     fn withdraw_unsent(&mut self) {
-        let Some(slot) = self.slot else { return };
-        if !slot.recheck_unsent.swap(false, Ordering::AcqRel) {
+        let due = self.gate.due();
+        let backstop = self.last_recheck.elapsed() >= RECHECK_EVERY;
+        if due.is_none() && !backstop && self.withdrawn.is_empty() {
             return;
         }
-        let waiting: Vec<Delivery> = self.lanes.values().flat_map(|l| l.waiting()).collect();
-        if waiting.is_empty() {
-            return;
-        }
-        let wanted = match db::transaction(|| delivery::unsent_to_withdraw(&waiting)) {
-            Ok(ids) if ids.is_empty() => return,
-            Ok(ids) => ids,
-            Err(e) => {
-                // Asked again on the next turn.
-                slot.recheck_unsent.store(true, Ordering::Release);
-                self.warnings.warn("withdraw", || {
-                    format!("checking the jobs waiting for a request slot failed: {e}")
-                });
-                return;
-            }
-        };
-        // Only what is still waiting now: a request that started meanwhile is in flight.
-        let withdrawn: Vec<(Arc<Lanes>, lanes::Withdrawn)> = self
-            .lanes
-            .values()
-            .map(|l| (l.clone(), l.withdraw(&wanted)))
-            .filter(|(_, w)| !w.is_empty())
-            .collect();
-        let deliveries: Vec<Delivery> = withdrawn
-            .iter()
-            .flat_map(|(_, w)| w.deliveries().cloned())
-            .collect();
-        if deliveries.is_empty() {
-            return;
-        }
-        let returned = db::transaction(|| {
-            delivery::return_unsent(&deliveries, "not sent: its queue was paused")
-        });
-        match returned {
-            Ok(_) => self.forget_held(&deliveries),
-            Err(e) => {
-                for (l, w) in withdrawn {
-                    l.restore(w, &self.reports, self.runtime.handle());
+        let waiting: Vec<(String, String)> =
+            self.lanes.values().flat_map(|l| l.waiting()).collect();
+        if !waiting.is_empty() && (due.is_some() || backstop) {
+            self.last_recheck = Instant::now();
+            match db::transaction(|| delivery::unsent_to_withdraw(&waiting)) {
+                Ok(ids) => {
+                    self.recheck_failing_since = None;
+                    if !ids.is_empty() {
+                        for lanes in self.lanes.values() {
+                            self.withdrawn.extend(lanes.withdraw(&ids));
+                        }
+                    }
                 }
+                Err(e) => {
+                    // The lanes stay held and it is asked again next turn; past RECHECK_HOLD
+                    // they go on, so that a broken check cannot stop every delivery.
+                    let since = *self.recheck_failing_since.get_or_insert_with(Instant::now);
+                    self.warnings.warn("withdraw", || {
+                        format!("checking the jobs waiting for a request slot failed: {e}")
+                    });
+                    if since.elapsed() < RECHECK_HOLD {
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(requested) = due {
+            self.gate.open_to(requested);
+        }
+        if self.withdrawn.is_empty() {
+            return;
+        }
+        let withdrawn = std::mem::take(&mut self.withdrawn);
+        match db::transaction(|| {
+            delivery::return_unsent(&withdrawn, "not sent: its queue was paused")
+        }) {
+            Ok(_) => self.forget_held(&withdrawn),
+            Err(e) => {
+                // Kept out of the lanes and tried again next turn; should it keep failing, the
+                // leases expire and the sweep returns the jobs.
+                self.withdrawn = withdrawn;
                 self.warnings.warn("withdraw", || {
-                    format!("returning jobs withdrawn from their request slots failed, so they are sent: {e}")
+                    format!("returning jobs withdrawn from their request slots failed: {e}")
                 });
             }
         }
@@ -855,11 +878,12 @@ impl Dispatcher {
     /// never claimed: nothing was sent, so the attempt does not count. If that fails they stay
     /// held, and the end of the shutdown returns them with the rest.
     fn return_unsent(&mut self) {
-        let unsent: Vec<Delivery> = self
+        let mut unsent: Vec<Delivery> = self
             .lanes
             .values()
             .flat_map(|lanes| lanes.abandon_waiting())
             .collect();
+        unsent.append(&mut self.withdrawn);
         if unsent.is_empty() {
             return;
         }

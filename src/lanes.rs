@@ -3,11 +3,16 @@
 //! endpoint answers fast (larger claims cost less SQL per job). Each slot is a lane: one task
 //! that sends the queue's waiting deliveries one after another, in claim order, until none is
 //! left. A lane per slot rather than a task per request waiting on a semaphore: a finished
-//! request goes straight on to the next, with no wake-up in between.
+//! request goes straight on to the next, with no wake-up in between. A waiting job has not
+//! been sent, so pausing or dropping its queue or cancelling it still stops it: such a
+//! commit closes every lane's gate until the dispatcher has rechecked what waits.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::http::{Delivery, DeliveryError, HttpClient, Outcome};
 
@@ -22,6 +27,53 @@ pub trait Report: Clone + Send + Sync + 'static {
     fn report(&self, outcome: Outcome);
 }
 
+/// Holds back every waiting delivery of the dispatcher while a recheck is due: a commit that
+/// paused or dropped a queue, or asked for a job's cancellation, counts one in `requested`
+/// (shared memory), and no lane starts another request until the dispatcher has rechecked
+/// what it holds and says so (`open_to`). Requests already started go on.
+pub struct Gate {
+    requested: &'static AtomicU64,
+    done: AtomicU64,
+    opened: Notify,
+}
+
+/// Stands in for the shared-memory counter of a dispatcher that has no slot.
+static NO_RECHECKS: AtomicU64 = AtomicU64::new(0);
+
+impl Gate {
+    pub fn new(requested: Option<&'static AtomicU64>) -> Arc<Gate> {
+        let requested = requested.unwrap_or(&NO_RECHECKS);
+        Arc::new(Gate {
+            done: AtomicU64::new(requested.load(Ordering::Acquire)),
+            requested,
+            opened: Notify::new(),
+        })
+    }
+
+    /// The count of rechecks requested so far, when it is ahead of the last one done.
+    pub fn due(&self) -> Option<u64> {
+        let requested = self.requested.load(Ordering::Acquire);
+        (requested != self.done.load(Ordering::Acquire)).then_some(requested)
+    }
+
+    /// The recheck of everything requested up to `requested` is done: lanes go on.
+    pub fn open_to(&self, requested: u64) {
+        self.done.store(requested, Ordering::Release);
+        self.opened.notify_waiters();
+    }
+
+    async fn pass(&self) {
+        loop {
+            // Created before the check: a notify_waiters between the two still wakes it.
+            let opened = self.opened.notified();
+            if self.due().is_none() {
+                return;
+            }
+            opened.await;
+        }
+    }
+}
+
 /// A delivery waiting for a slot: when its claim began, and the HTTP client of that moment
 /// (a reload of the HTTP settings applies to every delivery claimed after it).
 struct Waiting {
@@ -30,22 +82,10 @@ struct Waiting {
     client: HttpClient,
 }
 
-/// Deliveries taken out of line before their request started.
-pub struct Withdrawn(Vec<Waiting>);
-
-impl Withdrawn {
-    pub fn deliveries(&self) -> impl Iterator<Item = &Delivery> {
-        self.0.iter().map(|w| &w.delivery)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 /// One queue's waiting deliveries and its lanes.
 pub struct Lanes {
     state: Mutex<State>,
+    gate: Arc<Gate>,
 }
 
 struct State {
@@ -58,13 +98,14 @@ struct State {
 }
 
 impl Lanes {
-    pub fn new() -> Arc<Lanes> {
+    pub fn new(gate: Arc<Gate>) -> Arc<Lanes> {
         Arc::new(Lanes {
             state: Mutex::new(State {
                 waiting: VecDeque::new(),
                 slots: 1,
                 running: 0,
             }),
+            gate,
         })
     }
 
@@ -85,76 +126,44 @@ impl Lanes {
         to: &R,
         runtime: &tokio::runtime::Handle,
     ) {
-        let slots = d.max_in_flight.unwrap_or(1).max(1) as usize;
-        self.queue(
-            vec![Waiting {
+        let start = {
+            let mut state = self.state();
+            state.slots = d.max_in_flight.unwrap_or(1).max(1) as usize;
+            state.waiting.push_back(Waiting {
                 delivery: d,
                 claimed_at,
                 client: client.clone(),
-            }],
-            Some(slots),
-            to,
-            runtime,
-        );
-    }
-
-    /// Appends `waiting` and starts as many lanes as they need and the slots allow.
-    fn queue<R: Report>(
-        self: &Arc<Self>,
-        waiting: Vec<Waiting>,
-        slots: Option<usize>,
-        to: &R,
-        runtime: &tokio::runtime::Handle,
-    ) {
-        let start = {
-            let mut state = self.state();
-            if let Some(slots) = slots {
-                state.slots = slots;
+            });
+            let start = state.running < state.slots;
+            if start {
+                state.running += 1;
             }
-            state.waiting.extend(waiting);
-            let start = state
-                .slots
-                .min(state.waiting.len() + state.running)
-                .saturating_sub(state.running);
-            state.running += start;
             start
         };
-        for _ in 0..start {
+        if start {
             let (lanes, to) = (self.clone(), to.clone());
             runtime.spawn(async move { lanes.run(to).await });
         }
     }
 
-    /// The deliveries still waiting for a slot.
-    pub fn waiting(&self) -> Vec<Delivery> {
+    /// The job ids and lease tokens of the deliveries still waiting for a slot.
+    pub fn waiting(&self) -> Vec<(String, String)> {
         self.state()
             .waiting
             .iter()
-            .map(|w| w.delivery.clone())
+            .map(|w| (w.delivery.job_id.clone(), w.delivery.lease_token.clone()))
             .collect()
     }
 
-    /// Takes the deliveries of `job_ids` that are still waiting, so that none of them
-    /// starts (their queue was paused or the job cancelled meanwhile).
-    pub fn withdraw(&self, job_ids: &HashSet<String>) -> Withdrawn {
+    /// Takes the deliveries of `job_ids` that are still waiting, so that none of them starts.
+    pub fn withdraw(&self, job_ids: &HashSet<String>) -> Vec<Delivery> {
         let mut state = self.state();
         let (taken, kept): (VecDeque<Waiting>, VecDeque<Waiting>) =
             std::mem::take(&mut state.waiting)
                 .into_iter()
                 .partition(|w| job_ids.contains(&w.delivery.job_id));
         state.waiting = kept;
-        Withdrawn(taken.into())
-    }
-
-    /// Puts withdrawn deliveries back in line (returning them to their queues failed): they
-    /// are sent as if never withdrawn.
-    pub fn restore<R: Report>(
-        self: &Arc<Self>,
-        withdrawn: Withdrawn,
-        to: &R,
-        runtime: &tokio::runtime::Handle,
-    ) {
-        self.queue(withdrawn.0, None, to, runtime);
+        taken.into_iter().map(|w| w.delivery).collect()
     }
 
     /// Takes every delivery still waiting, so that none of them starts (the dispatcher is
@@ -177,7 +186,9 @@ impl Lanes {
     }
 
     async fn run<R: Report>(self: Arc<Self>, to: R) {
-        while let Some(w) = self.next() {
+        loop {
+            self.gate.pass().await;
+            let Some(w) = self.next() else { break };
             let d = w.delivery;
             let waited = w.claimed_at.elapsed();
             let outcome =

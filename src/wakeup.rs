@@ -117,9 +117,10 @@ pub struct Slot {
     pub deliver_pending: AtomicBool,
     /// Queues with newly runnable jobs to announce, by bucket (`announce_bucket`).
     pub announce: [AtomicU64; ANNOUNCE_WORDS],
-    /// A commit paused a queue or asked for a running job's cancellation: the dispatcher
-    /// looks again at the jobs it holds unsent (waiting for a request slot).
-    pub recheck_unsent: AtomicBool,
+    /// Commits that paused or dropped a queue or asked for a running job's cancellation: the
+    /// dispatcher holds back the jobs it holds unsent (waiting for a request slot) until it
+    /// has looked at them again (lanes.rs, `Gate`).
+    pub recheck_requested: AtomicU64,
     pub delivered: AtomicU64,
     pub retried: AtomicU64,
     pub failed: AtomicU64,
@@ -179,8 +180,8 @@ static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"queue_ext_shared_v5")
 static SHMEM_READY: AtomicBool = AtomicBool::new(false);
 /// This backend's transaction enqueued webhook work: wake the dispatcher at commit.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
-/// This backend's transaction paused a queue or asked for a running job's cancellation: have
-/// the dispatcher recheck what it holds unsent at commit.
+/// This backend's transaction paused or dropped a queue or asked for a running job's
+/// cancellation: have the dispatcher recheck what it holds unsent at commit.
 static RECHECK_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// This backend's transaction installed queue_ext: wake the launcher at commit.
 static WAKE_LAUNCHER_AT_COMMIT: AtomicBool = AtomicBool::new(false);
@@ -296,7 +297,10 @@ fn post_to_dispatchers(db: pg_sys::Oid, deliver: bool, recheck: bool, bits: &Ann
             // (it takes before it acts). Under a stream of commits that spares it a wake-up
             // per commit.
             let mut news = deliver && !slot.deliver_pending.swap(true, Ordering::AcqRel);
-            news |= recheck && !slot.recheck_unsent.swap(true, Ordering::AcqRel);
+            if recheck {
+                slot.recheck_requested.fetch_add(1, Ordering::AcqRel);
+                news = true;
+            }
             for (word, b) in slot.announce.iter().zip(bits) {
                 if *b != 0 && word.fetch_or(*b, Ordering::AcqRel) & *b != *b {
                     news = true;
@@ -418,9 +422,9 @@ fn _wake_dispatcher_at_commit() {
 }
 
 /// Asks this database's dispatcher, once the current transaction commits, to look again at
-/// the jobs it holds unsent (claimed ahead, waiting for a request slot): pause_queue and
-/// cancel_job call it, so that such a job goes back to its queue, or is cancelled, before
-/// its request starts.
+/// the jobs it holds unsent (claimed ahead, waiting for a request slot) before it starts
+/// another of their requests: pause_queue, drop_queue and cancel_job call it, so that such a
+/// job goes back to its queue, is let go or is cancelled instead of being sent.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _recheck_unsent_at_commit() {
     if SHMEM_READY.load(Ordering::Relaxed) {

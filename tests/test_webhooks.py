@@ -306,7 +306,7 @@ def test_pausing_or_cancelling_takes_back_a_job_waiting_for_a_slot_before_it_is_
     sink.default(path, Reply(200, delay=0.01))
     for job in enqueue_many(conn, queue, 5):
         wait_status(conn, job, {"completed"})
-    sink.script(path, Reply(200, delay=8.0))
+    sink.script(path, Reply(200, delay=15.0))
     first, second, third = enqueue_many(conn, queue, 3)
     wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
     running = lambda: {r[0] for r in conn.execute(
@@ -321,7 +321,7 @@ def test_pausing_or_cancelling_takes_back_a_job_waiting_for_a_slot_before_it_is_
     assert running() == {first}, "the request in flight goes on"
     assert len(sink.to(path)) == 6, "nothing else was sent"
 
-    wait_status(conn, first, {"completed"}, timeout=15)
+    wait_status(conn, first, {"completed"}, timeout=25)
     time.sleep(0.5)
     assert len(sink.to(path)) == 6, "nothing is sent from a paused queue"
     conn.execute("SELECT queue_ext.resume_queue(%s)", [queue])
@@ -331,6 +331,28 @@ def test_pausing_or_cancelling_takes_back_a_job_waiting_for_a_slot_before_it_is_
     log = conn.execute("SELECT from_status::text, to_status::text, error FROM queue_ext.job_status_log "
                        "WHERE job_id = %s ORDER BY id", [third]).fetchall()
     assert ("running", "queued", "not sent: its queue was paused") in log, log
+
+
+def test_a_dropped_queue_sends_none_of_its_jobs_waiting_for_a_slot(conn, sink):
+    # drop_queue(force => true) cancels the queue's jobs, running ones included. A job the
+    # dispatcher held, waiting for the queue's one request slot, is then never sent; the
+    # request already in flight finishes and finds its job gone.
+    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="20 seconds")
+    sink.default(path, Reply(200, delay=0.01))
+    for job in enqueue_many(conn, queue, 5):
+        wait_status(conn, job, {"completed"})
+    sink.script(path, Reply(200, delay=5.0))
+    first, waiting = enqueue_many(conn, queue, 2)
+    wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
+    running = conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'",
+                           [queue]).fetchone()[0]
+    assert running == 2, f"{running} jobs held: one sent, one waiting for the slot"
+    conn.execute("SELECT queue_ext.drop_queue(%s, force => true)", [queue])
+    wait_for(lambda: sink.active[path] == 0, 15, what="the request in flight to end")
+    time.sleep(1)
+    assert [r.headers["webhook-id"] for r in sink.to(path)[5:]] == [f"msg_{first}"], "the waiting job was not sent"
+    assert conn.execute("SELECT status::text, last_error FROM queue_ext.job_archive WHERE id = %s",
+                        [waiting]).fetchone() == ("cancelled", "queue dropped")
 
 
 def test_return_unsent_gives_back_only_jobs_still_under_their_lease(conn, sink):
