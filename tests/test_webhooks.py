@@ -267,20 +267,28 @@ def test_a_slow_endpoint_is_claimed_only_into_free_slots(conn, sink):
     assert lease <= 35, f"a lease of {lease:.1f} s: one request timeout and the 30 s margin"
 
 
+def one_slot_behind_a_slow_request(conn, sink, n, delay, **settings):
+    """A queue with one request slot whose endpoint answered fast (the dispatcher claims ahead
+    only from such a queue), then n jobs in one transaction: the first one's request takes
+    `delay` s, the second waits in the dispatcher for the slot. Returns the queue, its path and
+    the n job ids once the first request has arrived."""
+    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="20 seconds", **settings)
+    sink.default(path, Reply(200, delay=0.01))
+    for job in enqueue_many(conn, queue, 5):
+        wait_status(conn, job, {"completed"})
+    sink.script(path, Reply(200, delay=delay))
+    jobs = enqueue_many(conn, queue, n)
+    wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
+    return queue, path, jobs
+
+
 def test_a_stopping_dispatcher_returns_the_jobs_waiting_for_a_slot_unsent(cluster, conn, sink):
     # One request slot: the first job's request outlasts the shutdown grace (3 s here), the
     # second job waits for the slot when the dispatcher is told to stop. The request in flight
     # is released as always: its attempt counts and the next dispatcher sends it again, with
     # the same webhook-id. The waiting job was sent nowhere: it goes back as it was, its
     # attempt not counted, and is sent once.
-    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="20 seconds")
-    sink.default(path, Reply(200, delay=0.01))
-    # A few fast answers first: the dispatcher claims ahead only from a fast endpoint's queue.
-    for job in enqueue_many(conn, queue, 5):
-        wait_status(conn, job, {"completed"})
-    sink.script(path, Reply(200, delay=8.0))
-    first, waiting, last = enqueue_many(conn, queue, 3)
-    wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
+    queue, path, (first, waiting, last) = one_slot_behind_a_slow_request(conn, sink, 3, 8.0)
     running = conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'",
                            [queue]).fetchone()[0]
     assert running == 2, f"{running} jobs held: one sent, one waiting for the slot"
@@ -301,14 +309,7 @@ def test_pausing_or_cancelling_takes_back_a_job_waiting_for_a_slot_before_it_is_
     # ahead, waiting for the slot. cancel_job cancels that job before its request starts, and
     # pause_queue puts the one after it back in the queue: neither is sent, neither attempt
     # counts, and the request in flight finishes as any worker's would.
-    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="20 seconds",
-                            notify_events=True)
-    sink.default(path, Reply(200, delay=0.01))
-    for job in enqueue_many(conn, queue, 5):
-        wait_status(conn, job, {"completed"})
-    sink.script(path, Reply(200, delay=15.0))
-    first, second, third = enqueue_many(conn, queue, 3)
-    wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
+    queue, path, (first, second, third) = one_slot_behind_a_slow_request(conn, sink, 3, 15.0, notify_events=True)
     running = lambda: {r[0] for r in conn.execute(
         "SELECT id::text FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'", [queue])}
     assert running() == {first, second}, "one job sent, the next waiting for the slot"
@@ -337,13 +338,7 @@ def test_a_dropped_queue_sends_none_of_its_jobs_waiting_for_a_slot(conn, sink):
     # drop_queue(force => true) cancels the queue's jobs, running ones included. A job the
     # dispatcher held, waiting for the queue's one request slot, is then never sent; the
     # request already in flight finishes and finds its job gone.
-    queue, path = new_queue(conn, sink.url, webhook_max_in_flight=1, webhook_timeout="20 seconds")
-    sink.default(path, Reply(200, delay=0.01))
-    for job in enqueue_many(conn, queue, 5):
-        wait_status(conn, job, {"completed"})
-    sink.script(path, Reply(200, delay=5.0))
-    first, waiting = enqueue_many(conn, queue, 2)
-    wait_for(lambda: len(sink.to(path)) == 6, 10, what="the first request")
+    queue, path, (first, waiting) = one_slot_behind_a_slow_request(conn, sink, 2, 5.0)
     running = conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'",
                            [queue]).fetchone()[0]
     assert running == 2, f"{running} jobs held: one sent, one waiting for the slot"
