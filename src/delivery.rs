@@ -433,9 +433,9 @@ pub fn return_unsent(deliveries: &[Delivery], reason: &str) -> Result<i32, pgrx:
     .unwrap_or(0))
 }
 
-/// Of `waiting` (job ids and lease tokens of jobs held unsent), the ids of those not to send: their queue is paused,
-/// their cancellation was asked for, or they are no longer ours to send (the queue was
-/// dropped with them, or the lease is gone).
+/// Of `waiting` (job ids and lease tokens of jobs held unsent), the ids of those not to send:
+/// their queue is paused, their cancellation was asked for, or they are no longer ours to send
+/// (the queue was dropped with them, or the lease is gone).
 pub fn unsent_to_withdraw(
     waiting: &[(String, String)],
 ) -> Result<std::collections::HashSet<String>, pgrx::spi::Error> {

@@ -741,8 +741,10 @@ impl Dispatcher {
         }
         let waiting: Vec<(String, String)> =
             self.lanes.values().flat_map(|l| l.waiting()).collect();
-        if !waiting.is_empty() && (due.is_some() || backstop) {
+        if due.is_some() || backstop {
             self.last_recheck = Instant::now();
+        }
+        if !waiting.is_empty() && (due.is_some() || backstop) {
             match db::transaction(|| delivery::unsent_to_withdraw(&waiting)) {
                 Ok(ids) => {
                     self.recheck_failing_since = None;
