@@ -12,7 +12,10 @@
 --     the jobs still waiting when the dispatcher stops, or when their queue is paused, back
 --     in their queues, their attempt not counted; pause_queue and cancel_job tell the
 --     dispatcher at commit (_recheck_unsent_at_commit), and a job cancelled while it waits
---     is cancelled before its request starts.
+--     is cancelled before its request starts. webhook_targets.settings_version names the
+--     transaction that last changed a target's URL, method, headers, timeout, secret, callback
+--     or redirects; the claim returns it, and a held job whose target changed since goes back
+--     to its queue unsent (_set_webhook tells the dispatcher at commit).
 --   * purge_jobs takes max_rows (oldest first), and the procedure purge_jobs_in_batches runs
 --     it in committed batches, so that retention of a large backlog does not hold back the
 --     cleanup horizon for its whole length.
@@ -27,12 +30,18 @@
 -- upgraded with it matches a fresh 0.12.0 install object for object (pg_test/upgrade.sh).
 \echo Use "ALTER EXTENSION queue_ext UPDATE TO '0.12.0'" to load this file. \quit
 
+-- The transaction that last changed where or how the queue's jobs are sent (never the
+-- same for two changes, nor for a target removed and set again): the dispatcher keeps
+-- it with each job it holds unsent, and does not send one whose target changed since.
+ALTER TABLE queue_ext.webhook_targets
+    ADD COLUMN settings_version bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint;
+
 DROP FUNCTION queue_ext._dispatch_claim_rows(text, integer, text[], integer[], text, interval);
 
 -- The dispatcher's claim: up to `capacity` jobs from webhook queues (one queue when
 -- only_queue is given), each queue capped by its max_in_flight minus what the dispatcher
 -- already holds there (busy_counts[i] for busy_queues[i]). One row per delivery, with its
--- target and the queue's max_in_flight. For the queues in ahead_queues (the dispatcher names
+-- target, the target's settings_version and the queue's max_in_flight. For the queues in ahead_queues (the dispatcher names
 -- those whose endpoint answers fast), the cap on claims is twice max_in_flight: the
 -- dispatcher sends at most max_in_flight requests to the target at once and the rest wait in
 -- claim order for one of them to end, so a job waits at most one request timeout before its
@@ -48,7 +57,7 @@ CREATE FUNCTION queue_ext._dispatch_claim_rows(worker_id text, capacity integer,
                                                ahead_queues text[])
 RETURNS TABLE (job_id uuid, lease_token uuid, attempt integer, queue_name text, body text, url text,
                method text, header_names text[], header_values text[], timeout_ms bigint, secret text,
-               follow_redirects boolean, max_in_flight integer)
+               follow_redirects boolean, max_in_flight integer, settings_version bigint)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -70,6 +79,7 @@ BEGIN
         SELECT q.queue_name AS name, w.url AS target, w.method AS verb,
                coalesce(w.timeout, default_timeout) AS request_timeout,
                w.max_in_flight AS limit_in_flight, w.secret AS signing_secret, w.follow_redirects AS redirects,
+               w.settings_version AS version,
                ARRAY(SELECT h.key FROM jsonb_each_text(w.headers) AS h ORDER BY h.key) AS names,
                ARRAY(SELECT h.value FROM jsonb_each_text(w.headers) AS h ORDER BY h.key) AS vals
         FROM queue_ext.queues AS q
@@ -109,14 +119,14 @@ BEGIN
                    ARRAY(SELECT h.key FROM jsonb_each_text(w.headers) AS h ORDER BY h.key),
                    ARRAY(SELECT h.value FROM jsonb_each_text(w.headers) AS h ORDER BY h.key),
                    (extract(epoch FROM coalesce(w.timeout, default_timeout)) * 1000)::bigint,
-                   w.secret, coalesce(w.follow_redirects, false), cap
+                   w.secret, coalesce(w.follow_redirects, false), cap, w.settings_version
             FROM queue_ext.get_next_jobs(t.name, n, worker_id, callback_lease) AS c
             LEFT JOIN queue_ext.webhook_targets AS w ON w.queue_name = c.payload ->> 'queue';
         ELSE
             RETURN QUERY
             SELECT c.job_id, c.lease_token, c.attempt, c.queue_name, c.payload::text, t.target, t.verb,
                    t.names, t.vals, (extract(epoch FROM t.request_timeout) * 1000)::bigint,
-                   t.signing_secret, t.redirects, cap
+                   t.signing_secret, t.redirects, cap, t.version
             FROM queue_ext.get_next_jobs(t.name, n, worker_id, waits * t.request_timeout + interval '30 seconds') AS c;
         END IF;
         GET DIAGNOSTICS n = ROW_COUNT;
@@ -192,6 +202,110 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_recheck_unsent_at_commit_wrapper';
 REVOKE ALL ON FUNCTION queue_ext._recheck_unsent_at_commit() FROM PUBLIC;
+
+-- Validates and stores a queue's webhook target, then refreshes the queue's is_webhook /
+-- has_callback flags. '' for url or callback_url removes it. A queue may have a callback
+-- without a webhook: its jobs are done by external workers, and the callback reports them.
+CREATE OR REPLACE FUNCTION queue_ext._set_webhook(
+    queue_name       text,
+    url              text,
+    method           text,
+    headers          jsonb,
+    timeout          interval,
+    max_in_flight    integer,
+    secret           text,
+    callback_url     text,
+    follow_redirects boolean
+) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    bad text;
+    before queue_ext.webhook_targets;
+BEGIN
+    SELECT * INTO before FROM queue_ext.webhook_targets AS t WHERE t.queue_name = _set_webhook.queue_name;
+    IF _set_webhook.url IS NOT NULL OR _set_webhook.method IS NOT NULL OR _set_webhook.headers IS NOT NULL
+       OR _set_webhook.timeout IS NOT NULL OR _set_webhook.max_in_flight IS NOT NULL
+       OR _set_webhook.secret IS NOT NULL OR _set_webhook.callback_url IS NOT NULL
+       OR _set_webhook.follow_redirects IS NOT NULL THEN
+        IF _set_webhook.url IS NOT NULL AND _set_webhook.url <> '' AND _set_webhook.url !~* '^https?://[^/?#\s]+[^\s]*$' THEN
+            RAISE EXCEPTION 'invalid webhook_url "%"', _set_webhook.url
+                USING ERRCODE = '22023', HINT = 'Only absolute http:// and https:// URLs are allowed.';
+        END IF;
+        IF _set_webhook.callback_url IS NOT NULL AND _set_webhook.callback_url <> ''
+           AND _set_webhook.callback_url !~* '^https?://[^/?#\s]+[^\s]*$' THEN
+            RAISE EXCEPTION 'invalid callback_url "%"', _set_webhook.callback_url
+                USING ERRCODE = '22023', HINT = 'Only absolute http:// and https:// URLs are allowed.';
+        END IF;
+        IF upper(_set_webhook.method) NOT IN ('GET', 'POST', 'PUT', 'PATCH', 'DELETE') THEN
+            RAISE EXCEPTION 'invalid webhook_method "%"', _set_webhook.method
+                USING ERRCODE = '22023', HINT = 'Use one of GET, POST, PUT, PATCH, DELETE.';
+        END IF;
+        IF _set_webhook.headers IS NOT NULL THEN
+            IF jsonb_typeof(_set_webhook.headers) <> 'object' THEN
+                RAISE EXCEPTION 'webhook_headers must be a JSON object of strings' USING ERRCODE = '22023';
+            END IF;
+            -- RFC 9110 token names; values without control characters (no header injection).
+            SELECT key INTO bad FROM jsonb_each(_set_webhook.headers)
+            WHERE key !~ '^[!#$%&''*+.^_`|~0-9A-Za-z-]+$'
+               OR jsonb_typeof(value) <> 'string'
+               OR (value #>> '{}') ~ '[\x01-\x08\x0a-\x1f\x7f]'
+               OR lower(key) LIKE 'webhook-%'
+            LIMIT 1;
+            IF FOUND THEN
+                RAISE EXCEPTION 'invalid webhook header "%"', bad
+                    USING ERRCODE = '22023',
+                          HINT = 'Header names must be HTTP tokens, values strings without control characters; webhook-* headers are reserved for signing.';
+            END IF;
+        END IF;
+        IF _set_webhook.timeout IS NOT NULL AND (_set_webhook.timeout <= interval '0' OR _set_webhook.timeout > interval '1 hour') THEN
+            RAISE EXCEPTION 'webhook_timeout must be between 0 and 1 hour (got %)', _set_webhook.timeout USING ERRCODE = '22023';
+        END IF;
+        IF _set_webhook.max_in_flight IS NOT NULL AND _set_webhook.max_in_flight NOT BETWEEN 1 AND 10000 THEN
+            RAISE EXCEPTION 'webhook_max_in_flight must be between 1 and 10000 (got %)', _set_webhook.max_in_flight USING ERRCODE = '22023';
+        END IF;
+        INSERT INTO queue_ext.webhook_targets AS t (queue_name, url, method, headers, timeout, max_in_flight, secret,
+                                                    callback_url, follow_redirects)
+        VALUES (_set_webhook.queue_name, nullif(_set_webhook.url, ''), upper(coalesce(_set_webhook.method, 'POST')),
+                coalesce(_set_webhook.headers, '{}'), _set_webhook.timeout, coalesce(_set_webhook.max_in_flight, 100),
+                nullif(_set_webhook.secret, ''), nullif(_set_webhook.callback_url, ''),
+                coalesce(_set_webhook.follow_redirects, false))
+        ON CONFLICT (queue_name) DO UPDATE SET
+            url              = CASE WHEN _set_webhook.url IS NULL THEN t.url ELSE nullif(_set_webhook.url, '') END,
+            method           = coalesce(upper(_set_webhook.method), t.method),
+            headers          = coalesce(_set_webhook.headers, t.headers),
+            timeout          = coalesce(_set_webhook.timeout, t.timeout),
+            max_in_flight    = coalesce(_set_webhook.max_in_flight, t.max_in_flight),
+            secret           = CASE WHEN _set_webhook.secret IS NULL THEN t.secret ELSE nullif(_set_webhook.secret, '') END,
+            callback_url     = CASE WHEN _set_webhook.callback_url IS NULL THEN t.callback_url
+                                    ELSE nullif(_set_webhook.callback_url, '') END,
+            follow_redirects = coalesce(_set_webhook.follow_redirects, t.follow_redirects);
+    END IF;
+    DELETE FROM queue_ext.webhook_targets AS t
+    WHERE t.queue_name = _set_webhook.queue_name AND t.url IS NULL AND t.callback_url IS NULL;
+    IF before.queue_name IS NOT NULL THEN
+        -- Jobs the dispatcher claimed ahead and holds unsent were claimed with the old target:
+        -- a new version sends them back to the queue, to be claimed with the new one. (Not
+        -- for max_in_flight: the dispatcher's lanes follow it as it is.)
+        UPDATE queue_ext.webhook_targets AS t
+        SET settings_version = pg_current_xact_id()::text::bigint
+        WHERE t.queue_name = _set_webhook.queue_name
+          AND (t.url, t.method, t.headers, t.timeout, t.secret, t.callback_url, t.follow_redirects)
+              IS DISTINCT FROM (before.url, before.method, before.headers, before.timeout, before.secret,
+                                before.callback_url, before.follow_redirects);
+        PERFORM queue_ext._recheck_unsent_at_commit();
+    END IF;
+    UPDATE queue_ext.queues AS q
+    SET is_webhook   = t.url IS NOT NULL,
+        has_callback = t.callback_url IS NOT NULL,
+        updated_at   = now()
+    FROM (SELECT _set_webhook.queue_name AS name) AS n
+    LEFT JOIN queue_ext.webhook_targets AS t ON t.queue_name = n.name
+    WHERE q.queue_name = n.name;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION queue_ext.drop_queue(queue_name text, force boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

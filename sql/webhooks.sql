@@ -11,7 +11,11 @@ CREATE TABLE queue_ext.webhook_targets (
     max_in_flight    integer  NOT NULL DEFAULT 100 CHECK (max_in_flight BETWEEN 1 AND 10000),
     secret           text,
     callback_url     text     CHECK (callback_url ~* '^https?://[^/?#]+'),
-    follow_redirects boolean  NOT NULL DEFAULT false
+    follow_redirects boolean  NOT NULL DEFAULT false,
+    -- The transaction that last changed where or how the queue's jobs are sent (never the
+    -- same for two changes, nor for a target removed and set again): the dispatcher keeps
+    -- it with each job it holds unsent, and does not send one whose target changed since.
+    settings_version bigint   NOT NULL DEFAULT pg_current_xact_id()::text::bigint
 );
 COMMENT ON TABLE queue_ext.webhook_targets IS 'HTTP target of each webhook queue; readable by admins only (secrets, credentials).';
 
@@ -70,7 +74,9 @@ AS $$
 #variable_conflict use_column
 DECLARE
     bad text;
+    before queue_ext.webhook_targets;
 BEGIN
+    SELECT * INTO before FROM queue_ext.webhook_targets AS t WHERE t.queue_name = _set_webhook.queue_name;
     IF _set_webhook.url IS NOT NULL OR _set_webhook.method IS NOT NULL OR _set_webhook.headers IS NOT NULL
        OR _set_webhook.timeout IS NOT NULL OR _set_webhook.max_in_flight IS NOT NULL
        OR _set_webhook.secret IS NOT NULL OR _set_webhook.callback_url IS NOT NULL
@@ -130,6 +136,18 @@ BEGIN
     END IF;
     DELETE FROM queue_ext.webhook_targets AS t
     WHERE t.queue_name = _set_webhook.queue_name AND t.url IS NULL AND t.callback_url IS NULL;
+    IF before.queue_name IS NOT NULL THEN
+        -- Jobs the dispatcher claimed ahead and holds unsent were claimed with the old target:
+        -- a new version sends them back to the queue, to be claimed with the new one. (Not
+        -- for max_in_flight: the dispatcher's lanes follow it as it is.)
+        UPDATE queue_ext.webhook_targets AS t
+        SET settings_version = pg_current_xact_id()::text::bigint
+        WHERE t.queue_name = _set_webhook.queue_name
+          AND (t.url, t.method, t.headers, t.timeout, t.secret, t.callback_url, t.follow_redirects)
+              IS DISTINCT FROM (before.url, before.method, before.headers, before.timeout, before.secret,
+                                before.callback_url, before.follow_redirects);
+        PERFORM queue_ext._recheck_unsent_at_commit();
+    END IF;
     UPDATE queue_ext.queues AS q
     SET is_webhook   = t.url IS NOT NULL,
         has_callback = t.callback_url IS NOT NULL,
@@ -169,7 +187,7 @@ $$;
 -- The dispatcher's claim: up to `capacity` jobs from webhook queues (one queue when
 -- only_queue is given), each queue capped by its max_in_flight minus what the dispatcher
 -- already holds there (busy_counts[i] for busy_queues[i]). One row per delivery, with its
--- target and the queue's max_in_flight. For the queues in ahead_queues (the dispatcher names
+-- target, the target's settings_version and the queue's max_in_flight. For the queues in ahead_queues (the dispatcher names
 -- those whose endpoint answers fast), the cap on claims is twice max_in_flight: the
 -- dispatcher sends at most max_in_flight requests to the target at once and the rest wait in
 -- claim order for one of them to end, so a job waits at most one request timeout before its
@@ -185,7 +203,7 @@ CREATE FUNCTION queue_ext._dispatch_claim_rows(worker_id text, capacity integer,
                                                ahead_queues text[])
 RETURNS TABLE (job_id uuid, lease_token uuid, attempt integer, queue_name text, body text, url text,
                method text, header_names text[], header_values text[], timeout_ms bigint, secret text,
-               follow_redirects boolean, max_in_flight integer)
+               follow_redirects boolean, max_in_flight integer, settings_version bigint)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 SET enable_seqscan = off
@@ -207,6 +225,7 @@ BEGIN
         SELECT q.queue_name AS name, w.url AS target, w.method AS verb,
                coalesce(w.timeout, default_timeout) AS request_timeout,
                w.max_in_flight AS limit_in_flight, w.secret AS signing_secret, w.follow_redirects AS redirects,
+               w.settings_version AS version,
                ARRAY(SELECT h.key FROM jsonb_each_text(w.headers) AS h ORDER BY h.key) AS names,
                ARRAY(SELECT h.value FROM jsonb_each_text(w.headers) AS h ORDER BY h.key) AS vals
         FROM queue_ext.queues AS q
@@ -246,14 +265,14 @@ BEGIN
                    ARRAY(SELECT h.key FROM jsonb_each_text(w.headers) AS h ORDER BY h.key),
                    ARRAY(SELECT h.value FROM jsonb_each_text(w.headers) AS h ORDER BY h.key),
                    (extract(epoch FROM coalesce(w.timeout, default_timeout)) * 1000)::bigint,
-                   w.secret, coalesce(w.follow_redirects, false), cap
+                   w.secret, coalesce(w.follow_redirects, false), cap, w.settings_version
             FROM queue_ext.get_next_jobs(t.name, n, worker_id, callback_lease) AS c
             LEFT JOIN queue_ext.webhook_targets AS w ON w.queue_name = c.payload ->> 'queue';
         ELSE
             RETURN QUERY
             SELECT c.job_id, c.lease_token, c.attempt, c.queue_name, c.payload::text, t.target, t.verb,
                    t.names, t.vals, (extract(epoch FROM t.request_timeout) * 1000)::bigint,
-                   t.signing_secret, t.redirects, cap
+                   t.signing_secret, t.redirects, cap, t.version
             FROM queue_ext.get_next_jobs(t.name, n, worker_id, waits * t.request_timeout + interval '30 seconds') AS c;
         END IF;
         GET DIAGNOSTICS n = ROW_COUNT;

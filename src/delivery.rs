@@ -14,6 +14,7 @@ use pgrx::{JsonB, PgBuiltInOids, PgOid, PgSqlErrorCode};
 use crate::db;
 use crate::gucs;
 use crate::http::{self, Delivery, HttpClient, HttpSettings, Outcome};
+use crate::lanes::WaitingJob;
 
 /// A claimed job, ready to send, or one whose description was unusable and that is already
 /// failed (the worker records that instead of panicking).
@@ -85,7 +86,7 @@ const CLAIM_ROWS: &str = "SELECT job_id, lease_token, attempt, queue_name, body,
      FROM queue_ext._dispatch_claim_rows($1, $2, $3, $4, $5, make_interval(secs => $6::float8 / 1000))";
 
 const CLAIM_ROWS_AHEAD: &str = "SELECT job_id, lease_token, attempt, queue_name, body, url, method, header_names, \
-     header_values, timeout_ms, secret, follow_redirects, max_in_flight \
+     header_values, timeout_ms, secret, follow_redirects, max_in_flight, settings_version \
      FROM queue_ext._dispatch_claim_rows($1, $2, $3, $4, $5, make_interval(secs => $6::float8 / 1000), $7)";
 
 const RECORD_ROWS: &str =
@@ -264,6 +265,7 @@ fn claim_rows(
                 } else {
                     None
                 },
+                settings_version: if slots { row.get::<i64>(14)? } else { None },
             }));
         }
         Ok(claimed)
@@ -399,6 +401,7 @@ fn parse_claimed(item: serde_json::Value) -> Option<Claimed> {
                 secret: None,
                 follow_redirects: false,
                 max_in_flight: None,
+                settings_version: None,
             };
             Some(Claimed::Unusable(Outcome::from_error(
                 &d,
@@ -423,7 +426,7 @@ pub fn record(outcomes: &[Outcome]) -> Result<i32, pgrx::spi::Error> {
 /// Puts jobs claimed but never sent back in their queues, their attempt not counted, and
 /// cancels those whose cancellation was asked for; `reason` goes in the others' history.
 /// Returns how many went.
-pub fn return_unsent(deliveries: &[Delivery], reason: &str) -> Result<i32, pgrx::spi::Error> {
+pub fn return_unsent(deliveries: &[&Delivery], reason: &str) -> Result<i32, pgrx::spi::Error> {
     let ids: Vec<pgrx::Uuid> = deliveries.iter().map(|d| uuid_of(&d.job_id)).collect();
     let tokens: Vec<pgrx::Uuid> = deliveries.iter().map(|d| uuid_of(&d.lease_token)).collect();
     Ok(Spi::get_one_with_args::<i32>(
@@ -433,26 +436,48 @@ pub fn return_unsent(deliveries: &[Delivery], reason: &str) -> Result<i32, pgrx:
     .unwrap_or(0))
 }
 
-/// Of `waiting` (job ids and lease tokens of jobs held unsent), the ids of those not to send:
-/// their queue is paused, their cancellation was asked for, or they are no longer ours to send
-/// (the queue was dropped with them, or the lease is gone).
+/// Of `waiting` (jobs held unsent), those not to send, by id, each with the reason that goes
+/// in its history: their queue is paused, their cancellation was asked for, the webhook
+/// settings of their target changed since their claim, or they are no longer ours to send (the
+/// queue was dropped with them, or the lease is gone, and there is nothing to give back).
 pub fn unsent_to_withdraw(
-    waiting: &[(String, String)],
-) -> Result<std::collections::HashSet<String>, pgrx::spi::Error> {
-    let ids: Vec<pgrx::Uuid> = waiting.iter().map(|(id, _)| uuid_of(id)).collect();
-    let tokens: Vec<pgrx::Uuid> = waiting.iter().map(|(_, token)| uuid_of(token)).collect();
+    waiting: &[WaitingJob],
+) -> Result<HashMap<String, String>, pgrx::spi::Error> {
+    let ids: Vec<pgrx::Uuid> = waiting.iter().map(|w| uuid_of(&w.job_id)).collect();
+    let tokens: Vec<pgrx::Uuid> = waiting.iter().map(|w| uuid_of(&w.lease_token)).collect();
+    let versions: Vec<Option<i64>> = waiting.iter().map(|w| w.settings_version).collect();
+    // Only a claim of Protocol::RowsAhead gives its jobs a settings version, and only its
+    // SQL has the column.
+    let settings_changed = if protocol()? == Protocol::RowsAhead {
+        "OR (u.version IS NOT NULL AND u.version IS DISTINCT FROM \
+             (SELECT w.settings_version FROM queue_ext.webhook_targets AS w \
+              WHERE w.queue_name = CASE WHEN j.queue_name = 'queue_ext.callbacks' \
+                                        THEN j.payload ->> 'queue' ELSE j.queue_name END))"
+    } else {
+        ""
+    };
+    let query = format!(
+        "SELECT u.id::text, \
+                CASE WHEN j.id IS NULL THEN 'not sent: no longer held' \
+                     WHEN j.cancel_requested IS NOT NULL THEN 'not sent: cancelled' \
+                     WHEN q.paused IS NOT FALSE THEN 'not sent: its queue was paused' \
+                     ELSE 'not sent: its webhook settings changed' END \
+         FROM unnest($1::uuid[], $2::uuid[], $3::bigint[]) AS u(id, token, version) \
+         LEFT JOIN queue_ext.job_queue AS j \
+                ON j.id = u.id AND j.lease_token = u.token AND j.status = 'running' \
+         LEFT JOIN queue_ext.queues AS q ON q.queue_name = j.queue_name \
+         WHERE j.id IS NULL OR q.paused IS NOT FALSE OR j.cancel_requested IS NOT NULL \
+               {settings_changed}"
+    );
     Spi::connect(|client| {
         client
-            .select(
-                "SELECT u.id::text FROM unnest($1::uuid[], $2::uuid[]) AS u(id, token) \
-                 WHERE NOT EXISTS (SELECT FROM queue_ext.job_queue AS j \
-                                   JOIN queue_ext.queues AS q ON q.queue_name = j.queue_name \
-                                   WHERE j.id = u.id AND j.lease_token = u.token AND j.status = 'running' \
-                                     AND NOT q.paused AND j.cancel_requested IS NULL)",
-                None,
-                &[ids.into(), tokens.into()],
-            )?
-            .filter_map(|row| row.get::<String>(1).transpose())
+            .select(&query, None, &[ids.into(), tokens.into(), versions.into()])?
+            .map(|row| Ok((row.get::<String>(1)?, row.get::<String>(2)?)))
+            .filter_map(|pair: Result<_, pgrx::spi::Error>| match pair {
+                Ok((Some(id), Some(reason))) => Some(Ok((id, reason))),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
             .collect()
     })
 }

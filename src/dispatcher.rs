@@ -274,8 +274,9 @@ struct Dispatcher {
     last_recheck: Instant,
     recheck_failing_since: Option<Instant>,
     /// Deliveries taken out of their lanes by a recheck whose return to their queues has not
-    /// gone through yet: tried again each turn, never sent.
-    withdrawn: Vec<Delivery>,
+    /// gone through yet, each with the reason for its history: tried again each turn, never
+    /// sent.
+    withdrawn: Vec<(Delivery, String)>,
     /// Finished requests whose outcome the database would not take yet, with when it first
     /// refused: tried again each turn, until RECORD_RETRY_FOR has passed.
     unrecorded: Vec<(Outcome, Instant)>,
@@ -295,6 +296,20 @@ struct Dispatcher {
     /// When the next token of a rate limit holding back a webhook job comes: sleep no longer.
     next_token_in: Option<Duration>,
     warnings: Warnings,
+}
+
+/// Returns deliveries never sent to their queues, in the current transaction, each with its
+/// reason in the history (one call per reason); how many went back or were cancelled.
+fn return_withdrawn(unsent: &[(Delivery, String)]) -> Result<i32, pgrx::spi::Error> {
+    let mut by_reason: HashMap<&str, Vec<&Delivery>> = HashMap::new();
+    for (d, why) in unsent {
+        by_reason.entry(why.as_str()).or_default().push(d);
+    }
+    let mut returned = 0;
+    for (why, deliveries) in by_reason {
+        returned += delivery::return_unsent(&deliveries, why)?;
+    }
+    Ok(returned)
 }
 
 impl Dispatcher {
@@ -727,11 +742,12 @@ impl Dispatcher {
     }
 
     /// Rechecks the deliveries waiting for a request slot when a commit asked for it (it paused
-    /// or dropped a queue, or asked for a running job's cancellation; the lanes hold back
-    /// until this is done), and every RECHECK_EVERY anyway while any wait (a prepared
-    /// transaction's COMMIT PREPARED sends no word). Those of paused queues go back to their
-    /// queues and those whose cancellation was asked for are cancelled, their attempt not
-    /// counted; those no longer this dispatcher's to send (a dropped queue's) are let go.
+    /// or dropped a queue, asked for a running job's cancellation or changed a queue's webhook
+    /// settings; the lanes hold back until this is done), and every RECHECK_EVERY anyway while
+    /// any wait (a prepared transaction's COMMIT PREPARED sends no word). Those of paused
+    /// queues, and those claimed with webhook settings changed since, go back to their queues
+    /// and those whose cancellation was asked for are cancelled, their attempt not counted;
+    /// those no longer this dispatcher's to send (a dropped queue's) are let go.
     /// Requests already started go on, as any worker's would.
     fn withdraw_unsent(&mut self) {
         let due = self.gate.due();
@@ -739,18 +755,22 @@ impl Dispatcher {
         if due.is_none() && !backstop && self.withdrawn.is_empty() {
             return;
         }
-        let waiting: Vec<(String, String)> =
+        let waiting: Vec<lanes::WaitingJob> =
             self.lanes.values().flat_map(|l| l.waiting()).collect();
         if due.is_some() || backstop {
             self.last_recheck = Instant::now();
         }
         if !waiting.is_empty() && (due.is_some() || backstop) {
             match db::transaction(|| delivery::unsent_to_withdraw(&waiting)) {
-                Ok(ids) => {
+                Ok(reasons) => {
                     self.recheck_failing_since = None;
-                    if !ids.is_empty() {
+                    if !reasons.is_empty() {
                         for lanes in self.lanes.values() {
-                            self.withdrawn.extend(lanes.withdraw(&ids));
+                            self.withdrawn
+                                .extend(lanes.withdraw(&reasons).into_iter().map(|d| {
+                                    let why = reasons.get(&d.job_id).cloned().unwrap_or_default();
+                                    (d, why)
+                                }));
                         }
                     }
                 }
@@ -774,10 +794,8 @@ impl Dispatcher {
             return;
         }
         let withdrawn = std::mem::take(&mut self.withdrawn);
-        match db::transaction(|| {
-            delivery::return_unsent(&withdrawn, "not sent: its queue was paused")
-        }) {
-            Ok(_) => self.forget_held(&withdrawn),
+        match db::transaction(|| return_withdrawn(&withdrawn)) {
+            Ok(_) => self.forget_held(withdrawn.iter().map(|(d, _)| d)),
             Err(e) => {
                 // Kept out of the lanes and tried again next turn; should it keep failing, the
                 // leases expire and the sweep returns the jobs.
@@ -790,7 +808,7 @@ impl Dispatcher {
     }
 
     /// Takes deliveries that went back to their queues unsent off the books.
-    fn forget_held(&mut self, deliveries: &[Delivery]) {
+    fn forget_held<'a>(&mut self, deliveries: impl IntoIterator<Item = &'a Delivery>) {
         for d in deliveries {
             self.in_flight.remove(&d.job_id);
             if let Some(n) = self.busy.get_mut(&d.queue_name) {
@@ -880,20 +898,19 @@ impl Dispatcher {
     /// never claimed: nothing was sent, so the attempt does not count. If that fails they stay
     /// held, and the end of the shutdown returns them with the rest.
     fn return_unsent(&mut self) {
-        let mut unsent: Vec<Delivery> = self
+        let mut unsent: Vec<(Delivery, String)> = self
             .lanes
             .values()
             .flat_map(|lanes| lanes.abandon_waiting())
+            .map(|d| (d, "not sent: the dispatcher stopped".to_string()))
             .collect();
         unsent.append(&mut self.withdrawn);
         if unsent.is_empty() {
             return;
         }
-        match db::transaction(|| {
-            delivery::return_unsent(&unsent, "not sent: the dispatcher stopped")
-        }) {
+        match db::transaction(|| return_withdrawn(&unsent)) {
             Ok(returned) => {
-                self.forget_held(&unsent);
+                self.forget_held(unsent.iter().map(|(d, _)| d));
                 log!("queue_ext dispatcher: returned {returned} deliveries waiting for a request slot, unsent");
             }
             Err(e) => pgrx::warning!(

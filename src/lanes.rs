@@ -4,10 +4,11 @@
 //! that sends the queue's waiting deliveries one after another, in claim order, until none is
 //! left. A lane per slot rather than a task per request waiting on a semaphore: a finished
 //! request goes straight on to the next, with no wake-up in between. A waiting job has not
-//! been sent, so pausing or dropping its queue or cancelling it still stops it: such a
-//! commit closes every lane's gate until the dispatcher has rechecked what waits.
+//! been sent, so pausing or dropping its queue, cancelling it or changing its queue's webhook
+//! settings still stops it: such a commit closes every lane's gate until the dispatcher has
+//! rechecked what waits.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,13 +23,22 @@ use crate::http::{Delivery, DeliveryError, HttpClient, Outcome};
 /// more is not sent, so that no request can outlast its lease.
 const SLOT_WAIT_MARGIN: Duration = Duration::from_secs(20);
 
+/// What the dispatcher's recheck needs of a delivery waiting for a slot: which claim of which
+/// job it is, and the version of the target's settings it was claimed with.
+pub struct WaitingJob {
+    pub job_id: String,
+    pub lease_token: String,
+    pub settings_version: Option<i64>,
+}
+
 /// Where a lane's outcomes go.
 pub trait Report: Clone + Send + Sync + 'static {
     fn report(&self, outcome: Outcome);
 }
 
 /// Holds back every waiting delivery of the dispatcher while a recheck is due: a commit that
-/// paused or dropped a queue, or asked for a job's cancellation, counts one in `requested`
+/// paused or dropped a queue, changed its webhook settings or asked for a job's cancellation,
+/// counts one in `requested`
 /// (shared memory), and no lane starts another request until the dispatcher has rechecked
 /// what it holds and says so (`open_to`). Requests already started go on.
 pub struct Gate {
@@ -146,22 +156,26 @@ impl Lanes {
         }
     }
 
-    /// The job ids and lease tokens of the deliveries still waiting for a slot.
-    pub fn waiting(&self) -> Vec<(String, String)> {
+    /// The deliveries still waiting for a slot.
+    pub fn waiting(&self) -> Vec<WaitingJob> {
         self.state()
             .waiting
             .iter()
-            .map(|w| (w.delivery.job_id.clone(), w.delivery.lease_token.clone()))
+            .map(|w| WaitingJob {
+                job_id: w.delivery.job_id.clone(),
+                lease_token: w.delivery.lease_token.clone(),
+                settings_version: w.delivery.settings_version,
+            })
             .collect()
     }
 
     /// Takes the deliveries of `job_ids` that are still waiting, so that none of them starts.
-    pub fn withdraw(&self, job_ids: &HashSet<String>) -> Vec<Delivery> {
+    pub fn withdraw<V>(&self, job_ids: &HashMap<String, V>) -> Vec<Delivery> {
         let mut state = self.state();
         let (taken, kept): (VecDeque<Waiting>, VecDeque<Waiting>) =
             std::mem::take(&mut state.waiting)
                 .into_iter()
-                .partition(|w| job_ids.contains(&w.delivery.job_id));
+                .partition(|w| job_ids.contains_key(&w.delivery.job_id));
         state.waiting = kept;
         taken.into_iter().map(|w| w.delivery).collect()
     }

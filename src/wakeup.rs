@@ -180,8 +180,8 @@ static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"queue_ext_shared_v5")
 static SHMEM_READY: AtomicBool = AtomicBool::new(false);
 /// This backend's transaction enqueued webhook work: wake the dispatcher at commit.
 static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
-/// This backend's transaction paused or dropped a queue or asked for a running job's
-/// cancellation: have the dispatcher recheck what it holds unsent at commit.
+/// This backend's transaction paused or dropped a queue, changed its webhook settings or asked
+/// for a running job's cancellation: have the dispatcher recheck what it holds unsent at commit.
 static RECHECK_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 /// This backend's transaction installed queue_ext: wake the launcher at commit.
 static WAKE_LAUNCHER_AT_COMMIT: AtomicBool = AtomicBool::new(false);
@@ -423,8 +423,9 @@ fn _wake_dispatcher_at_commit() {
 
 /// Asks this database's dispatcher, once the current transaction commits, to look again at
 /// the jobs it holds unsent (claimed ahead, waiting for a request slot) before it starts
-/// another of their requests: pause_queue, drop_queue and cancel_job call it, so that such a
-/// job goes back to its queue, is let go or is cancelled instead of being sent.
+/// another of their requests: pause_queue, drop_queue, cancel_job and a change of a queue's
+/// webhook settings call it, so that such a job goes back to its queue, is let go or is
+/// cancelled instead of being sent (or sent with settings no longer the queue's).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _recheck_unsent_at_commit() {
     if SHMEM_READY.load(Ordering::Relaxed) {

@@ -350,6 +350,51 @@ def test_a_dropped_queue_sends_none_of_its_jobs_waiting_for_a_slot(conn, sink):
                         [waiting]).fetchone() == ("cancelled", "queue dropped")
 
 
+def test_a_job_waiting_for_a_slot_goes_to_the_url_its_queue_was_given_since_its_claim(conn, sink):
+    # The operator moves a queue to another endpoint while the dispatcher holds one of its jobs,
+    # claimed ahead under the old URL, waiting for the queue's one request slot. That job goes
+    # back to the queue unsent (its attempt not counted) and is sent once, to the new URL; the
+    # request already in flight to the old one finishes as any would.
+    queue, path, (first, waiting) = one_slot_behind_a_slow_request(conn, sink, 2, 6.0, notify_events=True)
+    running = conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'",
+                           [queue]).fetchone()[0]
+    assert running == 2, f"{running} jobs held: one sent, one waiting for the slot"
+    moved = f"{path}-moved"
+    conn.execute("SELECT queue_ext.alter_queue(%s, webhook_url => %s)", [queue, sink.url + moved])
+    wait_status(conn, first, {"completed"}, timeout=25)
+    assert wait_status(conn, waiting, {"completed"})[1] == 1, "its first attempt, at the new URL"
+    assert [r.headers["webhook-id"] for r in sink.to(path)[5:]] == [f"msg_{first}"], "nothing more to the old URL"
+    assert [r.headers["webhook-id"] for r in sink.to(moved)] == [f"msg_{waiting}"]
+    log = conn.execute("SELECT from_status::text, to_status::text, error FROM queue_ext.job_status_log "
+                       "WHERE job_id = %s ORDER BY id", [waiting]).fetchall()
+    assert ("running", "queued", "not sent: its webhook settings changed") in log, log
+
+
+def test_only_a_change_of_how_jobs_are_sent_gives_a_target_a_new_settings_version(conn, sink):
+    # A new version sends back every job the dispatcher holds unsent for the queue: the number
+    # of requests at once is not part of it (the dispatcher's lanes follow it as it is), nor is
+    # setting a value to what it was.
+    queue, _ = new_queue(conn, sink.url)
+    version = lambda: conn.execute("SELECT settings_version FROM queue_ext.webhook_targets WHERE queue_name = %s",
+                                   [queue]).fetchone()[0]
+    def changed_by(**settings):
+        before = version()
+        named = ", ".join(f"{k} => %s" for k in settings)
+        conn.execute(f"SELECT queue_ext.alter_queue(%s, {named})", [queue, *settings.values()])
+        return version() != before
+    assert not changed_by(webhook_max_in_flight=7)
+    assert not changed_by(webhook_secret=SECRET)
+    assert changed_by(webhook_secret=SECRET + "x")
+    assert changed_by(webhook_headers='{"X-Tenant": "a"}')
+    assert changed_by(webhook_timeout="9 seconds")
+    assert changed_by(callback_url=sink.url + "/callbacks")
+    removed_and_set_again = version()
+    conn.execute("SELECT queue_ext.alter_queue(%s, webhook_url => '', callback_url => '')", [queue])
+    assert conn.execute("SELECT count(*) FROM queue_ext.webhook_targets WHERE queue_name = %s", [queue]).fetchone()[0] == 0
+    conn.execute("SELECT queue_ext.alter_queue(%s, webhook_url => %s)", [queue, sink.url + "/again"])
+    assert version() != removed_and_set_again
+
+
 def test_return_unsent_gives_back_only_jobs_still_under_their_lease(conn, sink):
     # In one transaction, so that the dispatcher cannot claim the jobs first. The queue
     # publishes its jobs' changes, so the claim and its undoing are both in the log.

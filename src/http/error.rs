@@ -315,6 +315,7 @@ mod unit {
             secret: Some("whsec_c2VjcmV0LXNlY3JldA==".into()),
             follow_redirects: false,
             max_in_flight: None,
+            settings_version: None,
         }
     }
 

@@ -262,6 +262,7 @@ fn delivery(url: &str, timeout_ms: i64, follow_redirects: bool) -> Delivery {
         secret: Some("whsec_c2VjcmV0LXNlY3JldA==".into()),
         follow_redirects,
         max_in_flight: None,
+        settings_version: None,
     }
 }
 

@@ -57,6 +57,11 @@ pub struct Delivery {
     /// webhook_max_in_flight, which the request waits under before it starts.
     #[serde(skip)]
     pub max_in_flight: Option<u32>,
+    /// The version of the target's settings the job was claimed with (its
+    /// `webhook_targets.settings_version`): a job held unsent whose target changed since is
+    /// given back, not sent with the old settings.
+    #[serde(skip)]
+    pub settings_version: Option<i64>,
 }
 
 impl Delivery {
