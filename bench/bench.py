@@ -275,6 +275,9 @@ JOBS_CHANNEL, EVENTS_CHANNEL = "queue_ext_jobs", "queue_ext_events"
 # Not a channel: the idle worker waits in CALL queue_ext.wait_for_jobs (0.11.0 on), woken by
 # the producer's commit itself.
 WAIT_PROCEDURE = "wait_for_jobs"
+# The idle worker's one call (0.12.0 on): CALL queue_ext.wait_for_next_job sleeps like
+# wait_for_jobs and returns the job claimed, with no second round trip after the wake-up.
+NEXT_PROCEDURE = "wait_for_next_job"
 # Between two enqueues of a latency cell (every system): long enough that the idle worker has
 # claimed and finished the previous job even when a commit takes several ms on a loaded machine,
 # so the figure is the wake-up and claim, not a backlog.
@@ -291,8 +294,10 @@ def idle_wait(dsn, channel):
     """How queue_ext's idle worker waits in the latency cell: wait_for_jobs where the build has
     it, else LISTEN on `channel`."""
     with connect(dsn) as c:
-        has = c.execute("SELECT to_regprocedure('queue_ext.wait_for_jobs(text[], interval, boolean)') IS NOT NULL").fetchone()[0]
-    return WAIT_PROCEDURE if has else channel
+        has, has_next = c.execute(
+            "SELECT to_regprocedure('queue_ext.wait_for_jobs(text[], interval, boolean)') IS NOT NULL, "
+            "to_regproc('queue_ext.wait_for_next_job') IS NOT NULL").fetchone()
+    return NEXT_PROCEDURE if has_next else WAIT_PROCEDURE if has else channel
 
 
 def claim_after_wake(work, queue, woke, lat, wakes, once=False):
@@ -311,12 +316,27 @@ def claim_after_wake(work, queue, woke, lat, wakes, once=False):
 
 
 def latency_listener(dsn, queue, n, channel, ready, out):
-    """An idle worker: sleeps in CALL queue_ext.wait_for_jobs (channel WAIT_PROCEDURE) or in
-    LISTEN, and claims when woken for its queue: until the queue is empty (one wake-up may
-    stand for several jobs), or on queue_ext_events once per 'queued' event (one per job).
+    """An idle worker: sleeps in CALL queue_ext.wait_for_next_job (channel NEXT_PROCEDURE: it
+    returns the job claimed), in CALL queue_ext.wait_for_jobs (WAIT_PROCEDURE) or in LISTEN,
+    and claims when woken for its queue: until the queue is empty (one wake-up may stand for
+    several jobs), or on queue_ext_events once per 'queued' event (one per job).
     Records, per job, enqueue -> claimed and enqueue -> woken (what the wake-up alone takes)."""
     lat, wakes = [], []
     deadline = time.time() + 30 + 0.05 * n  # a missed wake-up fails the cell, not hangs it
+    if channel == NEXT_PROCEDURE:
+        with connect(dsn) as work:
+            ready.set()
+            while len(lat) < n and time.time() < deadline:
+                row = work.execute("CALL queue_ext.wait_for_next_job(ARRAY[%s], '5 seconds', 'idle')", [queue],
+                                   prepare=True).fetchone()
+                if row[0] is None:
+                    continue
+                claimed = time.time()
+                lat.append(claimed - row[2]["t0"])
+                wakes.append(claimed - row[2]["t0"])  # woken and claimed in one call
+                work.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [row[0], row[6]], prepare=True)
+        out.put((lat, wakes))
+        return
     if channel == WAIT_PROCEDURE:
         with connect(dsn) as work:
             ready.set()
@@ -340,6 +360,12 @@ def latency_listener(dsn, queue, n, channel, ready, out):
                         continue
                 claim_after_wake(work, queue, time.time(), lat, wakes, once=channel == EVENTS_CHANNEL)
     out.put((lat, wakes))
+
+
+def idle_wait_words(waiter, channel):
+    """How the latency cell's queue_ext row waits, in words."""
+    return {NEXT_PROCEDURE: "CALL queue_ext.wait_for_next_job (woken and claimed in one call)",
+            WAIT_PROCEDURE: "CALL queue_ext.wait_for_jobs, then get_next_job"}.get(waiter, "LISTEN on " + channel)
 
 
 def bench_latency(dsn, n, channel, config=None):
@@ -947,7 +973,8 @@ def settings(dsn, peers):
 # and graphile-worker keep: nothing once a job is done), and notify_events flipped from its
 # default (the per-job NOTIFY's cost), when create_queue has it.
 LEAN = "queue_ext, keep_history off"
-LISTENING = "queue_ext, idle worker on LISTEN"  # the latency cell's other way to wait
+LISTENING = "queue_ext, idle worker on LISTEN"  # the latency cell's other ways to wait
+WAITING = "queue_ext, wait_for_jobs then get_next_job"
 LEAN_CONFIG = {"keep_history": False}
 NOTIFY_FLIP = "queue_ext, notify_events flipped"  # renamed in main() to say on or off
 PGMQ_DEL = "pgmq, delete instead of archive"
@@ -957,7 +984,7 @@ HTTP_FLOOR = "bare HTTP floor"
 # have at most is more than 2 cores serve well with a thread each; this many keep them busy.
 HTTP_FLOOR_CONNECTIONS = 64
 RLS_OFF = "queue_ext, row level security off"
-SYSTEMS = ["queue_ext", LEAN, LISTENING, NOTIFY_FLIP, RLS_OFF, "pgmq", PGMQ_DEL, "graphile-worker", FLOOR, HTTP_FLOOR]
+SYSTEMS = ["queue_ext", LEAN, LISTENING, WAITING, NOTIFY_FLIP, RLS_OFF, "pgmq", PGMQ_DEL, "graphile-worker", FLOOR, HTTP_FLOOR]
 OURS = ("queue_ext", LEAN)
 PEER_OF = {"pgmq": "pgmq", PGMQ_DEL: "pgmq", "graphile-worker": "graphile"}  # system -> its --only name
 WORKLOADS = ("enqueue", "drain", "latency", "webhooks", "history")
@@ -1159,7 +1186,7 @@ def main():
           f"; the bare-SQL floor in every enqueue, drain and latency cell")
     print(f"queue_ext rows: create_queue(q) with its defaults (notify_events default: {notify_default}) unless the "
           f"row names a setting; idle workers wait in "
-          f"{'CALL queue_ext.wait_for_jobs' if waiter == WAIT_PROCEDURE else 'LISTEN on ' + channel}")
+          f"{idle_wait_words(waiter, channel)}")
     print(f"job counts: {asdict(n)}; {reps} round(s), cells interleaved, systems rotating", flush=True)
     cells: dict[tuple, Cell] = {}
 
@@ -1172,7 +1199,7 @@ def main():
         A run returning a dict (latency percentiles) records one cell per key. queue_ext's rows
         and the floor always run; a peer's only when selected (in --quick, only in_quick cells)."""
         runs = [(s, fn) for s, fn in runs.items()
-                if s in OURS or s in (FLOOR, NOTIFY_FLIP, LISTENING) or (PEER_OF[s] in peers and (in_quick or not quick))]
+                if s in OURS or s in (FLOOR, NOTIFY_FLIP, LISTENING, WAITING) or (PEER_OF[s] in peers and (in_quick or not quick))]
         k = rep % len(runs) if runs else 0
         for system, fn in runs[k:] + runs[:k]:
             got = fn()
@@ -1229,13 +1256,15 @@ def main():
                     runs[PGMQ_DEL] = lambda: pgmq_drain(pgmq_dsn, w, 100, n.drain_batched, finish="delete")
                 cell(rep, "drain", f"batches of 100, {w} worker(s)", "jobs/s", runs, in_quick=(w == 4))
         if "latency" in workloads:
-            cell(rep, "latency", "idle enqueue->claim", "ms", {
-                "queue_ext": lambda: bench_latency(dsn, n.latency, waiter),
-                LEAN: lambda: bench_latency(dsn, n.latency, waiter, LEAN_CONFIG),
-                LISTENING: lambda: bench_latency(dsn, n.latency, channel),
-                "pgmq": lambda: pgmq_latency(pgmq_dsn, n.latency),
-                "graphile-worker": lambda: gw_latency(gw_dsn, gw_url, n.latency),
-                FLOOR: lambda: floor_latency(floor_dsn, n.latency)}, in_quick=True)
+            runs = {"queue_ext": lambda: bench_latency(dsn, n.latency, waiter),
+                    LEAN: lambda: bench_latency(dsn, n.latency, waiter, LEAN_CONFIG),
+                    LISTENING: lambda: bench_latency(dsn, n.latency, channel),
+                    "pgmq": lambda: pgmq_latency(pgmq_dsn, n.latency),
+                    "graphile-worker": lambda: gw_latency(gw_dsn, gw_url, n.latency),
+                    FLOOR: lambda: floor_latency(floor_dsn, n.latency)}
+            if waiter == NEXT_PROCEDURE:
+                runs[WAITING] = lambda: bench_latency(dsn, n.latency, WAIT_PROCEDURE)
+            cell(rep, "latency", "idle enqueue->claim", "ms", runs, in_quick=True)
         if "webhooks" in workloads:
             for system in (OURS if rep % 2 == 0 else OURS[::-1]):
                 hooks = bench_webhooks(dsn, args.sink_port, n.webhooks, lean=system == LEAN, sink_pid=args.sink_pid)
@@ -1313,8 +1342,10 @@ def main():
             f"connections by a std-only client, no database (bench/sink-rs/src/http_floor.rs). Medians of "
             f"{reps} round(s), jobs/s unless marked (latency: lower is better, so a ratio under 1 is ahead). "
             f"Latency: queue_ext's idle worker waits in "
-            f"{'CALL queue_ext.wait_for_jobs' if waiter == WAIT_PROCEDURE else 'LISTEN ' + channel}"
-            f"{'; the row ' + repr(LISTENING) + ' on LISTEN ' + channel if waiter == WAIT_PROCEDURE else ''}." + (" --quick: counts too small to judge speed." if quick else ""))
+            f"{idle_wait_words(waiter, channel)}"
+            f"{'; the row ' + repr(LISTENING) + ' on LISTEN ' + channel if waiter != channel else ''}"
+            f"{'; the row ' + repr(WAITING) + ' in CALL queue_ext.wait_for_jobs, then get_next_job' if waiter == NEXT_PROCEDURE else ''}."
+            + (" --quick: counts too small to judge speed." if quick else ""))
     cpu_line = webhook_cpu_line(cells, info.get("cpus"))
     if cpu_line:
         note += "\n\n" + cpu_line

@@ -57,6 +57,12 @@ REVOKE ALL ON PROCEDURE queue_ext.purge_jobs_in_batches(interval, text, integer,
 GRANT EXECUTE ON PROCEDURE queue_ext.purge_jobs_in_batches(interval, text, integer, bigint) TO queue_ext_admin;
 REVOKE ALL ON PROCEDURE queue_ext.wait_for_jobs(text[], interval, boolean) FROM PUBLIC;
 GRANT EXECUTE ON PROCEDURE queue_ext.wait_for_jobs(text[], interval, boolean) TO queue_ext_worker;
+REVOKE ALL ON PROCEDURE queue_ext.wait_for_next_job(text[], interval, text, interval, uuid, text, jsonb,
+                                                    queue_ext.job_priority, integer, integer, uuid, timestamptz,
+                                                    timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE queue_ext.wait_for_next_job(text[], interval, text, interval, uuid, text, jsonb,
+                                                       queue_ext.job_priority, integer, integer, uuid, timestamptz,
+                                                       timestamptz) TO queue_ext_worker;
 
 -- Admins: everything public (queues and webhook targets, dead letters, retention,
 -- schedules). Admin is also a member of producer and worker (schema.sql).

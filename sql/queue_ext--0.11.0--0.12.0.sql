@@ -16,6 +16,8 @@
 --     transaction that last changed a target's URL, method, headers, timeout, secret, callback
 --     or redirects; the claim returns it, and a held job whose target changed since goes back
 --     to its queue unsent (_set_webhook tells the dispatcher at commit).
+--   * wait_for_next_job: an idle worker's wait (wait_for_jobs) and claim (get_next_job) in one
+--     CALL, one round trip from the producer's commit to the claimed job.
 --   * purge_jobs takes max_rows (oldest first), and the procedure purge_jobs_in_batches runs
 --     it in committed batches, so that retention of a large backlog does not hold back the
 --     cleanup horizon for its whole length.
@@ -560,3 +562,73 @@ $$;
 ALTER FUNCTION queue_ext.enqueue_jobs(text, jsonb[], text, timestamptz, interval, integer, text, text)
     SET plan_cache_mode = force_generic_plan;
 ALTER FUNCTION queue_ext._dependency_state(uuid, uuid[]) SET plan_cache_mode = force_generic_plan;
+
+-- An idle worker's one call: waits like wait_for_jobs (holding no snapshot, woken by the
+-- producer's commit) and claims like get_next_job, in the same call, so that a job enqueued
+-- while the worker waits reaches it without a second round trip. Returns the claimed job's
+-- columns (get_next_job's), all NULL when the timeout passed with nothing claimed. The claim
+-- commits with the CALL. CALL it outside a transaction block (SQLSTATE 25001 otherwise).
+-- Transaction control rules out SECURITY DEFINER and SET clauses: it runs with the caller's
+-- rights (queue_ext_worker's get_next_job and wait_for_jobs), every name qualified.
+CREATE PROCEDURE queue_ext.wait_for_next_job(queue_names      text[]   DEFAULT NULL,
+                                             timeout          interval DEFAULT '30 seconds',
+                                             worker_id        text     DEFAULT NULL,
+                                             lease            interval DEFAULT NULL,
+                                             INOUT job_id           uuid                   DEFAULT NULL,
+                                             INOUT queue_name       text                   DEFAULT NULL,
+                                             INOUT payload          jsonb                  DEFAULT NULL,
+                                             INOUT priority         queue_ext.job_priority DEFAULT NULL,
+                                             INOUT attempt          integer                DEFAULT NULL,
+                                             INOUT max_attempts     integer                DEFAULT NULL,
+                                             INOUT lease_token      uuid                   DEFAULT NULL,
+                                             INOUT lease_expires_at timestamptz            DEFAULT NULL,
+                                             INOUT enqueued_at      timestamptz            DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+#variable_conflict use_column
+DECLARE
+    deadline timestamptz;
+    woken boolean;
+BEGIN
+    IF timeout IS NULL OR timeout OPERATOR(pg_catalog.<) interval '0'
+       OR timeout OPERATOR(pg_catalog.>) interval '1 hour' THEN
+        RAISE EXCEPTION 'timeout must be between 0 and 1 hour (got %)', coalesce(timeout::text, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    deadline := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) timeout;
+    LOOP
+        job_id := NULL;
+        -- Returns at once when a job is runnable already; commits before it sleeps.
+        CALL queue_ext.wait_for_jobs(queue_names,
+                                     greatest(deadline OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp(), interval '0'),
+                                     woken);
+        IF woken AND pg_catalog.cardinality(queue_names) OPERATOR(pg_catalog.=) 1 THEN
+            -- One queue: its own claim, which costs less than the claim over several queues.
+            SELECT c.job_id, c.queue_name, c.payload, c.priority, c.attempt, c.max_attempts, c.lease_token,
+                   c.lease_expires_at, c.enqueued_at
+            INTO job_id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at,
+                 enqueued_at
+            FROM queue_ext.get_next_job(queue_names[1], worker_id, lease) AS c;
+        ELSIF woken THEN
+            SELECT c.job_id, c.queue_name, c.payload, c.priority, c.attempt, c.max_attempts, c.lease_token,
+                   c.lease_expires_at, c.enqueued_at
+            INTO job_id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at,
+                 enqueued_at
+            FROM queue_ext.get_next_job(queue_names, worker_id, lease) AS c;
+        END IF;
+        -- Another worker may have claimed first: then wait again, for what is left.
+        EXIT WHEN job_id IS NOT NULL;
+        EXIT WHEN pg_catalog.clock_timestamp() OPERATOR(pg_catalog.>=) deadline;
+    END LOOP;
+    IF job_id IS NULL THEN
+        queue_name := NULL; payload := NULL; priority := NULL; attempt := NULL; max_attempts := NULL;
+        lease_token := NULL; lease_expires_at := NULL; enqueued_at := NULL;
+    END IF;
+END
+$$;
+REVOKE ALL ON PROCEDURE queue_ext.wait_for_next_job(text[], interval, text, interval, uuid, text, jsonb,
+                                                    queue_ext.job_priority, integer, integer, uuid, timestamptz,
+                                                    timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE queue_ext.wait_for_next_job(text[], interval, text, interval, uuid, text, jsonb,
+                                                       queue_ext.job_priority, integer, integer, uuid, timestamptz,
+                                                       timestamptz) TO queue_ext_worker;

@@ -209,8 +209,14 @@ fn wait(queues: Option<Vec<String>>, timeout: Duration) -> bool {
         tick = events & pg_sys::WL_TIMEOUT as i32 != 0;
     };
     drop(registration);
-    // SAFETY: closing the connection opened above.
-    unsafe { pg_sys::SPI_finish() };
+    // SAFETY: still inside the non-atomic SPI connection opened above, which this closes.
+    unsafe {
+        // The transaction the last check began predates the wake-up: end it, so that a
+        // caller's claim in the same procedure has a now() no earlier than the commit that
+        // woke it (a new job's run_at is its producer's now(), and a claim takes run_at <= now()).
+        pg_sys::SPI_commit();
+        pg_sys::SPI_finish();
+    }
     woken
 }
 

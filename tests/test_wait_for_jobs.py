@@ -331,3 +331,130 @@ def test_hostile_arguments_get_answers_not_crashes(cluster):
         assert conn.execute(WAIT, [["wj_b", None], "5 seconds"]).fetchone()[0] is True
         drain(conn, "wj_b")
         assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+NEXT = "CALL queue_ext.wait_for_next_job(%s, %s, 'w1')"
+NEXT_COLUMNS = ("job_id", "queue_name", "payload", "priority", "attempt", "max_attempts", "lease_token",
+                "lease_expires_at", "enqueued_at")
+
+
+def test_wait_for_next_job_claims_what_a_commit_made_runnable_in_the_same_call(cluster):
+    # The worker sleeps holding no snapshot; the producer's commit wakes it and it returns the
+    # job, claimed (running, under its lease, attempt 1), with get_next_job's columns.
+    with cluster.connect() as admin, cluster.connect() as producer, cluster.connect() as worker:
+        admin.execute("SELECT queue_ext.create_queue('wj_next')")
+        drain(admin, "wj_next")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(row=worker.execute(NEXT, [["wj_next"], "20 seconds"]).fetchone(),
+                                                          ended=time.time()), daemon=True)
+        t.start()
+        wait_for(lambda: waiting(admin, worker.info.backend_pid), 10, what="the worker to sleep")
+        xmin, xid = admin.execute("SELECT backend_xmin, backend_xid FROM pg_stat_activity WHERE pid = %s",
+                                  [worker.info.backend_pid]).fetchone()
+        assert (xmin, xid) == (None, None)
+        producer.autocommit = False
+        job = producer.execute("SELECT queue_ext.enqueue_job('wj_next', '{\"n\": 7}')").fetchone()[0]
+        time.sleep(0.3)
+        assert t.is_alive(), "woken before the commit"
+        committed = time.time()
+        producer.commit()
+        t.join(10)
+        assert result["ended"] - committed < 2.0
+        row = dict(zip(NEXT_COLUMNS, result["row"]))
+        assert row["job_id"] == job and row["queue_name"] == "wj_next" and row["payload"] == {"n": 7}
+        assert row["attempt"] == 1 and row["lease_token"] is not None
+        # The claim is committed with the CALL: the job runs under that lease, for worker w1.
+        assert admin.execute("SELECT status::text, lease_token, worker_id FROM queue_ext.job_queue WHERE id = %s",
+                             [job]).fetchone() == ("running", row["lease_token"], "w1")
+        assert admin.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [job, row["lease_token"]]).fetchone()[0] == "completed"
+
+
+def test_wait_for_next_job_returns_at_once_or_nulls_at_the_timeout(cluster):
+    with cluster.connect() as conn:
+        drain(conn, "wj_b")
+        job = conn.execute("SELECT queue_ext.enqueue_job('wj_b', '{}')").fetchone()[0]
+        t = time.time()
+        assert conn.execute(NEXT, [["wj_b"], "10 seconds"]).fetchone()[0] == job
+        assert time.time() - t < 2.0
+        t = time.time()
+        assert conn.execute(NEXT, [["wj_b"], "300 milliseconds"]).fetchone() == (None,) * len(NEXT_COLUMNS)
+        assert time.time() - t >= 0.3
+        # A paused queue's job is not claimed.
+        conn.execute("SELECT queue_ext.enqueue_job('wj_paused', '{}')")
+        assert conn.execute(NEXT, [["wj_paused"], "200 milliseconds"]).fetchone()[0] is None
+        with pytest.raises(psycopg.errors.ActiveSqlTransaction):
+            with conn.transaction():
+                conn.execute(NEXT, [["wj_b"], "1 second"])
+        for bad in ("2 hours", "-1 second", None):
+            with pytest.raises(psycopg.errors.InvalidParameterValue):
+                conn.execute(NEXT, [["wj_b"], bad])
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_many_wait_for_next_job_callers_claim_every_job_once(cluster):
+    # Eight workers that only ever call wait_for_next_job, one producer committing batches:
+    # every job is claimed exactly once, and a worker beaten to a job waits again.
+    jobs, workers = 300, 8
+    claimed, lock, stop = [], threading.Lock(), threading.Event()
+    with cluster.connect() as admin:
+        admin.execute("SELECT queue_ext.create_queue('wj_next_many')")
+
+    def worker():
+        with cluster.connect() as c:
+            while not stop.is_set():
+                job_id, lease = (lambda r: (r[0], r[6]))(c.execute(NEXT, [["wj_next_many"], "1 second"]).fetchone())
+                if job_id is not None:
+                    assert c.execute("SELECT queue_ext.complete_job(%s, NULL, %s)", [job_id, lease]).fetchone()[0] == "completed"
+                    with lock:
+                        claimed.append(job_id)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    with cluster.connect() as producer:
+        for _ in range(30):
+            producer.execute("SELECT count(*) FROM queue_ext.enqueue_jobs('wj_next_many', array_fill('{}'::jsonb, ARRAY[10]))")
+            time.sleep(0.02)
+        wait_for(lambda: len(claimed) >= jobs, 30, what="every job claimed")
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert len(claimed) == jobs and len(set(claimed)) == jobs
+
+
+def test_only_workers_may_wait_for_the_next_job(cluster):
+    with cluster.connect() as admin:
+        admin.execute("DROP ROLE IF EXISTS wj_producer2")
+        admin.execute("CREATE ROLE wj_producer2 LOGIN IN ROLE queue_ext_producer")
+        admin.execute("DROP ROLE IF EXISTS wj_worker2")
+        admin.execute("CREATE ROLE wj_worker2 LOGIN IN ROLE queue_ext_worker")
+    with cluster.connect(user="wj_producer2") as p:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            p.execute(NEXT, [["wj_b"], "100 milliseconds"])
+    with cluster.connect(user="wj_worker2") as w:
+        assert len(w.execute(NEXT, [["wj_b"], "100 milliseconds"]).fetchone()) == len(NEXT_COLUMNS)
+
+
+def test_a_procedure_claims_right_after_its_wait_for_jobs_returns(cluster):
+    # A claim takes jobs whose run_at is at most its transaction's now(), and a new job's run_at
+    # is its producer's now(): the wait returns in a transaction begun after the wake-up, so a
+    # claim in the same procedure takes the job that woke it at the first try.
+    with cluster.connect() as admin, cluster.connect() as worker:
+        admin.execute("SELECT queue_ext.create_queue('wj_proc')")
+        admin.execute("""
+            CREATE OR REPLACE PROCEDURE wj_wait_then_claim(INOUT got uuid DEFAULT NULL)
+            LANGUAGE plpgsql AS $$
+            DECLARE woken boolean;
+            BEGIN
+                CALL queue_ext.wait_for_jobs(ARRAY['wj_proc'], '20 seconds', woken);
+                SELECT c.job_id INTO got FROM queue_ext.get_next_job('wj_proc') AS c;
+            END $$""")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(got=worker.execute("CALL wj_wait_then_claim()").fetchone()[0]),
+                             daemon=True)
+        t.start()
+        wait_for(lambda: waiting(admin, worker.info.backend_pid), 10, what="the worker to sleep")
+        time.sleep(0.2)  # the wait's transaction begins well before the job's
+        job = admin.execute("SELECT queue_ext.enqueue_job('wj_proc', '{}')").fetchone()[0]
+        t.join(10)
+        assert result["got"] == job
