@@ -67,6 +67,7 @@ FUNCTIONS = """
 | complete_jobs          | -        | x      | x     | -    |
 | complete_and_get_next  | -        | x      | x     | -    |
 | wait_for_jobs          | -        | x      | x     | -    |
+| wait_for_next_job      | -        | x      | x     | -    |
 | fail_job               | -        | x      | x     | -    |
 | heartbeat              | -        | x      | x     | -    |
 | update_progress        | -        | x      | x     | -    |
