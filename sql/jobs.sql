@@ -393,7 +393,7 @@ $$;
 -- Claims from several queues at once. Each queue contributes its best n candidates
 -- (through the claim index), then the best n overall win. Candidates not chosen stay locked
 -- only until the caller's transaction ends. Expired leases of these queues are returned
--- first, as in get_next_jobs(text, ...).
+-- first, as in get_next_jobs(text, ...). An array of one name is that queue's own claim.
 -- queue_names NULL (a catch-all worker) means every queue a SQL worker should do: not
 -- webhook queues (their jobs are HTTP requests the dispatcher or process_jobs() makes: a
 -- SQL worker would "complete" them without sending anything) and not the internal
@@ -433,6 +433,13 @@ BEGIN
     END IF;
     IF get_next_jobs.lease IS NOT NULL THEN
         PERFORM queue_ext._check_interval('lease', get_next_jobs.lease, '1 second', '7 days');
+    END IF;
+    IF cardinality(names) = 1 THEN
+        -- One queue: its own claim, which also starts from floors while the xmin horizon is
+        -- held (claim_window.rs); the claim below is for several.
+        RETURN QUERY SELECT * FROM queue_ext.get_next_jobs(names[1], get_next_jobs.n, get_next_jobs.worker_id,
+                                                          get_next_jobs.lease);
+        RETURN;
     END IF;
     IF names IS NULL THEN
         names := ARRAY(SELECT t.queue_name FROM queue_ext.queues AS t

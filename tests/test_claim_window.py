@@ -89,13 +89,13 @@ def drain(c, queue, batch=100):
         done += len(rows)
 
 
-def claim_index_entries_read(c, queue) -> int:
-    """Entries of job_queue_claim_idx that one get_next_job reads (in a transaction that is
-    rolled back, so the job stays queued)."""
+def claim_index_entries_read(c, queue, claim="SELECT job_id FROM queue_ext.get_next_job(%s)") -> int:
+    """Entries of job_queue_claim_idx that one claim reads (in a transaction that is rolled
+    back, so the job stays queued)."""
     stat = "SELECT pg_stat_get_xact_tuples_returned('queue_ext.job_queue_claim_idx'::regclass)"
     with c.transaction():
         before = c.execute(stat).fetchone()[0]
-        got = c.execute("SELECT job_id FROM queue_ext.get_next_job(%s)", [queue]).fetchone()
+        got = c.execute(claim, [queue]).fetchone()
         after = c.execute(stat).fetchone()[0]
         assert got and got[0] is not None, "a job was claimed"
         raise psycopg.Rollback()
@@ -134,10 +134,14 @@ def test_a_windowed_claim_reads_a_window_where_a_claim_from_the_start_reads_ever
             wait_windowed(windowed_worker, queue)
             claim_index_entries_read(windowed_worker, queue)  # the probe, then floors for 2 s
             window = claim_index_entries_read(windowed_worker, queue)
+            # An array of one queue name is that queue's claim, windows included.
+            window_of_array = claim_index_entries_read(
+                windowed_worker, queue, "SELECT job_id FROM queue_ext.get_next_jobs(ARRAY[%s], 2)")
             whole = claim_index_entries_read(from_start, queue)
             assert not windowed(from_start, queue)
     assert whole >= 3000, f"a claim from the start reads the entries of the claimed jobs ({whole})"
     assert window <= 10, f"a windowed claim reads only its window ({window})"
+    assert window_of_array <= 10, f"get_next_jobs(ARRAY[queue]) reads only its window ({window_of_array})"
     assert drain(conn, queue) == 5
 
 
