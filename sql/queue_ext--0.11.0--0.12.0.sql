@@ -604,14 +604,8 @@ BEGIN
         CALL queue_ext.wait_for_jobs(queue_names,
                                      greatest(deadline OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp(), interval '0'),
                                      woken);
-        IF woken AND pg_catalog.cardinality(queue_names) OPERATOR(pg_catalog.=) 1 THEN
-            -- One queue: its own claim, which costs less than the claim over several queues.
-            SELECT c.job_id, c.queue_name, c.payload, c.priority, c.attempt, c.max_attempts, c.lease_token,
-                   c.lease_expires_at, c.enqueued_at
-            INTO job_id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at,
-                 enqueued_at
-            FROM queue_ext.get_next_job(queue_names[1], worker_id, lease) AS c;
-        ELSIF woken THEN
+        IF woken THEN
+            -- (An array of one name is that queue's own claim: get_next_jobs(text[], ...).)
             SELECT c.job_id, c.queue_name, c.payload, c.priority, c.attempt, c.max_attempts, c.lease_token,
                    c.lease_expires_at, c.enqueued_at
             INTO job_id, queue_name, payload, priority, attempt, max_attempts, lease_token, lease_expires_at,
