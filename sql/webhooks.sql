@@ -218,6 +218,7 @@ DECLARE
     n integer;
     held integer;  -- the dispatcher's deliveries of the queue, in flight or waiting to start
     cap integer;
+    at_once integer;  -- of n, how many go to free request slots
     waits integer;  -- request timeouts a lease covers
     callback_lease interval;
 BEGIN
@@ -241,6 +242,9 @@ BEGIN
         waits := CASE WHEN t.name = ANY (ahead_queues) THEN 2 ELSE 1 END;
         n := least(room, waits * cap - held);
         CONTINUE WHEN n <= 0;
+        -- Of those, the dispatcher starts at once the ones its free slots take, in claim order
+        -- (so the rows keep that order); _claim_jobs says what it claims ahead of them.
+        at_once := CASE WHEN waits > 1 THEN greatest(cap - held, 0) END;
         -- An idle queue with nothing to send costs a probe of its claim index, not a claim.
         -- (Here, one queue at a time: as a condition of the loop's query, the planner hashed
         -- every runnable job of every queue on each turn, 8.6 ms a turn with 60,000 queued.)
@@ -266,14 +270,16 @@ BEGIN
                    ARRAY(SELECT h.value FROM jsonb_each_text(w.headers) AS h ORDER BY h.key),
                    (extract(epoch FROM coalesce(w.timeout, default_timeout)) * 1000)::bigint,
                    w.secret, coalesce(w.follow_redirects, false), cap, w.settings_version
-            FROM queue_ext.get_next_jobs(t.name, n, worker_id, callback_lease) AS c
-            LEFT JOIN queue_ext.webhook_targets AS w ON w.queue_name = c.payload ->> 'queue';
+            FROM queue_ext._claim_jobs(t.name, n, worker_id, callback_lease, at_once) WITH ORDINALITY AS c
+            LEFT JOIN queue_ext.webhook_targets AS w ON w.queue_name = c.payload ->> 'queue'
+            ORDER BY c.ordinality;
         ELSE
             RETURN QUERY
             SELECT c.job_id, c.lease_token, c.attempt, c.queue_name, c.payload::text, t.target, t.verb,
                    t.names, t.vals, (extract(epoch FROM t.request_timeout) * 1000)::bigint,
                    t.signing_secret, t.redirects, cap, t.version
-            FROM queue_ext.get_next_jobs(t.name, n, worker_id, waits * t.request_timeout + interval '30 seconds') AS c;
+            FROM queue_ext._claim_jobs(t.name, n, worker_id, waits * t.request_timeout + interval '30 seconds',
+                                       at_once) AS c;
         END IF;
         GET DIAGNOSTICS n = ROW_COUNT;
         room := room - n;

@@ -282,6 +282,54 @@ def one_slot_behind_a_slow_request(conn, sink, n, delay, **settings):
     return queue, path, jobs
 
 
+def test_a_claim_ahead_of_free_slots_ends_before_a_job_on_its_last_attempt(conn, sink):
+    # A fast endpoint's queue with two request slots, none of them busy: the dispatcher claims
+    # up to four of its jobs, two for the free slots and two to wait for one. A job on its last
+    # attempt may take a free slot but never waits: after a kill -9 the attempt of every job
+    # the dispatcher held counts, and a last attempt must not end unsent. The claim ahead ends
+    # before such a job, which the next claim with a free slot takes, in its turn.
+    queue, _ = new_queue(conn, sink.url, webhook_max_in_flight=2)
+    def claim_in_order(last_at, in_flight=0):
+        with conn.transaction(force_rollback=True):  # uncommitted: the live dispatcher cannot claim them
+            jobs = [str(enqueue(conn, queue, "{}", max_attempts=1 if i in last_at else 3)) for i in range(6)]
+            conn.execute("UPDATE queue_ext.job_queue SET run_at = now() - (10 - position) * interval '1 second' "
+                         "FROM unnest(%s::uuid[]) WITH ORDINALITY AS u(id, position) WHERE job_queue.id = u.id",
+                         [jobs])
+            claimed = [str(r[0]) for r in conn.execute(
+                "SELECT job_id FROM queue_ext._dispatch_claim_rows('t', 10, ARRAY[%s], ARRAY[%s], %s, "
+                "'30 seconds', ARRAY[%s])", [queue, in_flight, queue, queue])]
+            return [jobs.index(j) for j in claimed]
+    assert claim_in_order(last_at=set()) == [0, 1, 2, 3], "two for the free slots, two ahead"
+    assert claim_in_order(last_at={1}) == [0, 1, 2, 3], "a last attempt in a free slot"
+    assert claim_in_order(last_at={3}) == [0, 1, 2], "the claim ahead ends before a last attempt"
+    assert claim_in_order(last_at={2, 4}) == [0, 1], "nothing ahead of a last attempt"
+    assert claim_in_order(last_at={1}, in_flight=1) == [0], "one slot free: the job after it would wait"
+    assert claim_in_order(last_at={0}, in_flight=2) == [], "no slot free: nothing ahead of a last attempt"
+    assert claim_in_order(last_at={2}, in_flight=2) == [0, 1]
+
+
+def test_a_kill_9_spends_no_last_attempt_of_a_job_it_had_not_sent(cluster, sink):
+    # One request slot, held by a slow request, and jobs with one attempt each: the dispatcher
+    # holds none of them waiting for the slot, so when it is killed the only job whose attempt
+    # its successor counts is the one whose request was in flight (dead, sent once); the
+    # others are each sent once after the restart.
+    with cluster.connect() as conn:
+        queue, path, (first, *rest) = one_slot_behind_a_slow_request(conn, sink, 3, 5.0, max_attempts=1)
+        held = conn.execute("SELECT count(*) FROM queue_ext.job_queue WHERE queue_name = %s AND status = 'running'",
+                            [queue]).fetchone()[0]
+        assert held == 1, f"{held} jobs held: only the one sent, none on its last attempt waiting"
+        pid = dispatcher_pid(conn)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(1)  # the postmaster resets every backend after a worker dies by signal
+    cluster.wait_ready()
+    with cluster.connect() as conn:
+        assert wait_status(conn, first, {"dead"}, timeout=30)[2] == "dispatcher restarted during delivery"
+        for job in rest:
+            assert wait_status(conn, job, {"completed"}, timeout=30)[1] == 1, "sent once, on its only attempt"
+    sent = Counter(r.headers["webhook-id"].removeprefix("msg_") for r in sink.to(path)[5:])
+    assert sent == {first: 1, **{job: 1 for job in rest}}, sent
+
+
 def test_a_stopping_dispatcher_returns_the_jobs_waiting_for_a_slot_unsent(cluster, conn, sink):
     # One request slot: the first job's request outlasts the shutdown grace (3 s here), the
     # second job waits for the slot when the dispatcher is told to stop. The request in flight
