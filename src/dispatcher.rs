@@ -538,7 +538,14 @@ impl Dispatcher {
     /// when it filled every free slot, so there may be more to claim at once.
     fn record_and_claim(&mut self) -> bool {
         let fresh = self.take_finished();
-        let room = gucs::max_in_flight().saturating_sub(self.in_flight.len());
+        // While the lanes are held for a recheck (asked for since the last one, or failing),
+        // nothing claimed now could start: claim nothing, so that no job waits behind the
+        // gate under a lease (after a kill -9 its attempt would count, unsent).
+        let room = if self.gate.due().is_some() {
+            0
+        } else {
+            gucs::max_in_flight().saturating_sub(self.in_flight.len())
+        };
         if fresh.is_empty() && self.unrecorded.is_empty() && room == 0 {
             return false;
         }
